@@ -1,0 +1,124 @@
+"""CDAPE, "DAPE V2" (Zheng et al., arXiv 2410.04798, ACL 2025): a small CNN over the attention score map.
+
+The [H, Lq, Lk] score tensor is an image whose channels are heads. Per layer:
+    x = q . k * scaling                                   [B, H, Lq, Lk]
+    P = positional bias maps (bias="alibi" or "kerple")     [B, H, Lq, Lk]; absent for bias="none"
+    z = cat([x, P]) with masked positions set to 0          [B, H or 2H, Lq, Lk]
+    y = Conv(1 x k) -> LeakyReLU -> Conv(1 x k), zero padding along the key axis
+    a = softmax_j(x + P + y + mask)
+The 1 x k kernels slide along keys only, so query rows never mix. Masked positions (future keys and padding) are
+zeroed before EVERY convolution, not only the first: otherwise a masked position's hidden activation is
+LeakyReLU(bias) != 0 and cached decoding or left padding would differ from the full forward (the reference's tril
+on a one-row cached block has the same kind of bug). Relative positions come from absolute key slots.
+The output convolution is zero-initialised by default, so with bias="none" a retrofit starts exactly at the
+original model; zero_init=False gives PyTorch's default init, as in the reference.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from .common import KeyMask, check_bool, check_choice, check_positive_int, masked_softmax, query_key_slots, zero_masked
+
+CDAPE_BIASES = ("none", "alibi", "kerple")
+KERPLE_MIN = 1e-2  # the reference clamps r1, r2 to stay positive
+
+
+def alibi_slopes(num_heads: int) -> torch.Tensor:
+    """ALiBi's fixed per-head slopes (Press et al.): geometric from 2^(-8/n), interleaved for non-powers of two."""
+
+    def power_of_two_slopes(n: int) -> list[float]:
+        start = 2.0 ** (-8.0 / n)
+        return [start ** (index + 1) for index in range(n)]
+
+    if math.log2(num_heads).is_integer():
+        slopes = power_of_two_slopes(num_heads)
+    else:
+        closest = 2 ** math.floor(math.log2(num_heads))
+        slopes = power_of_two_slopes(closest) + power_of_two_slopes(2 * closest)[0::2][: num_heads - closest]
+    return torch.tensor(slopes)
+
+
+class CDAPEAttention(nn.Module):
+    name = "cdape"
+    default_layers = "all"
+
+    def __init__(
+        self,
+        num_heads: int,
+        head_dim: int,
+        *,
+        kernel_size: int = 3,
+        hidden_size: int = 32,
+        bias: str = "none",
+        zero_init: bool = True,
+    ) -> None:
+        super().__init__()
+        check_positive_int("kernel_size", kernel_size)
+        if kernel_size % 2 == 0:
+            raise ValueError(
+                f"kernel_size must be odd so the convolution is centred on each key; got {kernel_size}"
+            )
+        check_positive_int("hidden_size", hidden_size)
+        check_choice("bias", bias, CDAPE_BIASES)
+        check_bool("zero_init", zero_init)
+        self.num_heads = num_heads
+        self.head_dim = head_dim
+        self.kernel_size = kernel_size
+        self.hidden_size = hidden_size
+        self.bias = bias
+        self.zero_init = zero_init
+
+        in_channels = num_heads if bias == "none" else 2 * num_heads
+        padding = (0, kernel_size // 2)
+        self.conv_in = nn.Conv2d(in_channels, hidden_size, (1, kernel_size), padding=padding)
+        self.activation = nn.LeakyReLU()
+        self.conv_out = nn.Conv2d(hidden_size, num_heads, (1, kernel_size), padding=padding)
+        if bias == "alibi":
+            self.register_buffer("alibi_slopes", alibi_slopes(num_heads), persistent=False)
+        elif bias == "kerple":
+            # Kerple (log): P_ij = -r1 * log(1 + r2 |i - j|), learnable r1, r2 > 0 per head; reference init.
+            self.kerple_r1 = nn.Parameter(torch.rand(num_heads) * 2)
+            self.kerple_r2 = nn.Parameter(torch.rand(num_heads))
+        if zero_init:
+            nn.init.zeros_(self.conv_out.weight)
+            nn.init.zeros_(self.conv_out.bias)
+
+    @property
+    def options(self) -> dict:
+        return {
+            "kernel_size": self.kernel_size,
+            "hidden_size": self.hidden_size,
+            "bias": self.bias,
+            "zero_init": self.zero_init,
+        }
+
+    def position_bias(self, mask: KeyMask, q_len: int, k_len: int, device: torch.device) -> torch.Tensor:
+        """Positional bias maps [B or 1, H, Lq, Lk] from |query slot - key slot|."""
+        query_slots, key_slots = query_key_slots(mask, q_len, k_len, device)
+        distance = (query_slots - key_slots).abs().to(self.conv_in.weight.dtype)  # [B or 1, 1, Lq, Lk]
+        if self.bias == "alibi":
+            return -self.alibi_slopes.to(distance.dtype)[None, :, None, None] * distance
+        r1 = self.kerple_r1.clamp(min=KERPLE_MIN)[None, :, None, None]
+        r2 = self.kerple_r2.clamp(min=KERPLE_MIN)[None, :, None, None]
+        return -r1 * torch.log1p(r2 * distance)
+
+    def attention_weights(self, query: torch.Tensor, key: torch.Tensor, mask: KeyMask, scaling: float) -> torch.Tensor:
+        batch, num_heads, q_len, _ = query.shape
+        k_len = key.shape[2]
+        dtype = self.conv_in.weight.dtype
+        scores = torch.matmul(query, key.transpose(-1, -2)).to(dtype) * scaling  # [B, H, Lq, Lk]
+        logits = scores
+        conv_input = scores
+        if self.bias != "none":
+            position = self.position_bias(mask, q_len, k_len, query.device).expand(batch, -1, -1, -1)
+            logits = scores + position
+            conv_input = torch.cat([scores, position], dim=1)  # [B, 2H, Lq, Lk]
+
+        hidden = self.conv_in(zero_masked(conv_input, mask))  # [B, D, Lq, Lk]
+        hidden = zero_masked(self.activation(hidden), mask)
+        logits = logits + self.conv_out(hidden)  # [B, H, Lq, Lk]
+        return masked_softmax(logits, mask)

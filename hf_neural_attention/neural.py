@@ -1,0 +1,132 @@
+"""Neural Attention (DiGiugno & Mahmood, arXiv 2502.17206): a small MLP scores every (query, key) pair.
+
+Per head, with down-projections to d' = proj_dim (paper: max(1, d_h // 32)):
+    q~_i = Wq q_i + bq,   k~_j = Wk k_j + bk                       (d_h -> d')
+    s_ij = MLP([q~_i ; k~_j])   widths 2d' -> d' -> max(1, d'//2) -> 1, ReLU between layers
+    a_ij = softmax_j(s_ij + mask)
+No 1/sqrt(d_h) scaling (the reference defines one and never uses it). The MLP is shared by all heads unless
+per_head=True. combine="add" scores q.k * scaling + MLP with the MLP's last layer zero-initialised, so a retrofit
+starts exactly at the original model.
+
+The first MLP layer is affine, so W1 [q~_i ; k~_j] + b1 = (A q~_i + b1) + B k~_j: a broadcast add of a per-query
+and a per-key part instead of the reference's repeat + cat into [b, H, n, n, 2d'].
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from .common import KeyMask, check_bool, check_choice, check_positive_int, masked_softmax
+
+NEURAL_COMBINE = ("replace", "add")
+
+
+def _linear_init_(weight: torch.Tensor, bias: torch.Tensor) -> None:
+    """nn.Linear's default init, for a stack of per-group weights [G, out, in] and biases [G, out]."""
+    fan_in = weight.shape[-1]
+    bound = 1.0 / math.sqrt(fan_in)
+    for group in range(weight.shape[0]):
+        nn.init.kaiming_uniform_(weight[group], a=math.sqrt(5))
+    nn.init.uniform_(bias, -bound, bound)
+
+
+class NeuralAttention(nn.Module):
+    name = "neural"
+    default_layers = "first"
+
+    def __init__(
+        self,
+        num_heads: int,
+        head_dim: int,
+        *,
+        proj_dim: int | None = None,
+        hidden_dims: list[int] | tuple[int, ...] | None = None,
+        per_head: bool = False,
+        combine: str = "replace",
+    ) -> None:
+        super().__init__()
+        proj_dim = max(1, head_dim // 32) if proj_dim is None else proj_dim
+        check_positive_int("proj_dim", proj_dim)
+        if hidden_dims is None:
+            hidden_dims = (proj_dim, max(1, proj_dim // 2))
+        if isinstance(hidden_dims, (str, bytes)) or not hasattr(hidden_dims, "__iter__") or len(hidden_dims) == 0:
+            raise ValueError(f"hidden_dims must be a non-empty list of integers >= 1; got {hidden_dims!r}")
+        for width in hidden_dims:
+            check_positive_int("each entry of hidden_dims", width)
+        check_bool("per_head", per_head)
+        check_choice("combine", combine, NEURAL_COMBINE)
+
+        self.num_heads = num_heads
+        self.head_dim = head_dim
+        self.proj_dim = proj_dim
+        self.hidden_dims = [int(width) for width in hidden_dims]
+        self.per_head = per_head
+        self.combine = combine
+        groups = num_heads if per_head else 1  # one weight set per head, or one shared by all
+
+        # Parameters as [G, out, in] stacks so the shared and per-head cases run the same einsums.
+        self.query_down_weight = nn.Parameter(torch.empty(groups, proj_dim, head_dim))
+        self.query_down_bias = nn.Parameter(torch.empty(groups, proj_dim))
+        self.key_down_weight = nn.Parameter(torch.empty(groups, proj_dim, head_dim))
+        self.key_down_bias = nn.Parameter(torch.empty(groups, proj_dim))
+        widths = [2 * proj_dim, *self.hidden_dims, 1]
+        self.mlp_weights = nn.ParameterList(
+            [nn.Parameter(torch.empty(groups, out_dim, in_dim)) for in_dim, out_dim in zip(widths[:-1], widths[1:])]
+        )
+        self.mlp_biases = nn.ParameterList([nn.Parameter(torch.empty(groups, out_dim)) for out_dim in widths[1:]])
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        _linear_init_(self.query_down_weight.data, self.query_down_bias.data)
+        _linear_init_(self.key_down_weight.data, self.key_down_bias.data)
+        for weight, bias in zip(self.mlp_weights, self.mlp_biases):
+            _linear_init_(weight.data, bias.data)
+        if self.combine == "add":
+            nn.init.zeros_(self.mlp_weights[-1])
+            nn.init.zeros_(self.mlp_biases[-1])
+
+    @property
+    def options(self) -> dict:
+        return {
+            "proj_dim": self.proj_dim,
+            "hidden_dims": list(self.hidden_dims),
+            "per_head": self.per_head,
+            "combine": self.combine,
+        }
+
+    def _per_head(self, tensor: torch.Tensor) -> torch.Tensor:
+        """[G, ...] -> [H, ...] without copying when the weights are shared."""
+        return tensor.expand(self.num_heads, *tensor.shape[1:])
+
+    def mlp_scores(self, query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
+        """query [B, H, Lq, D], key [B, H, Lk, D] -> MLP scores [B, H, Lq, Lk]."""
+        dtype = self.query_down_weight.dtype
+        query, key = query.to(dtype), key.to(dtype)
+        query_small = torch.einsum("bhqd,hpd->bhqp", query, self._per_head(self.query_down_weight))
+        query_small = query_small + self._per_head(self.query_down_bias)[None, :, None, :]  # [B, H, Lq, d']
+        key_small = torch.einsum("bhkd,hpd->bhkp", key, self._per_head(self.key_down_weight))
+        key_small = key_small + self._per_head(self.key_down_bias)[None, :, None, :]  # [B, H, Lk, d']
+
+        first_weight = self._per_head(self.mlp_weights[0])  # [H, h1, 2d']
+        query_part = torch.einsum("bhqp,hcp->bhqc", query_small, first_weight[..., : self.proj_dim])
+        query_part = query_part + self._per_head(self.mlp_biases[0])[None, :, None, :]  # [B, H, Lq, h1]
+        key_part = torch.einsum("bhkp,hcp->bhkc", key_small, first_weight[..., self.proj_dim :])  # [B, H, Lk, h1]
+
+        hidden = torch.relu(query_part[:, :, :, None, :] + key_part[:, :, None, :, :])  # [B, H, Lq, Lk, h1]
+        last = len(self.mlp_weights) - 1
+        for index in range(1, len(self.mlp_weights)):
+            weight = self._per_head(self.mlp_weights[index])  # [H, out, in]
+            bias = self._per_head(self.mlp_biases[index])  # [H, out]
+            hidden = torch.einsum("bhqkc,hoc->bhqko", hidden, weight) + bias[None, :, None, None, :]
+            if index != last:
+                hidden = torch.relu(hidden)
+        return hidden.squeeze(-1)  # [B, H, Lq, Lk]
+
+    def attention_weights(self, query: torch.Tensor, key: torch.Tensor, mask: KeyMask, scaling: float) -> torch.Tensor:
+        scores = self.mlp_scores(query, key)
+        if self.combine == "add":
+            scores = scores + torch.matmul(query, key.transpose(-1, -2)).to(scores.dtype) * scaling
+        return masked_softmax(scores, mask)
