@@ -1,0 +1,88 @@
+"""Tiny models built from configs (no downloads) and helpers shared by the test files."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+import pytest
+import torch
+from transformers import (
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    ViTConfig,
+    ViTForImageClassification,
+)
+
+import hf_neural_attention as hfna
+from hf_neural_attention.integration import VARIANT_ATTRIBUTE
+
+VOCAB = 97
+
+# Options that make each variant exercise all of its machinery (biases, per-head weights, positional channels).
+RICH_OPTIONS = {
+    "dot": {},
+    "expressive": {"form": "rational", "scale": True},
+    "neural": {"combine": "replace"},
+    "cdape": {"bias": "kerple"},
+}
+
+
+def tiny_gpt2(**kwargs) -> GPT2LMHeadModel:
+    config = GPT2Config(
+        n_layer=2, n_embd=64, n_head=4, n_positions=128, vocab_size=VOCAB, bos_token_id=0, eos_token_id=0,
+        pad_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, **kwargs,
+    )
+    return GPT2LMHeadModel(config).eval()
+
+
+def tiny_llama(**kwargs) -> LlamaForCausalLM:
+    config = LlamaConfig(
+        num_hidden_layers=2, hidden_size=64, num_attention_heads=4, num_key_value_heads=2, intermediate_size=128,
+        vocab_size=VOCAB, max_position_embeddings=128, bos_token_id=0, eos_token_id=0, pad_token_id=0, **kwargs,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+def tiny_vit(**kwargs) -> ViTForImageClassification:
+    config = ViTConfig(
+        image_size=16, patch_size=4, num_channels=3, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+        intermediate_size=128, num_labels=5, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, **kwargs,
+    )
+    return ViTForImageClassification(config).eval()
+
+
+CAUSAL_BUILDERS = {"gpt2": tiny_gpt2, "llama": tiny_llama}
+ALL_BUILDERS = {**CAUSAL_BUILDERS, "vit": tiny_vit}
+
+
+def added_parameters(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
+    return {
+        name: parameter for name, parameter in model.named_parameters() if f".{VARIANT_ATTRIBUTE}." in f".{name}"
+    }
+
+
+@torch.no_grad()
+def perturb_added_parameters(model: torch.nn.Module, scale: float = 0.3) -> None:
+    """Moves every added parameter away from its init, so zero-initialised parts cannot hide a leak."""
+    generator = torch.Generator().manual_seed(1234)
+    for parameter in added_parameters(model).values():
+        parameter.add_(torch.randn(parameter.shape, generator=generator, dtype=parameter.dtype) * scale)
+
+
+def converted(builder, variant: str, layers="all", perturb: bool = True, seed: int = 0, **options):
+    torch.manual_seed(seed)
+    model = builder()
+    hfna.convert(model, variant, layers=layers, **{**RICH_OPTIONS[variant], **options})
+    if perturb:
+        perturb_added_parameters(model)
+    return model
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
