@@ -27,7 +27,7 @@ VOCAB = 97
 RICH_OPTIONS = {
     "dot": {},
     "expressive": {"form": "rational", "scale": True},
-    "neural": {"combine": "replace"},
+    "neural": {"combine": "replace", "proj_dim": 4, "hidden_dims": [8, 4]},  # paper widths at d_h=16 are 1 unit
     "cdape": {"bias": "kerple"},
 }
 
