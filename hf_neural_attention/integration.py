@@ -63,7 +63,8 @@ def build_variant(variant: str, num_heads: int, head_dim: int, **options: Any) -
     return variant_class(variant)(num_heads, head_dim, **options)
 
 
-_STATELESS_DOT = DotProductAttention(num_heads=0, head_dim=0)
+# Parameter-free variants run on modules that were never converted (set_attn_implementation("expressive")).
+_PARAMETER_FREE = {"dot": DotProductAttention(0, 0), "expressive": ExpressiveAttention(0, 0)}
 
 
 def variant_attention_forward(
@@ -85,10 +86,18 @@ def variant_attention_forward(
 
     variant = getattr(module, VARIANT_ATTRIBUTE, None)
     if variant is None:
-        # A layer convert() left untouched keeps the stock implementation it had.
-        if getattr(module, FALLBACK_ATTRIBUTE, "sdpa") == "sdpa":
+        fallback = getattr(module, FALLBACK_ATTRIBUTE, None)
+        if fallback == "sdpa":  # a layer convert() left untouched keeps the stock implementation it had
             return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
-        variant = _STATELESS_DOT
+        if fallback == "eager":
+            variant = _PARAMETER_FREE["dot"]
+        elif variant_name in _PARAMETER_FREE:
+            variant = _PARAMETER_FREE[variant_name]
+        else:
+            raise ValueError(
+                f"{type(module).__name__} has no {variant_name!r} parameters; "
+                f"use hf_neural_attention.convert(model, {variant_name!r}) instead of selecting the implementation"
+            )
     elif variant.name != variant_name:
         raise ValueError(
             f"this model runs attention implementation {variant_name!r} but {type(module).__name__} holds a "

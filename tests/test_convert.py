@@ -200,3 +200,24 @@ def test_detects_any_attention_interface_module():
     changed[:, 4] += 1.0
     # Causal even though the toy model passes no mask: the None mask is rebuilt from module.is_causal.
     torch.testing.assert_close(model(changed)[:, :4], out[:, :4], rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("variant", ["dot", "expressive"])
+def test_parameter_free_variants_run_by_name(variant):
+    """set_attn_implementation alone (no convert) runs the parameter-free variants with default options."""
+    torch.manual_seed(0)
+    selected = ALL_BUILDERS["gpt2"]()
+    selected.set_attn_implementation(variant)
+    torch.manual_seed(0)
+    converted_model = hfna.convert(ALL_BUILDERS["gpt2"](), variant)
+    ids = torch.randint(1, VOCAB, (2, 8))
+    with torch.no_grad():
+        torch.testing.assert_close(selected(ids).logits, converted_model(ids).logits, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("variant", ["neural", "cdape"])
+def test_variants_with_parameters_need_convert(variant):
+    model = ALL_BUILDERS["gpt2"]()
+    model.set_attn_implementation(variant)
+    with pytest.raises(ValueError, match=rf"has no '{variant}' parameters; use hf_neural_attention.convert"):
+        model(torch.randint(1, VOCAB, (1, 4)))
