@@ -4,24 +4,52 @@
     model = hfna.convert(model, "cdape", kernel_size=3)
 
 Importing the package registers the variants "dot", "expressive", "neural" and "cdape" with Transformers'
-AttentionInterface and AttentionMaskInterface.
+AttentionInterface and AttentionMaskInterface, and the Variant* config and model classes with the Auto classes.
 """
 
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoModelForImageClassification,
+)
+
 from .cdape import CDAPEAttention
+from .configuration_variants import VariantGPT2Config, VariantLlamaConfig, VariantViTConfig
 from .dot import DotProductAttention
 from .expressive import ExpressiveAttention
 from .integration import (
     VARIANTS,
     apply_variant,
-    convert,
     find_attention_modules,
     register_variants,
     variant_attention_forward,
     variant_option_names,
 )
+from .model_card import build_model_card, write_model_card
+from .modeling_variants import (
+    VARIANT_MODEL_CLASSES,
+    VariantGPT2LMHeadModel,
+    VariantGPT2Model,
+    VariantLlamaForCausalLM,
+    VariantLlamaModel,
+    VariantViTForImageClassification,
+    VariantViTModel,
+    convert,
+)
 from .neural import NeuralAttention
 
 __version__ = "0.1.0"
+
+_AUTO_CLASSES = {
+    "AutoModel": AutoModel,
+    "AutoModelForCausalLM": AutoModelForCausalLM,
+    "AutoModelForImageClassification": AutoModelForImageClassification,
+}
+for _config_class in (VariantGPT2Config, VariantLlamaConfig, VariantViTConfig):
+    AutoConfig.register(_config_class.model_type, _config_class, exist_ok=True)
+for _, _model_class, _auto_name in VARIANT_MODEL_CLASSES:
+    _AUTO_CLASSES[_auto_name].register(_model_class.config_class, _model_class, exist_ok=True)
 
 __all__ = [
     "VARIANTS",
@@ -29,10 +57,21 @@ __all__ = [
     "DotProductAttention",
     "ExpressiveAttention",
     "NeuralAttention",
+    "VariantGPT2Config",
+    "VariantGPT2LMHeadModel",
+    "VariantGPT2Model",
+    "VariantLlamaConfig",
+    "VariantLlamaForCausalLM",
+    "VariantLlamaModel",
+    "VariantViTConfig",
+    "VariantViTForImageClassification",
+    "VariantViTModel",
     "apply_variant",
+    "build_model_card",
     "convert",
     "find_attention_modules",
     "register_variants",
     "variant_attention_forward",
     "variant_option_names",
+    "write_model_card",
 ]

@@ -27,7 +27,7 @@ CDAPE_BIASES = ("none", "alibi", "kerple")
 KERPLE_MIN = 1e-2  # the reference clamps r1, r2 to stay positive
 
 
-def alibi_slopes(num_heads: int) -> torch.Tensor:
+def alibi_slopes(num_heads: int) -> tuple[float, ...]:
     """ALiBi's fixed per-head slopes (Press et al.): geometric from 2^(-8/n), interleaved for non-powers of two."""
 
     def power_of_two_slopes(n: int) -> list[float]:
@@ -39,7 +39,7 @@ def alibi_slopes(num_heads: int) -> torch.Tensor:
     else:
         closest = 2 ** math.floor(math.log2(num_heads))
         slopes = power_of_two_slopes(closest) + power_of_two_slopes(2 * closest)[0::2][: num_heads - closest]
-    return torch.tensor(slopes)
+    return tuple(slopes)
 
 
 class CDAPEAttention(nn.Module):
@@ -78,14 +78,23 @@ class CDAPEAttention(nn.Module):
         self.activation = nn.LeakyReLU()
         self.conv_out = nn.Conv2d(hidden_size, num_heads, (1, kernel_size), padding=padding)
         if bias == "alibi":
-            self.register_buffer("alibi_slopes", alibi_slopes(num_heads), persistent=False)
+            # Fixed slopes, rebuilt from num_heads on the fly: nothing to save, load or re-initialise.
+            self.alibi_slopes = alibi_slopes(num_heads)
         elif bias == "kerple":
-            # Kerple (log): P_ij = -r1 * log(1 + r2 |i - j|), learnable r1, r2 > 0 per head; reference init.
-            self.kerple_r1 = nn.Parameter(torch.rand(num_heads) * 2)
-            self.kerple_r2 = nn.Parameter(torch.rand(num_heads))
-        if zero_init:
+            # Kerple (log): P_ij = -r1 * log(1 + r2 |i - j|), learnable r1, r2 > 0 per head.
+            self.kerple_r1 = nn.Parameter(torch.empty(num_heads))
+            self.kerple_r2 = nn.Parameter(torch.empty(num_heads))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        self.conv_in.reset_parameters()
+        self.conv_out.reset_parameters()
+        if self.zero_init:
             nn.init.zeros_(self.conv_out.weight)
             nn.init.zeros_(self.conv_out.bias)
+        if self.bias == "kerple":  # the reference's init: r1 ~ U(0, 2), r2 ~ U(0, 1)
+            nn.init.uniform_(self.kerple_r1, 0.0, 2.0)
+            nn.init.uniform_(self.kerple_r2, 0.0, 1.0)
 
     @property
     def options(self) -> dict:
@@ -101,7 +110,8 @@ class CDAPEAttention(nn.Module):
         query_slots, key_slots = query_key_slots(mask, q_len, k_len, device)
         distance = (query_slots - key_slots).abs().to(self.conv_in.weight.dtype)  # [B or 1, 1, Lq, Lk]
         if self.bias == "alibi":
-            return -self.alibi_slopes.to(distance.dtype)[None, :, None, None] * distance
+            slopes = torch.tensor(self.alibi_slopes, dtype=distance.dtype, device=distance.device)
+            return -slopes[None, :, None, None] * distance
         r1 = self.kerple_r1.clamp(min=KERPLE_MIN)[None, :, None, None]
         r2 = self.kerple_r2.clamp(min=KERPLE_MIN)[None, :, None, None]
         return -r1 * torch.log1p(r2 * distance)

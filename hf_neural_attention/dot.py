@@ -21,6 +21,9 @@ class DotProductAttention(nn.Module):
         self.num_heads = num_heads
         self.head_dim = head_dim
 
+    def reset_parameters(self) -> None:
+        """No parameters."""
+
     @property
     def options(self) -> dict:
         return {}

@@ -33,6 +33,9 @@ class ExpressiveAttention(nn.Module):
         self.form = form
         self.scale = scale
 
+    def reset_parameters(self) -> None:
+        """No parameters."""
+
     @property
     def options(self) -> dict:
         return {"form": self.form, "scale": self.scale}

@@ -259,24 +259,3 @@ def apply_variant(
         config.attention_variant_options = resolved_options
         config.attention_variant_layers = targets
     return targets
-
-
-def convert(model: nn.Module, variant: str, layers: None | str | Iterable[int] = None, **options: Any) -> nn.Module:
-    """Turns a loaded Transformers model into one whose targeted attention layers use `variant`.
-
-    Args:
-        model: any model whose attention modules call `ALL_ATTENTION_FUNCTIONS.get_interface(...)` (GPT-2, Llama,
-            ViT and most Transformers models).
-        variant: one of VARIANTS.
-        layers: None for the variant's paper default (neural: first layer; others: all), "all", or attention-layer
-            indices. Untouched layers keep the implementation they had.
-        **options: the variant's options (see README).
-
-    Returns the same model object, converted in place; every existing weight is kept.
-    """
-    apply_variant(model, variant, layers, **options)
-    if hasattr(model, "set_attn_implementation"):
-        model.set_attn_implementation(variant)
-    else:
-        model.config._attn_implementation = variant
-    return model

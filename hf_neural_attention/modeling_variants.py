@@ -1,0 +1,218 @@
+"""GPT-2, Llama and ViT model classes that apply an attention variant from their config, and `convert`.
+
+Each class subclasses the stock one and adds only `AttentionVariantMixin`, which (1) injects the variant's
+parameters after the stock `__init__`, (2) initialises exactly those parameters when a stock checkpoint is loaded,
+(3) refuses checkpoints that do not fit, and (4) writes a model card next to every save. `register_for_auto_class`
+makes `save_pretrained` copy this flat folder's code into the checkpoint and write `auto_map`, so it loads with
+`trust_remote_code=True` where this package is not installed.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from typing import Any, Iterable
+
+import torch
+from torch import nn
+from transformers import (
+    GPT2LMHeadModel,
+    GPT2Model,
+    LlamaForCausalLM,
+    LlamaModel,
+    ViTForImageClassification,
+    ViTModel,
+)
+
+from .configuration_variants import VariantGPT2Config, VariantLlamaConfig, VariantViTConfig
+from .integration import VARIANT_CLASSES, apply_variant
+from .model_card import write_model_card
+
+VARIANT_MODULE_TYPES = tuple(VARIANT_CLASSES.values())
+
+logger = logging.getLogger(__name__)
+
+
+def _preview(keys: list[str], limit: int = 10) -> str:
+    return str(keys[:limit]) + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
+
+
+class NoRotaryEmbedding(nn.Module):
+    """Stands in for a rotary embedding module and returns the identity rotation (cos = 1, sin = 0): NoPE."""
+
+    def __init__(self, head_dim: int) -> None:
+        super().__init__()
+        self.head_dim = head_dim
+
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        shape = (*position_ids.shape, self.head_dim)  # [B, L, head_dim]
+        return torch.ones(shape, dtype=x.dtype, device=x.device), torch.zeros(shape, dtype=x.dtype, device=x.device)
+
+
+@torch.no_grad()
+def _initialize_new_variant_parameters(model: nn.Module, new_keys: set[str]) -> None:
+    """Runs each variant module's own init (zero-initialised output layers included) where the checkpoint had none of
+    its parameters. Done after loading because Transformers initialises missing weights through the innermost
+    PreTrainedModel's `_init_weights` (stock GPT-2/Llama/ViT code), which does not know these modules."""
+    for name, module in model.named_modules():
+        if isinstance(module, VARIANT_MODULE_TYPES):
+            keys = {f"{name}.{parameter_name}" for parameter_name, _ in module.named_parameters()}
+            if keys & new_keys:
+                module.reset_parameters()
+
+
+class AttentionVariantMixin:
+    """Shared by every variant model class; put it first in the bases, before the stock class."""
+
+    def __init__(self, config, *args: Any, **kwargs: Any) -> None:
+        super().__init__(config, *args, **kwargs)
+        if getattr(config, "use_rotary_embeddings", True) is False:
+            self._drop_rotary_embeddings()
+        self._apply_attention_variant()
+
+    def _apply_attention_variant(self) -> None:
+        config = self.config
+        targets = apply_variant(
+            self, config.attention_variant, config.attention_variant_layers, **(config.attention_variant_options or {})
+        )
+        self.config.attention_variant_layers = targets
+        self.config._attn_implementation_internal = config.attention_variant
+
+    def _drop_rotary_embeddings(self) -> None:
+        replaced = 0
+        for name, module in list(self.named_modules()):
+            if "RotaryEmbedding" in type(module).__name__:
+                parent = self.get_submodule(name.rpartition(".")[0]) if "." in name else self
+                head_dim = getattr(self.config, "head_dim", None) or (
+                    self.config.hidden_size // self.config.num_attention_heads
+                )
+                setattr(parent, name.rpartition(".")[2], NoRotaryEmbedding(head_dim))
+                replaced += 1
+        if replaced == 0:
+            raise ValueError(f"use_rotary_embeddings=False but {type(self).__name__} has no rotary embedding module")
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args: Any, **kwargs: Any):
+        """Loads a variant checkpoint, or retrofits a stock one (only the variant's parameters are new).
+
+        Weights the class does not have, or stock weights the checkpoint lacks, raise instead of being dropped or
+        left random. Pass `attention_variant=`, `attention_variant_options=` and `attention_variant_layers=` to
+        retrofit a stock checkpoint.
+        """
+        want_info = kwargs.pop("output_loading_info", False)
+        model, info = super().from_pretrained(pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs)
+        unexpected = sorted(info["unexpected_keys"])
+        if unexpected:
+            raise ValueError(
+                f"The checkpoint at {pretrained_model_name_or_path} does not fit {cls.__name__} (attention variant "
+                f"{model.config.attention_variant!r}): it holds weights the model has no place for, which would be "
+                f"dropped: {_preview(unexpected)}. Check the architecture, the variant and its options; a variant "
+                "checkpoint loads only with the variant and options it was saved with."
+            )
+        missing = sorted(key for key in info["missing_keys"] if ".attention_variant." not in f".{key}")
+        if missing:
+            logger.warning(
+                "%s: the checkpoint at %s lacks these stock weights, which start from a random init: %s",
+                cls.__name__, pretrained_model_name_or_path, _preview(missing),
+            )
+        new_keys = {key for key in info["missing_keys"] if ".attention_variant." in f".{key}"}
+        if new_keys:  # a retrofit: the stock weights are loaded, the variant's parameters start from their init
+            model.config.retrofitted_from = str(pretrained_model_name_or_path)  # the model card's base_model
+            _initialize_new_variant_parameters(model, new_keys)
+        return (model, info) if want_info else model
+
+    def save_pretrained(self, save_directory: str | os.PathLike, *args: Any, **kwargs: Any) -> None:
+        """Stock save (safetensors, config with auto_map, this folder's code), plus a model card README.md."""
+        super().save_pretrained(save_directory, *args, **kwargs)
+        if kwargs.get("is_main_process", True):
+            write_model_card(self, save_directory)
+
+    def push_to_hub(self, repo_id: str, *, commit_message: str | None = None, private: bool | None = None,
+                    token: bool | str | None = None, revision: str | None = None, create_pr: bool = False,
+                    max_shard_size: int | str | None = "50GB", **card_fields: Any) -> str:
+        """Uploads weights, code and model card together (the stock version would replace our card by a generic
+        one). Extra keyword arguments (datasets, metrics, ...) go to the model card."""
+        from huggingface_hub import HfApi
+
+        repo_id = HfApi().create_repo(repo_id, private=private, token=token, exist_ok=True).repo_id
+        with tempfile.TemporaryDirectory() as folder:
+            self.save_pretrained(folder, max_shard_size=max_shard_size)
+            if card_fields:
+                write_model_card(self, folder, **card_fields)
+            return self._upload_modified_files(
+                folder, repo_id, files_timestamps={}, commit_message=commit_message, token=token,
+                create_pr=create_pr, revision=revision,
+            )
+
+
+class VariantGPT2Model(AttentionVariantMixin, GPT2Model):
+    config_class = VariantGPT2Config
+
+
+class VariantGPT2LMHeadModel(AttentionVariantMixin, GPT2LMHeadModel):
+    config_class = VariantGPT2Config
+
+
+class VariantLlamaModel(AttentionVariantMixin, LlamaModel):
+    config_class = VariantLlamaConfig
+
+
+class VariantLlamaForCausalLM(AttentionVariantMixin, LlamaForCausalLM):
+    config_class = VariantLlamaConfig
+
+
+class VariantViTModel(AttentionVariantMixin, ViTModel):
+    config_class = VariantViTConfig
+
+
+class VariantViTForImageClassification(AttentionVariantMixin, ViTForImageClassification):
+    config_class = VariantViTConfig
+
+
+# (stock class, variant class, Auto class name it registers for)
+VARIANT_MODEL_CLASSES = (
+    (GPT2Model, VariantGPT2Model, "AutoModel"),
+    (GPT2LMHeadModel, VariantGPT2LMHeadModel, "AutoModelForCausalLM"),
+    (LlamaModel, VariantLlamaModel, "AutoModel"),
+    (LlamaForCausalLM, VariantLlamaForCausalLM, "AutoModelForCausalLM"),
+    (ViTModel, VariantViTModel, "AutoModel"),
+    (ViTForImageClassification, VariantViTForImageClassification, "AutoModelForImageClassification"),
+)
+STOCK_TO_VARIANT = {stock: variant for stock, variant, _ in VARIANT_MODEL_CLASSES}
+
+for _config_class in (VariantGPT2Config, VariantLlamaConfig, VariantViTConfig):
+    _config_class.register_for_auto_class("AutoConfig")
+for _, _variant_class, _auto_class in VARIANT_MODEL_CLASSES:
+    _variant_class.register_for_auto_class(_auto_class)
+
+
+def convert(model: nn.Module, variant: str, layers: None | str | Iterable[int] = None, **options: Any) -> nn.Module:
+    """Turns a loaded Transformers model into one whose targeted attention layers use `variant`.
+
+    Args:
+        model: GPT-2, Llama or ViT (base or head model), or any model whose attention modules call
+            `ALL_ATTENTION_FUNCTIONS.get_interface(...)`.
+        variant: one of "dot", "expressive", "neural", "cdape".
+        layers: None for the variant's paper default (neural: first layer; others: all), "all", or attention-layer
+            indices. Untouched layers keep the implementation they had.
+        **options: the variant's options (see README).
+
+    Returns the same object, converted in place with every existing weight kept. GPT-2, Llama and ViT models become
+    instances of the Variant* classes (and their configs of the Variant*Config classes), so they save as variant
+    checkpoints that load with `trust_remote_code=True`.
+    """
+    targets = apply_variant(model, variant, layers, **options)
+    if getattr(model.config, "name_or_path", None):
+        model.config.retrofitted_from = model.config.name_or_path
+    variant_model_class = STOCK_TO_VARIANT.get(type(model))
+    if variant_model_class is not None:
+        config = model.config
+        config.__class__ = variant_model_class.config_class  # same fields plus the variant ones
+        model.__class__ = variant_model_class
+    model.config.attention_variant_layers = targets
+    if hasattr(model, "set_attn_implementation"):
+        model.set_attn_implementation(variant)
+    else:
+        model.config._attn_implementation = variant
+    return model
