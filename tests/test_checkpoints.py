@@ -408,3 +408,27 @@ def test_push_to_hub_uploads_weights_code_and_card_together(monkeypatch, tmp_pat
     assert {"model.safetensors", "config.json", "modeling_variants.py", "neural.py", "README.md"} <= set(files)
     card = files["README.md"].decode()
     assert "attention-variant-neural" in card and "wikitext" in card and "trust_remote_code=True" in card
+
+
+def test_llama_without_rotary_embeddings_nope(tmp_path):
+    base = tiny_llama().config.to_dict()
+    base.pop("model_type", None)
+    ids = torch.randint(1, VOCAB, (1, 12))
+    shifted = torch.arange(12)[None] * 3  # stretched positions: RoPE sees new relative distances
+    results = {}
+    for use_rope in (True, False):
+        config = hfna.VariantLlamaConfig(**base, attention_variant="cdape", attention_variant_options={"bias": "alibi"},
+                                         use_rotary_embeddings=use_rope)
+        torch.manual_seed(0)
+        model = hfna.VariantLlamaForCausalLM(config).eval()
+        with torch.no_grad():
+            results[use_rope] = (model(ids).logits - model(ids, position_ids=shifted).logits).abs().max()
+        if not use_rope:
+            model.save_pretrained(tmp_path)
+            loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+            assert loaded.config.use_rotary_embeddings is False
+            assert type(loaded.model.rotary_emb).__name__ == "NoRotaryEmbedding"
+            with torch.no_grad():
+                torch.testing.assert_close(loaded(ids).logits, model(ids).logits, rtol=0, atol=1e-6)
+    assert results[True] > 1e-4  # rotary embeddings read the positions
+    assert results[False] < 1e-6  # NoPE (+ relative ALiBi bias) does not
