@@ -1,45 +1,75 @@
-"""Side-by-side forward pass of every attention variant on the same tiny GPT-2 (random weights, offline).
+"""The main job: train a small GPT-2 with each attention variant on the same offline data, steps and seed, then
+print one comparison table and draw all loss curves in one figure.
 
-Prints one row per variant: added parameters, forward time, and how far its logits move from the dot-product
-control. The training comparison (the main job) replaces this once scripts/train.py exists.
+    python scripts/demo.py [--recipe configs/gpt2_stdlib.yaml] [--variants dot expressive neural cdape]
+                           [--output outputs/demo] [--results results/demo] [any train.py override ...]
+
+Each variant trains in its own process (scripts/train.py, the stock Trainer), so its peak memory is its own.
+Writes <results>/summary.md, <results>/summary.json and <results>/loss_curves.png; models go to <output>/<variant>.
 """
 
 from __future__ import annotations
 
-import time
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
 
-import torch
-from transformers import GPT2Config, GPT2LMHeadModel
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
 
-import hf_neural_attention as hfna
+from hf_neural_attention import VARIANTS  # noqa: E402
+from hf_neural_attention.training import plot_loss_curves  # noqa: E402
 
 
-def main() -> None:
-    def fresh_config() -> GPT2Config:  # convert() records the variant on the config, so one config per model
-        return GPT2Config(n_layer=4, n_embd=256, n_head=4, n_positions=512, vocab_size=1000, bos_token_id=0,
-                          eos_token_id=0)
+def table(rows: list[dict]) -> str:
+    lines = ["| variant | parameters | variant parameters | validation perplexity | test perplexity | "
+             "train tokens/s | peak memory (MiB) | train time (s) |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for row in rows:
+        lines.append(
+            f"| {row['attention_variant']} | {row['parameters']:,} | {row['variant_parameters']:,} | "
+            f"{row['validation_perplexity']:.2f} | {row['test_perplexity']:.2f} | "
+            f"{row['train_tokens_per_second']:,.0f} | {row['peak_memory_mib']:,.0f} | {row['train_seconds']:.0f} |")
+    return "\n".join(lines)
 
-    config = fresh_config()
-    ids = torch.randint(0, config.vocab_size, (2, 256), generator=torch.Generator().manual_seed(0))
-    rows = []
-    reference = None
-    for variant in hfna.VARIANTS:
-        torch.manual_seed(0)
-        model = hfna.convert(GPT2LMHeadModel(fresh_config()).eval(), variant, layers="all")
-        added = sum(p.numel() for n, p in model.named_parameters() if ".attention_variant." in n)
-        with torch.no_grad():
-            model(ids)  # warm-up
-            start = time.perf_counter()
-            logits = model(ids).logits
-            seconds = time.perf_counter() - start
-        reference = logits if reference is None else reference
-        rows.append((variant, added, seconds * 1000, (logits - reference).abs().max().item()))
 
-    print(f"tiny GPT-2: {config.n_layer} layers, d_model {config.n_embd}, {config.n_head} heads, batch 2 x 256 tokens")
-    print(f"{'variant':<11} {'added params':>12} {'forward ms':>11} {'max |logit - dot|':>18}")
-    for variant, added, ms, diff in rows:
-        print(f"{variant:<11} {added:>12,} {ms:>11.1f} {diff:>18.3e}")
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--recipe", default=str(REPO / "configs" / "gpt2_stdlib.yaml"))
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    parser.add_argument("--output", default=str(REPO / "outputs" / "demo"))
+    parser.add_argument("--results", default=str(REPO / "results" / "demo"))
+    args, overrides = parser.parse_known_args()
+
+    rows, curves = [], {}
+    for variant in args.variants:
+        run_dir = Path(args.output) / variant
+        print(f"\n=== training {variant} -> {run_dir}", flush=True)
+        command = [sys.executable, str(REPO / "scripts" / "train.py"), args.recipe, "--attention_variant", variant,
+                   "--output_dir", str(run_dir), *overrides]
+        if subprocess.run(command).returncode != 0:
+            print(f"training {variant} failed", file=sys.stderr)
+            return 1
+        result = json.loads((run_dir / "results.json").read_text())
+        rows.append(result)
+        curves[variant] = result["loss_curve"]
+
+    results_dir = Path(args.results)
+    results_dir.mkdir(parents=True, exist_ok=True)
+    first = rows[0]
+    setting = (f"{first['architecture']} ({first['parameters']:,} parameters with dot), dataset "
+               f"{first['dataset']}, {first['steps']} steps, seed {first['seed']}, "
+               f"{first['arguments']['data']['block_size']}-token blocks")
+    summary = table(rows)
+    plot_loss_curves(curves, results_dir / "loss_curves.png", f"GPT-2 on {first['dataset']}: one run per variant")
+    (results_dir / "summary.md").write_text(f"{setting}\n\n{summary}\n")
+    (results_dir / "summary.json").write_text(json.dumps(
+        [{k: v for k, v in row.items() if k != "loss_curve"} for row in rows], indent=2, default=str))
+    print(f"\n{setting}\n\n{summary}\n\nloss curves: {results_dir / 'loss_curves.png'}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -86,3 +86,9 @@ def converted(builder, variant: str, layers="all", perturb: bool = True, seed: i
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def data_cache(tmp_path_factory) -> str:
+    """One datasets/tokenizer cache for the whole session (built from scratch each run: no network, no state)."""
+    return str(tmp_path_factory.mktemp("data-cache"))

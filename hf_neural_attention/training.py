@@ -1,0 +1,332 @@
+"""Train and evaluate a GPT-2, Llama or ViT whose only difference is the attention variant, with the stock Trainer.
+
+`run(model_args, data_args, training_args)` builds the data (see data.py), the model (a Variant* class, from
+scratch or retrofitted from `init_from`), trains with `transformers.Trainer`, evaluates, and writes into
+`training_args.output_dir`: results.json, loss_curve.png and model/ (weights, code, tokenizer, model card).
+`scripts/train.py` drives it from YAML/JSON recipes through HfArgumentParser.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import resource
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import Trainer, TrainingArguments, default_data_collator, set_seed
+
+from . import data as data_lib
+from .configuration_variants import VariantGPT2Config, VariantLlamaConfig, VariantViTConfig
+from .integration import VARIANTS, variant_option_names
+from .metrics import compute_accuracy_from_eval_prediction, sliding_window_perplexity
+from .modeling_variants import VariantGPT2LMHeadModel, VariantLlamaForCausalLM, VariantViTForImageClassification
+
+ARCHITECTURES = ("gpt2", "llama", "vit")
+DEFAULT_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "hf_neural_attention")
+
+
+@dataclass
+class ModelArguments:
+    architecture: str = field(default="gpt2", metadata={"help": f"one of {ARCHITECTURES}"})
+    attention_variant: str = field(default="dot", metadata={"help": f"one of {VARIANTS}"})
+    attention_options: dict | None = field(default=None, metadata={"help": "the variant's options (a mapping)"})
+    attention_layers: str | None = field(
+        default=None, metadata={"help": 'None (paper default), "all", or comma-separated attention-layer indices'})
+    hidden_size: int = 256
+    num_layers: int = 4
+    num_heads: int = 4
+    num_kv_heads: int | None = field(default=None, metadata={"help": "llama: key/value heads (GQA)"})
+    intermediate_size: int | None = field(default=None, metadata={"help": "default: 4 * hidden_size"})
+    max_position_embeddings: int = 1024
+    dropout: float = 0.0
+    use_rotary_embeddings: bool = field(default=True, metadata={"help": "llama: False gives NoPE"})
+    image_size: int | None = field(default=None, metadata={"help": "vit: default is the data set's image size"})
+    patch_size: int = 2
+    init_from: str | None = field(
+        default=None, metadata={"help": "a stock checkpoint to retrofit instead of training from scratch"})
+
+
+@dataclass
+class DataArguments:
+    dataset: str | None = field(
+        default=None,
+        metadata={"help": f"text: {data_lib.TEXT_DATASETS}; images: {data_lib.IMAGE_DATASETS}; "
+                          "default stdlib-prose (gpt2, llama) or digits (vit)"})
+    data_files: str | None = field(default=None, metadata={"help": "dataset 'text': file path or glob"})
+    data_dir: str | None = field(default=None, metadata={"help": "dataset 'imagefolder': folder"})
+    block_size: int = 128
+    vocab_size: int = 4096
+    tokenizer_name: str | None = field(
+        default=None, metadata={"help": "a tokenizer to load instead of training a byte-level BPE"})
+    max_train_samples: int | None = None
+    max_eval_samples: int | None = None
+    eval_stride: int | None = field(
+        default=None, metadata={"help": "tokens scored per window of the final sliding-window perplexity "
+                                         "(default block_size // 2; at most block_size - 1)"})
+    cache_dir: str = DEFAULT_CACHE
+
+
+@dataclass
+class PreparedData:
+    train: Any
+    validation: Any
+    test: Any
+    tokenizer: Any = None
+    num_labels: int | None = None
+    num_channels: int | None = None
+    image_size: int | None = None
+    validation_tokens: Any = None
+
+
+def validate_arguments(model_args: ModelArguments, data_args: DataArguments) -> None:
+    """Clear errors for recipe values that would otherwise fail deep inside training."""
+    if model_args.architecture not in ARCHITECTURES:
+        raise ValueError(f"architecture={model_args.architecture!r} is not valid; choose one of {list(ARCHITECTURES)}")
+    if model_args.attention_variant not in VARIANTS:
+        raise ValueError(f"attention_variant={model_args.attention_variant!r} is not valid; choose one of "
+                         f"{list(VARIANTS)}")
+    if model_args.attention_options is not None and not isinstance(model_args.attention_options, dict):
+        raise ValueError(f"attention_options must be a mapping; got {model_args.attention_options!r}")
+    valid_options = variant_option_names(model_args.attention_variant)
+    unknown = sorted(set(model_args.attention_options or {}) - set(valid_options))
+    if unknown:
+        raise ValueError(f"Unknown option(s) {unknown} for attention variant {model_args.attention_variant!r}; "
+                         f"valid options are {valid_options or 'none'}")
+    dataset = dataset_name(model_args, data_args)
+    valid = data_lib.IMAGE_DATASETS if model_args.architecture == "vit" else data_lib.TEXT_DATASETS
+    if dataset not in valid:
+        raise ValueError(f"dataset={dataset!r} does not fit architecture {model_args.architecture!r}; choose one of "
+                         f"{list(valid)}")
+    if model_args.init_from is not None and not (Path(model_args.init_from).exists() or "/" in model_args.init_from):
+        raise FileNotFoundError(f"init_from={model_args.init_from!r} is neither a folder nor a Hub id")
+
+
+def dataset_name(model_args: ModelArguments, data_args: DataArguments) -> str:
+    if data_args.dataset is not None:
+        return data_args.dataset
+    return "digits" if model_args.architecture == "vit" else "stdlib-prose"
+
+
+def parse_layers(text: str | None):
+    if text is None or text == "all":
+        return text
+    if isinstance(text, (list, tuple)):
+        return list(text)
+    try:
+        return [int(part) for part in str(text).split(",")]
+    except ValueError:
+        raise ValueError(f'attention_layers must be "all" or comma-separated integers; got {text!r}') from None
+
+
+def prepare_data(model_args: ModelArguments, data_args: DataArguments) -> PreparedData:
+    name = dataset_name(model_args, data_args)
+    if model_args.architecture == "vit":
+        dataset, num_labels, channels = data_lib.load_image_dataset(
+            name, data_dir=data_args.data_dir, cache_dir=data_args.cache_dir, image_size=model_args.image_size)
+        size = int(dataset["train"][0]["pixel_values"].shape[-1])
+        return PreparedData(*_limit(dataset, data_args), num_labels=num_labels, num_channels=channels,
+                            image_size=size)
+
+    raw = data_lib.load_text_dataset(name, data_files=data_args.data_files, cache_dir=data_args.cache_dir)
+    if data_args.tokenizer_name:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(data_args.tokenizer_name)
+    else:
+        tokenizer_dir = Path(data_args.cache_dir) / "tokenizers" / f"{name}-bpe{data_args.vocab_size}"
+        if name == "text":  # a user's files: key the cache by their names too
+            digest = hashlib.sha256(str(data_args.data_files).encode()).hexdigest()[:12]
+            tokenizer_dir = tokenizer_dir.with_name(f"{tokenizer_dir.name}-{digest}")
+        tokenizer = data_lib.train_bpe_tokenizer(raw["train"], data_args.vocab_size, save_dir=tokenizer_dir)
+    tokenized = data_lib.tokenize_documents(raw, tokenizer)
+    blocks = data_lib.pack_blocks(tokenized, data_args.block_size).with_format("torch")
+    train, validation, test = _limit(blocks, data_args)
+    return PreparedData(train, validation, test, tokenizer=tokenizer,
+                        validation_tokens=data_lib.concatenated_tokens(tokenized["validation"]))
+
+
+def _limit(dataset, data_args: DataArguments):
+    train, validation, test = dataset["train"], dataset["validation"], dataset["test"]
+    if data_args.max_train_samples is not None:
+        train = train.select(range(min(len(train), data_args.max_train_samples)))
+    if data_args.max_eval_samples is not None:
+        validation = validation.select(range(min(len(validation), data_args.max_eval_samples)))
+        test = test.select(range(min(len(test), data_args.max_eval_samples)))
+    return train, validation, test
+
+
+def build_model(model_args: ModelArguments, data_args: DataArguments, prepared: PreparedData):
+    """A Variant* model from scratch (sizes from model_args), or retrofitted from `init_from`."""
+    variant_fields = dict(
+        attention_variant=model_args.attention_variant,
+        attention_variant_options=dict(model_args.attention_options or {}),
+        attention_variant_layers=parse_layers(model_args.attention_layers),
+    )
+    model_class = {"gpt2": VariantGPT2LMHeadModel, "llama": VariantLlamaForCausalLM,
+                   "vit": VariantViTForImageClassification}[model_args.architecture]
+    if model_args.init_from is not None:
+        extra = {"use_rotary_embeddings": model_args.use_rotary_embeddings} if model_args.architecture == "llama" else {}
+        return model_class.from_pretrained(model_args.init_from, **variant_fields, **extra)
+
+    intermediate = model_args.intermediate_size or 4 * model_args.hidden_size
+    if model_args.architecture == "gpt2":
+        tokenizer = prepared.tokenizer
+        config = VariantGPT2Config(
+            vocab_size=len(tokenizer), n_positions=model_args.max_position_embeddings, n_embd=model_args.hidden_size,
+            n_layer=model_args.num_layers, n_head=model_args.num_heads, n_inner=intermediate,
+            resid_pdrop=model_args.dropout, embd_pdrop=model_args.dropout, attn_pdrop=model_args.dropout,
+            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id, **variant_fields)
+    elif model_args.architecture == "llama":
+        tokenizer = prepared.tokenizer
+        config = VariantLlamaConfig(
+            vocab_size=len(tokenizer), hidden_size=model_args.hidden_size, intermediate_size=intermediate,
+            num_hidden_layers=model_args.num_layers, num_attention_heads=model_args.num_heads,
+            num_key_value_heads=model_args.num_kv_heads or model_args.num_heads,
+            max_position_embeddings=model_args.max_position_embeddings, attention_dropout=model_args.dropout,
+            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True,
+            use_rotary_embeddings=model_args.use_rotary_embeddings, **variant_fields)
+    else:
+        config = VariantViTConfig(
+            image_size=prepared.image_size, patch_size=model_args.patch_size, num_channels=prepared.num_channels,
+            hidden_size=model_args.hidden_size, num_hidden_layers=model_args.num_layers,
+            num_attention_heads=model_args.num_heads, intermediate_size=intermediate, num_labels=prepared.num_labels,
+            hidden_dropout_prob=model_args.dropout, attention_probs_dropout_prob=model_args.dropout, **variant_fields)
+    return model_class(config)
+
+
+def peak_memory_mib() -> float:
+    """Peak resident set size of this process so far (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def plot_loss_curves(curves: dict[str, dict[str, list]], path: str | os.PathLike, title: str) -> None:
+    """One figure: training loss (solid) and validation loss (dashed) against step, one colour per run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(7, 4.5))
+    for index, (label, curve) in enumerate(curves.items()):
+        color = f"C{index}"
+        if curve.get("train_steps"):
+            axis.plot(curve["train_steps"], curve["train_loss"], color=color, label=f"{label} train", alpha=0.8)
+        if curve.get("eval_steps"):
+            axis.plot(curve["eval_steps"], curve["eval_loss"], color=color, linestyle="--", marker="o",
+                      markersize=3, label=f"{label} validation")
+    axis.set_xlabel("step")
+    axis.set_ylabel("loss (cross-entropy)")
+    axis.set_title(title)
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def loss_curve(log_history: list[dict]) -> dict[str, list]:
+    train = [(row["step"], row["loss"]) for row in log_history if "loss" in row]
+    evaluation = [(row["step"], row["eval_loss"]) for row in log_history if "eval_loss" in row]
+    return {"train_steps": [s for s, _ in train], "train_loss": [l for _, l in train],
+            "eval_steps": [s for s, _ in evaluation], "eval_loss": [l for _, l in evaluation]}
+
+
+def run(model_args: ModelArguments, data_args: DataArguments, training_args: TrainingArguments) -> dict:
+    validate_arguments(model_args, data_args)
+    set_seed(training_args.seed)
+    with training_args.main_process_first(desc="building the data"):
+        prepared = prepare_data(model_args, data_args)
+    set_seed(training_args.seed)  # the same initial weights whatever the data preparation consumed
+    model = build_model(model_args, data_args, prepared)
+    is_image = model_args.architecture == "vit"
+
+    trainer = Trainer(
+        model=model,
+        args=training_args,
+        train_dataset=prepared.train,
+        eval_dataset=prepared.validation,
+        data_collator=default_data_collator,
+        compute_metrics=compute_accuracy_from_eval_prediction if is_image else None,
+        processing_class=prepared.tokenizer,
+    )
+    started = time.perf_counter()
+    train_output = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    train_seconds = time.perf_counter() - started
+    evaluation = trainer.evaluate()
+    test = trainer.evaluate(prepared.test, metric_key_prefix="test")
+
+    results: dict[str, Any] = {
+        "architecture": model_args.architecture,
+        "attention_variant": model.config.attention_variant,
+        "attention_options": model.config.attention_variant_options,
+        "attention_layers": model.config.attention_variant_layers,
+        "dataset": dataset_name(model_args, data_args),
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "variant_parameters": sum(p.numel() for n, p in model.named_parameters() if ".attention_variant." in n),
+        "seed": training_args.seed,
+        "steps": trainer.state.global_step,
+        "train_loss": train_output.training_loss,
+        "train_seconds": train_seconds,
+        "peak_memory_mib": peak_memory_mib(),
+        "world_size": training_args.world_size,
+        **{key: value for key, value in evaluation.items() if isinstance(value, (int, float))},
+        **{key: value for key, value in test.items() if isinstance(value, (int, float))},
+    }
+    samples_per_second = train_output.metrics.get("train_samples_per_second")
+    if is_image:
+        results["validation_accuracy"] = evaluation.get("eval_accuracy")
+        results["test_accuracy"] = test.get("test_accuracy")
+        results["train_images_per_second"] = samples_per_second
+    else:
+        results["validation_perplexity"] = math.exp(evaluation["eval_loss"])
+        results["test_perplexity"] = math.exp(test["test_loss"])
+        results["train_tokens_per_second"] = samples_per_second * data_args.block_size if samples_per_second else None
+        stride = data_args.eval_stride or max(1, data_args.block_size // 2)
+        if trainer.is_world_process_zero():
+            sliding = sliding_window_perplexity(model, prepared.validation_tokens, data_args.block_size, stride,
+                                                max_tokens=None if data_args.max_eval_samples is None else
+                                                data_args.max_eval_samples * data_args.block_size)
+            results["validation_perplexity_sliding"] = sliding["perplexity"]
+            results["sliding_stride"] = stride
+
+    results["loss_curve"] = loss_curve(trainer.state.log_history)
+    if trainer.is_world_process_zero():
+        write_outputs(trainer, model, prepared, results, model_args, data_args, training_args)
+    return results
+
+
+def write_outputs(trainer, model, prepared, results, model_args, data_args, training_args) -> None:
+    output = Path(training_args.output_dir)
+    output.mkdir(parents=True, exist_ok=True)
+    label = f"{model_args.architecture}-{model.config.attention_variant}"
+    plot_loss_curves({label: results["loss_curve"]}, output / "loss_curve.png", f"{label} on {results['dataset']}")
+    model_dir = output / "model"
+    trainer.save_model(str(model_dir))  # weights, config, code, model card, tokenizer
+    metric_name = "accuracy" if model_args.architecture == "vit" else "perplexity"
+    headline = {key: value for key, value in results.items()
+                if key.startswith(("validation_", "test_")) and isinstance(value, float)}
+    table = "| metric | value |\n|---|---|\n" + "\n".join(f"| {k} | {v:.4f} |" for k, v in headline.items())
+    from .model_card import write_model_card
+
+    write_model_card(model, model_dir, datasets=[results["dataset"]], metrics=[metric_name], results=table,
+                     training_data=f"`{results['dataset']}` (see hf_neural_attention/data.py), "
+                                   f"{results['steps']} steps, seed {results['seed']}.")
+    arguments = {"model": asdict(model_args), "data": asdict(data_args),
+                 "training": {k: v for k, v in training_args.to_dict().items() if _is_json(v)}}
+    (output / "results.json").write_text(json.dumps({**results, "arguments": arguments}, indent=2, default=str))
+
+
+def _is_json(value) -> bool:
+    try:
+        json.dumps(value)
+        return True
+    except TypeError:
+        return False

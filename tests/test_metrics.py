@@ -1,0 +1,67 @@
+"""Metric values against hand-computed ones."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from hf_neural_attention.metrics import (
+    accuracy_metric,
+    compute_accuracy_from_eval_prediction,
+    perplexity_metric,
+    sliding_window_perplexity,
+)
+
+
+def test_accuracy_by_hand():
+    assert accuracy_metric().compute(predictions=[0, 1, 2, 3], references=[0, 1, 1, 0])["accuracy"] == 0.5
+
+    class Prediction:
+        predictions = np.array([[0.1, 0.9], [0.8, 0.2], [0.3, 0.7]])
+        label_ids = np.array([1, 1, 1])
+
+    assert compute_accuracy_from_eval_prediction(Prediction()) == {"accuracy": pytest.approx(2 / 3)}
+
+
+def test_perplexity_by_hand():
+    result = perplexity_metric().compute(token_losses=[math.log(2), math.log(8)])
+    assert result["perplexity"] == pytest.approx(4.0)  # exp(mean(log 2, log 8)) = sqrt(16)
+
+
+class BigramModel(torch.nn.Module):
+    """Logits depend only on the current token, so every token's loss is known in closed form."""
+
+    def __init__(self, vocab: int = 5):
+        super().__init__()
+        self.table = torch.nn.Parameter(torch.randn(vocab, vocab, generator=torch.Generator().manual_seed(0)))
+        self.calls = []
+
+    def forward(self, input_ids):
+        self.calls.append(input_ids.shape[1])
+        return type("Out", (), {"logits": self.table[input_ids]})()
+
+
+def test_sliding_window_scores_every_token_once():
+    model = BigramModel()
+    tokens = torch.randint(0, 5, (23,), generator=torch.Generator().manual_seed(1))
+    log_probs = torch.log_softmax(model.table, dim=-1)
+    expected = -log_probs[tokens[:-1], tokens[1:]].mean().item()
+    for block, stride in [(8, 7), (8, 3), (8, 1), (30, 5)]:
+        model.calls.clear()
+        result = sliding_window_perplexity(model, tokens, block_size=block, stride=stride)
+        assert result["tokens_scored"] == 22
+        assert result["mean_token_loss"] == pytest.approx(expected, rel=1e-6), (block, stride)
+        assert result["perplexity"] == pytest.approx(math.exp(expected), rel=1e-6)
+        assert max(model.calls) <= block
+    model.calls.clear()
+    sliding_window_perplexity(model, tokens, block_size=8, stride=4)
+    assert model.calls == [5, 8, 8, 8, 8, 8]  # windows end at tokens 5, 9, 13, 17, 21, 23
+
+
+def test_sliding_window_rejects_bad_stride():
+    for stride in (4, 6, 0):
+        with pytest.raises(ValueError, match="stride must be in 1..block_size - 1"):
+            sliding_window_perplexity(BigramModel(), torch.arange(5), block_size=4, stride=stride)

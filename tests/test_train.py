@@ -1,0 +1,146 @@
+"""The training pipeline: a few Trainer steps per variant and architecture, TrainingArguments features, resume,
+two-process data parallelism through accelerate, and clear errors for bad recipes."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+import hf_neural_attention as hfna
+
+REPO = Path(__file__).resolve().parents[1]
+spec = importlib.util.spec_from_file_location("train_script", REPO / "scripts" / "train.py")
+train_script = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(train_script)
+
+
+def tiny_recipe(output_dir, cache, architecture="gpt2", variant="dot", **overrides) -> dict:
+    recipe = dict(
+        architecture=architecture, attention_variant=variant, hidden_size=32, num_layers=2, num_heads=2,
+        block_size=32, vocab_size=512, max_train_samples=48, max_eval_samples=8, cache_dir=cache,
+        output_dir=str(output_dir), max_steps=2, per_device_train_batch_size=4, per_device_eval_batch_size=8,
+        logging_steps=1, save_strategy="no", report_to="none", disable_tqdm=True, seed=0, use_cpu=True,
+        dataloader_num_workers=0,
+    )
+    if architecture == "llama":
+        recipe["num_kv_heads"] = 1  # grouped-query attention
+    if variant == "neural":
+        recipe["attention_layers"] = "all"
+    recipe.update(overrides)
+    return recipe
+
+
+def train(recipe: dict) -> dict:
+    model_args, data_args, training_args = train_script.parse_dict_recipe(recipe)
+    from hf_neural_attention.training import run
+
+    return run(model_args, data_args, training_args)
+
+
+@pytest.mark.parametrize("architecture", ["gpt2", "llama", "vit"])
+@pytest.mark.parametrize("variant", hfna.VARIANTS)
+def test_few_trainer_steps(architecture, variant, tmp_path, data_cache):
+    results = train(tiny_recipe(tmp_path, data_cache, architecture, variant))
+    assert results["steps"] == 2 and math.isfinite(results["train_loss"])
+    assert results["attention_variant"] == variant
+    written = json.loads((tmp_path / "results.json").read_text())
+    assert written["parameters"] == results["parameters"] and written["loss_curve"]["train_loss"]
+    assert (tmp_path / "loss_curve.png").stat().st_size > 1000
+    model_dir = tmp_path / "model"
+    assert {"model.safetensors", "config.json", "README.md", "modeling_variants.py"} <= {
+        p.name for p in model_dir.iterdir()}
+    if architecture == "vit":
+        assert 0.0 <= results["validation_accuracy"] <= 1.0
+    else:
+        assert (model_dir / "tokenizer.json").exists()  # the locally trained BPE travels with the model
+        assert math.isfinite(results["validation_perplexity"]) and results["validation_perplexity"] > 1
+        assert math.isfinite(results["validation_perplexity_sliding"])
+        assert results["train_tokens_per_second"] > 0
+    card = (model_dir / "README.md").read_text()
+    assert "perplexity" in card or "accuracy" in card
+
+
+@pytest.mark.parametrize("variant", hfna.VARIANTS)
+def test_bf16_and_gradient_checkpointing_through_training_arguments(variant, tmp_path, data_cache):
+    results = train(tiny_recipe(tmp_path, data_cache, "gpt2", variant, bf16=True, activation_checkpointing=True))
+    assert math.isfinite(results["train_loss"]) and math.isfinite(results["eval_loss"])
+
+
+def test_torch_compile_through_training_arguments(tmp_path, data_cache):
+    results = train(tiny_recipe(tmp_path, data_cache, "gpt2", "expressive", torch_compile=True, max_steps=1))
+    assert math.isfinite(results["train_loss"])
+
+
+@pytest.mark.parametrize("variant", ["neural", "cdape"])
+def test_resume_continues_the_same_run(variant, tmp_path, data_cache):
+    common = dict(max_steps=6, save_strategy="steps", save_steps=3, learning_rate=1e-3,
+                  attention_options={"bias": "kerple"} if variant == "cdape" else None)
+    full = train(tiny_recipe(tmp_path / "full", data_cache, "gpt2", variant, **common))
+    resumed = train(tiny_recipe(tmp_path / "resumed", data_cache, "gpt2", variant, **common,
+                                resume_from_checkpoint=str(tmp_path / "full" / "checkpoint-3")))
+    full_curve, resumed_curve = full["loss_curve"], resumed["loss_curve"]
+    # The resumed run carries the first 3 logged steps over from the checkpoint and trains steps 4-6 itself.
+    assert resumed_curve["train_steps"] == full_curve["train_steps"] == [1, 2, 3, 4, 5, 6]
+    assert resumed_curve["train_loss"] == pytest.approx(full_curve["train_loss"], rel=1e-5, abs=1e-6)
+    assert len(set(full_curve["train_loss"][3:])) == 3  # the losses do move, so equality means something
+    assert resumed["eval_loss"] == pytest.approx(full["eval_loss"], rel=1e-5)
+
+
+@pytest.mark.parametrize("variant", hfna.VARIANTS)
+def test_two_process_data_parallel_with_accelerate(variant, tmp_path, data_cache):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(tiny_recipe(tmp_path / "out", data_cache, "gpt2", variant, max_steps=3)))
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("localhost\n")
+    # accelerate runs several CPU processes through MPI; the dev extra installs MPICH (mpirun) from PyPI.
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--cpu",
+               "--num_machines", "1", "--mpirun_hostfile", str(hostfile), "--mixed_precision", "no",
+               "--dynamo_backend", "no", str(REPO / "scripts" / "train.py"), str(recipe)]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    written = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert written["world_size"] == 2 and written["steps"] == 3
+    assert math.isfinite(written["train_loss"])
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        ({"attention_kernel": 3}, r"unknown recipe key\(s\): .*attention_kernel"),
+        ({"attention_variant": "cdape", "attention_options": {"kernel": 3}},
+         r"Unknown option\(s\) \['kernel'\] for attention variant 'cdape'; valid options are"),
+        ({"attention_variant": "flash"}, r"attention_variant='flash' is not valid; choose one of"),
+        ({"dataset": "text", "data_files": "/nonexistent/*.txt"}, r"data file '/nonexistent/\*.txt' does not exist"),
+        ({"architecture": "vit", "dataset": "imagefolder", "data_dir": "/nonexistent"},
+         "needs an existing data_dir"),
+        ({"architecture": "vit", "dataset": "stdlib-prose"}, "does not fit architecture 'vit'"),
+    ],
+)
+def test_bad_recipes_stop_with_a_message(overrides, message, tmp_path, data_cache, capsys):
+    recipe_file = tmp_path / "recipe.yaml"
+    recipe_file.write_text(yaml.safe_dump(tiny_recipe(tmp_path / "out", data_cache, **overrides)))
+    assert train_script.main([str(recipe_file)]) == 2
+    import re
+
+    assert re.search(message, capsys.readouterr().err), message
+
+
+def test_missing_recipe_and_command_line_overrides(tmp_path, data_cache, capsys):
+    assert train_script.main([str(tmp_path / "missing.yaml")]) == 2
+    assert "missing.yaml' does not exist" in capsys.readouterr().err
+    recipe_file = tmp_path / "recipe.yaml"
+    recipe_file.write_text(yaml.safe_dump(tiny_recipe(tmp_path / "out", data_cache)))
+    model_args, data_args, training_args = train_script.parse(
+        [str(recipe_file), "--attention_variant", "cdape", "--attention_options={kernel_size: 5}", "--max_steps", "7"])
+    assert model_args.attention_variant == "cdape" and model_args.attention_options == {"kernel_size": 5}
+    assert training_args.max_steps == 7
