@@ -11,6 +11,7 @@ YAML (numbers, true/false, mappings such as --attention_options '{kernel_size: 5
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -21,12 +22,28 @@ from transformers import HfArgumentParser, TrainingArguments
 from hf_neural_attention.training import DataArguments, ModelArguments, run
 
 
+class RecipeLoader(yaml.SafeLoader):
+    """YAML 1.2 booleans: only true/false, so `eval_strategy: no` stays the string "no"."""
+
+
+RecipeLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+RecipeLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
+
+
+def load_yaml(text: str):
+    return yaml.load(text, Loader=RecipeLoader)
+
+
 def read_recipe(path: str) -> dict:
     file = Path(path)
     if not file.is_file():
         raise FileNotFoundError(f"recipe {path!r} does not exist")
     text = file.read_text()
-    recipe = json.loads(text) if file.suffix == ".json" else yaml.safe_load(text)
+    recipe = json.loads(text) if file.suffix == ".json" else load_yaml(text)
     if not isinstance(recipe, dict):
         raise ValueError(f"recipe {path!r} must be a mapping of argument names to values")
     return recipe
@@ -46,7 +63,7 @@ def parse_overrides(arguments: list[str]) -> dict:
                 raise ValueError(f"{item} needs a value")
             key, raw = item[2:], arguments[index + 1]
             index += 2
-        overrides[key] = yaml.safe_load(raw)
+        overrides[key] = load_yaml(raw)
     return overrides
 
 

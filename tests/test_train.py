@@ -153,3 +153,14 @@ def test_missing_recipe_and_command_line_overrides(tmp_path, data_cache, capsys)
         [str(recipe_file), "--attention_variant", "cdape", "--attention_options={kernel_size: 5}", "--max_steps", "7"])
     assert model_args.attention_variant == "cdape" and model_args.attention_options == {"kernel_size": 5}
     assert training_args.max_steps == 7
+
+
+@pytest.mark.parametrize("recipe", sorted(p.name for p in (REPO / "configs").glob("*.yaml")
+                                          if not p.name.startswith("accelerate_")))
+def test_shipped_recipes_parse(recipe):
+    # use_cpu: the GPU recipes ask for bf16, which TrainingArguments accepts on CPU only when told so
+    model_args, data_args, training_args = train_script.parse([str(REPO / "configs" / recipe), "--use_cpu", "true"])
+    from hf_neural_attention.training import validate_arguments
+
+    validate_arguments(model_args, data_args)
+    assert training_args.output_dir.startswith("outputs/")
