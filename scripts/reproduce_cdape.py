@@ -1,0 +1,185 @@
+"""Length extrapolation: does a convolution over the score map keep perplexity flat past the training length?
+
+Claim (Zheng et al., DAPE V2 / CDAPE, arXiv 2410.04798): with CDAPE, perplexity stays flat (or falls) far beyond the
+training length, where RoPE and no positional encoding (NoPE) blow up.
+
+Here: a small Llama-style model trained at 128 tokens on the offline standard-library prose corpus, six arms with
+the same data, steps, optimizer and seeds:
+    rope          RoPE, dot-product attention
+    rope+cdape    RoPE, CDAPE (1x3, D=32) in every layer
+    nope          no positional encoding (use_rotary_embeddings=False), dot-product attention
+    nope+cdape    NoPE, CDAPE
+    kerple        NoPE + Kerple (log) bias alone: CDAPE with bias="kerple" and its convolutions frozen at zero
+    kerple+cdape  NoPE + Kerple bias + CDAPE (the paper's CDAPE-Kerple)
+Perplexity on the validation stream at 128, 256, 512, 1024 and 2048 tokens: non-overlapping windows of that
+length, every token scored (so longer windows give each token more, and longer-range, context).
+
+    python scripts/reproduce_cdape.py                        # default CPU budget (about 30 minutes)
+    python scripts/reproduce_cdape.py --steps 5000 --hidden-size 512 --layers 8 --seeds 0 1 2   # a GPU
+Writes results/reproduce_cdape/{results.json, results.md, perplexity.png}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from transformers import Trainer, TrainingArguments, default_data_collator, set_seed
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from hf_neural_attention import VariantLlamaConfig, VariantLlamaForCausalLM  # noqa: E402
+from hf_neural_attention.training import DataArguments, ModelArguments, prepare_data  # noqa: E402
+
+ARMS = {  # name: (rotary embeddings, variant, options, freeze the convolutions)
+    "rope": (True, "dot", {}, False),
+    "rope+cdape": (True, "cdape", {}, False),
+    "nope": (False, "dot", {}, False),
+    "nope+cdape": (False, "cdape", {}, False),
+    "kerple": (False, "cdape", {"bias": "kerple"}, True),
+    "kerple+cdape": (False, "cdape", {"bias": "kerple"}, False),
+}
+
+
+@torch.no_grad()
+def perplexity_at(model, tokens: torch.Tensor, length: int, max_windows: int) -> float:
+    """exp(mean token loss) over non-overlapping windows of `length` tokens (at most max_windows of them)."""
+    model.eval()
+    total, count = 0.0, 0
+    for start in range(0, min(len(tokens) - length, max_windows * length), length):
+        window = tokens[start : start + length][None]
+        loss = model(input_ids=window, labels=window).loss
+        total += float(loss) * (length - 1)
+        count += length - 1
+    return math.exp(total / count)
+
+
+def train_arm(arm: str, seed: int, args, prepared, output: Path) -> dict:
+    rotary, variant, options, freeze = ARMS[arm]
+    set_seed(seed)
+    tokenizer = prepared.tokenizer
+    config = VariantLlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=args.hidden_size, intermediate_size=int(args.hidden_size * 8 / 3),
+        num_hidden_layers=args.layers, num_attention_heads=args.heads, num_key_value_heads=args.heads,
+        max_position_embeddings=max(args.eval_lengths), bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True,
+        use_rotary_embeddings=rotary, attention_variant=variant, attention_variant_options=options,
+        attention_variant_layers="all")
+    model = VariantLlamaForCausalLM(config)
+    if freeze:  # Kerple alone: the zero-initialised output convolution stays zero, so logits = x + P
+        for name, parameter in model.named_parameters():
+            if ".conv_" in name:
+                parameter.requires_grad_(False)
+    training_args = TrainingArguments(
+        output_dir=str(output / "runs" / f"{arm}-s{seed}"), max_steps=args.steps,
+        per_device_train_batch_size=args.batch_size, learning_rate=args.learning_rate, lr_scheduler_type="cosine",
+        warmup_steps=args.steps // 20, weight_decay=0.1, adam_beta2=0.95, max_grad_norm=1.0, seed=seed,
+        logging_steps=max(1, args.steps // 20), save_strategy="no", report_to="none", disable_tqdm=True,
+        use_cpu=not torch.cuda.is_available())
+    started = time.perf_counter()
+    Trainer(model=model, args=training_args, train_dataset=prepared.train, data_collator=default_data_collator).train()
+    train_seconds = time.perf_counter() - started
+    tokens = torch.as_tensor(prepared.validation_tokens)
+    perplexities = {length: perplexity_at(model, tokens, length, args.eval_tokens // length)
+                    for length in args.eval_lengths}
+    return {"arm": arm, "seed": seed, "parameters": sum(p.numel() for p in model.parameters()),
+            "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
+            "perplexity": perplexities, "train_seconds": train_seconds}
+
+
+def summarize(rows: list[dict], lengths: list[int]) -> tuple[str, dict]:
+    summary = {}
+    header = "| arm | parameters | " + " | ".join(f"ppl @ {n}" for n in lengths) + " |"
+    lines = [header, "|---|---:|" + "---:|" * len(lengths)]
+    for arm in ARMS:
+        arm_rows = [r for r in rows if r["arm"] == arm]
+        if not arm_rows:
+            continue
+        cells = []
+        summary[arm] = {}
+        for length in lengths:
+            values = [r["perplexity"][length] for r in arm_rows]
+            mean = statistics.mean(values)
+            sd = statistics.stdev(values) if len(values) > 1 else 0.0
+            summary[arm][length] = (mean, sd, values)
+            cells.append(f"{mean:.2f} ± {sd:.2f}")
+        lines.append(f"| {arm} | {arm_rows[0]['trainable_parameters']:,} | " + " | ".join(cells) + " |")
+    return "\n".join(lines), summary
+
+
+def plot(summary: dict, lengths: list[int], train_length: int, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(6.5, 4.2))
+    for index, (arm, by_length) in enumerate(summary.items()):
+        means = [by_length[n][0] for n in lengths]
+        sds = [by_length[n][1] for n in lengths]
+        axis.errorbar(lengths, means, yerr=sds, marker="o", capsize=3, color=f"C{index}", label=arm,
+                      linestyle="-" if "cdape" in arm else "--")
+    axis.axvline(train_length, color="grey", linestyle=":", label="training length")
+    axis.set_xscale("log", base=2)
+    axis.set_yscale("log")
+    axis.set_xlabel("evaluation length (tokens)")
+    axis.set_ylabel("validation perplexity")
+    axis.grid(alpha=0.3, which="both")
+    axis.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--steps", type=int, default=250)
+    parser.add_argument("--train-length", type=int, default=128)
+    parser.add_argument("--eval-lengths", type=int, nargs="+", default=[128, 256, 512, 1024, 2048])
+    parser.add_argument("--eval-tokens", type=int, default=8192, help="validation tokens per evaluation length")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--learning-rate", type=float, default=1e-3)
+    parser.add_argument("--hidden-size", type=int, default=128)
+    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--heads", type=int, default=4)
+    parser.add_argument("--vocab-size", type=int, default=4096)
+    parser.add_argument("--output", default=str(REPO / "results" / "reproduce_cdape"))
+    args = parser.parse_args(argv)
+    if len(args.seeds) < 3:
+        parser.error("use at least 3 seeds per arm")
+
+    output = Path(args.output)
+    output.mkdir(parents=True, exist_ok=True)
+    prepared = prepare_data(ModelArguments(architecture="llama"),
+                            DataArguments(dataset="stdlib-prose", block_size=args.train_length,
+                                          vocab_size=args.vocab_size))
+    rows = []
+    for seed in args.seeds:
+        for arm in args.arms:
+            row = train_arm(arm, seed, args, prepared, output)
+            rows.append(row)
+            print(f"seed {seed} {arm:<13} " + " ".join(f"{n}:{p:.1f}" for n, p in row["perplexity"].items())
+                  + f" ({row['train_seconds']:.0f}s)", flush=True)
+    table, summary = summarize(rows, args.eval_lengths)
+    setting = (f"Llama, {args.layers} layers, d_model {args.hidden_size}, {args.heads} heads, trained at "
+               f"{args.train_length} tokens for {args.steps} steps of batch {args.batch_size} on stdlib-prose "
+               f"(byte-level BPE {args.vocab_size}); AdamW lr {args.learning_rate} cosine; seeds {args.seeds}; "
+               f"perplexity (mean ± sd over seeds) on up to {args.eval_tokens} validation tokens per length")
+    (output / "results.md").write_text(f"{setting}\n\n{table}\n")
+    (output / "results.json").write_text(json.dumps({"setting": vars(args), "runs": rows}, indent=2))
+    plot(summary, args.eval_lengths, args.train_length, output / "perplexity.png")
+    print(f"\n{setting}\n\n{table}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
