@@ -78,7 +78,7 @@ def train_arm(arm: str, seed: int, args, prepared, output: Path) -> dict:
             if ".conv_" in name:
                 parameter.requires_grad_(False)
     training_args = TrainingArguments(
-        output_dir=str(output / "runs" / f"{arm}-s{seed}"), max_steps=args.steps,
+        output_dir=str(REPO / "outputs" / "reproduce_cdape" / f"{arm}-s{seed}"), max_steps=args.steps,
         per_device_train_batch_size=args.batch_size, learning_rate=args.learning_rate, lr_scheduler_type="cosine",
         warmup_steps=args.steps // 20, weight_decay=0.1, adam_beta2=0.95, max_grad_norm=1.0, seed=seed,
         logging_steps=max(1, args.steps // 20), save_strategy="no", report_to="none", disable_tqdm=True,

@@ -88,7 +88,7 @@ def train_arm(arm: str, level: int, seed: int, args, output: Path) -> dict:
         attention_variant=variant, attention_variant_options=options, attention_variant_layers="all")
     model = VariantGPT2LMHeadModel(config)
     training_args = TrainingArguments(
-        output_dir=str(output / "runs" / f"{arm}-L{level}-s{seed}"), max_steps=args.steps,
+        output_dir=str(REPO / "outputs" / "reproduce_expressive" / f"{arm}-L{level}-s{seed}"), max_steps=args.steps,
         per_device_train_batch_size=args.batch_size, learning_rate=args.learning_rate, lr_scheduler_type="cosine",
         warmup_steps=args.steps // 20, weight_decay=0.0, seed=seed, logging_steps=max(1, args.steps // 20),
         save_strategy="no", report_to="none", disable_tqdm=True, use_cpu=not torch.cuda.is_available(),
