@@ -67,6 +67,22 @@ def build_variant(variant: str, num_heads: int, head_dim: int, **options: Any) -
 _PARAMETER_FREE = {"dot": DotProductAttention(0, 0), "expressive": ExpressiveAttention(0, 0)}
 
 
+def attention_weights_requested(kwargs: dict) -> bool:
+    """Whether the caller wants the attention weights: an `output_attentions` argument, or Transformers' output
+    recorder collecting attentions for this forward (how `model(..., output_attentions=True)` works in 5.x)."""
+    if kwargs.get("output_attentions"):
+        return True
+    try:
+        from transformers.utils.output_capturing import _active_collector
+    except ImportError:  # another Transformers layout: be safe, return the weights
+        return True
+    try:
+        collected = _active_collector.get()
+    except LookupError:
+        return False
+    return bool(collected) and any(str(name).endswith("attentions") for name in collected)
+
+
 def variant_attention_forward(
     module: nn.Module,
     query: torch.Tensor,
@@ -116,6 +132,14 @@ def variant_attention_forward(
     is_causal = kwargs.get("is_causal")
     is_causal = getattr(module, "is_causal", False) if is_causal is None else is_causal
     mask = split_attention_mask(attention_mask, q_len, k_len, bool(is_causal), query.device)
+
+    # A variant's fast path (chunked, fused or compiled; same numbers) runs unless the caller records the weights.
+    fast_path = getattr(variant, "attention_output", None)
+    if fast_path is not None and not attention_weights_requested(kwargs):
+        result = fast_path(query, key, value, mask, scaling, dropout, module.training)
+        if result is not None:  # None: the fast path does not apply to these inputs
+            output, weights = result
+            return output.transpose(1, 2).contiguous(), weights
 
     weights = variant.attention_weights(query, key, mask, scaling)  # [B, H, Lq, Lk], float32
     weights = weights.to(value.dtype)

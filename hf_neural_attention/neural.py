@@ -19,9 +19,20 @@ import math
 import torch
 from torch import nn
 
-from .common import KeyMask, check_bool, check_choice, check_positive_int, masked_softmax
+from .common import (
+    ChunkPlan,
+    KeyMask,
+    check_bool,
+    check_choice,
+    check_positive_int,
+    chunk_rows,
+    chunked_attention,
+    fast_path_applies,
+    masked_softmax,
+)
 
 NEURAL_COMBINE = ("replace", "add")
+PLANE_LIMIT = 64  # layers with at most this many weights run plane by plane (see _mlp_planes)
 
 
 def _linear_init_(weight: torch.Tensor, bias: torch.Tensor) -> None:
@@ -101,8 +112,9 @@ class NeuralAttention(nn.Module):
         """[G, ...] -> [H, ...] without copying when the weights are shared."""
         return tensor.expand(self.num_heads, *tensor.shape[1:])
 
-    def mlp_scores(self, query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
-        """query [B, H, Lq, D], key [B, H, Lk, D] -> MLP scores [B, H, Lq, Lk]."""
+    def pair_parts(self, query: torch.Tensor, key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The first MLP layer split into its per-query part [B, H, Lq, h1] (bias included) and per-key part
+        [B, H, Lk, h1]: W1 [q~_i ; k~_j] + b1 = (A q~_i + b1) + B k~_j."""
         dtype = self.query_down_weight.dtype
         query, key = query.to(dtype), key.to(dtype)
         query_small = torch.einsum("bhqd,hpd->bhqp", query, self._per_head(self.query_down_weight))
@@ -114,19 +126,83 @@ class NeuralAttention(nn.Module):
         query_part = torch.einsum("bhqp,hcp->bhqc", query_small, first_weight[..., : self.proj_dim])
         query_part = query_part + self._per_head(self.mlp_biases[0])[None, :, None, :]  # [B, H, Lq, h1]
         key_part = torch.einsum("bhkp,hcp->bhkc", key_small, first_weight[..., self.proj_dim :])  # [B, H, Lk, h1]
+        return query_part, key_part
 
+    def mlp_from_parts(
+        self, query_part: torch.Tensor, key_part: torch.Tensor, weights: list[torch.Tensor], biases: list[torch.Tensor],
+        planes: bool = False,
+    ) -> torch.Tensor:
+        """MLP scores [B, H, Lq, Lk] from the first layer's parts and the later layers' [G, out, in] weights.
+
+        planes=False is the plain path's layout (channels last, einsum per layer); the fast path uses planes for
+        narrow layers (see _mlp_planes)."""
+        if planes and max(w.shape[1] * w.shape[2] for w in weights) <= PLANE_LIMIT:
+            return self._mlp_planes(query_part, key_part, weights, biases)
         hidden = torch.relu(query_part[:, :, :, None, :] + key_part[:, :, None, :, :])  # [B, H, Lq, Lk, h1]
-        last = len(self.mlp_weights) - 1
-        for index in range(1, len(self.mlp_weights)):
-            weight = self._per_head(self.mlp_weights[index])  # [H, out, in]
-            bias = self._per_head(self.mlp_biases[index])  # [H, out]
+        for index, (weight, bias) in enumerate(zip(weights, biases)):
+            weight, bias = self._per_head(weight), self._per_head(bias)  # [H, out, in], [H, out]
             hidden = torch.einsum("bhqkc,hoc->bhqko", hidden, weight) + bias[None, :, None, None, :]
-            if index != last:
+            if index != len(weights) - 1:
                 hidden = torch.relu(hidden)
         return hidden.squeeze(-1)  # [B, H, Lq, Lk]
+
+    def _mlp_planes(
+        self, query_part: torch.Tensor, key_part: torch.Tensor, weights: list[torch.Tensor], biases: list[torch.Tensor]
+    ) -> torch.Tensor:
+        """The same MLP for narrow layers, one [B, H, Lq, Lk] plane per hidden unit: every op is a contiguous
+        elementwise pass (a multiply-add per weight) instead of a batched matmul with a tiny inner dimension."""
+        planes = [
+            torch.relu_(query_part[..., unit, None] + key_part[..., None, :, unit])
+            for unit in range(query_part.shape[-1])
+        ]
+        for index, (weight, bias) in enumerate(zip(weights, biases)):
+            weight = self._per_head(weight)[None, :, :, :, None, None]  # [1, H, out, in, 1, 1]
+            bias = self._per_head(bias)[None, :, :, None, None]  # [1, H, out, 1, 1]
+            outputs = []
+            for out in range(weight.shape[2]):
+                hidden = torch.addcmul(bias[:, :, out], planes[0], weight[:, :, out, 0])
+                for unit in range(1, len(planes)):
+                    hidden = torch.addcmul(hidden, planes[unit], weight[:, :, out, unit])
+                outputs.append(torch.relu_(hidden) if index != len(weights) - 1 else hidden)
+            planes = outputs
+        return planes[0]
+
+    def mlp_scores(self, query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
+        """query [B, H, Lq, D], key [B, H, Lk, D] -> MLP scores [B, H, Lq, Lk]."""
+        query_part, key_part = self.pair_parts(query, key)
+        return self.mlp_from_parts(query_part, key_part, list(self.mlp_weights[1:]), list(self.mlp_biases[1:]))
 
     def attention_weights(self, query: torch.Tensor, key: torch.Tensor, mask: KeyMask, scaling: float) -> torch.Tensor:
         scores = self.mlp_scores(query, key)
         if self.combine == "add":
             scores = scores + torch.matmul(query, key.transpose(-1, -2)).to(scores.dtype) * scaling
         return masked_softmax(scores, mask)
+
+    def attention_output(
+        self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: KeyMask, scaling: float,
+        dropout: float, training: bool,
+    ) -> tuple[torch.Tensor, None] | None:
+        """Fast path, same numbers as attention_weights(...) @ value. The per-query and per-key parts of the first
+        layer are computed once; the pairwise MLP, the softmax and the product with the values run in query-row
+        chunks, and backward recomputes each chunk (no [Lq, Lk, hidden] tensor is kept). None where it does not apply
+        (the plain path runs)."""
+        if not fast_path_applies(query, key, value, dropout, training, self.query_down_weight):
+            return None
+        batch, heads, q_len, _ = query.shape
+        query_part, key_part = self.pair_parts(query, key)
+        weights, biases = list(self.mlp_weights[1:]), list(self.mlp_biases[1:])
+        num_layers = len(weights)
+        add = self.combine == "add"
+
+        def score(rows, shared, chunk):
+            key_end = chunk.key_end
+            weight_list, bias_list = shared[1 : 1 + num_layers], shared[1 + num_layers : 1 + 2 * num_layers]
+            scores = self.mlp_from_parts(rows[0], shared[0][:, :, :key_end], weight_list, bias_list, planes=True)
+            if add:
+                scores = scores + torch.matmul(rows[1], shared[-1][:, :, :key_end].transpose(-1, -2)) * scaling
+            return scores
+
+        row_inputs = [query_part, query] if add else [query_part]
+        shared = [key_part, *weights, *biases] + ([key] if add else [])
+        plan = ChunkPlan(score, "softmax", mask, chunk_rows(batch, heads, key.shape[2], q_len), len(row_inputs))
+        return chunked_attention(plan, value, row_inputs, shared), None
