@@ -191,6 +191,31 @@ def build(method: str, level: str, n: int):
     return step, model
 
 
+def cpu_busy_seconds() -> float:
+    """CPU seconds spent busy by the whole machine since boot (all cores), from /proc/stat."""
+    fields = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+def machine_busy_fraction(seconds: float = 2.0) -> float:
+    """Share of all cores busy over a short interval (this process sleeping)."""
+    before, start = cpu_busy_seconds(), time.perf_counter()
+    time.sleep(seconds)
+    return (cpu_busy_seconds() - before) / ((time.perf_counter() - start) * (os.cpu_count() or 1))
+
+
+def wait_for_idle(threshold: float, max_wait_s: float) -> float:
+    """Waits until other processes use less than `threshold` of the cores (up to max_wait_s); returns the last
+    measured busy fraction."""
+    deadline = time.time() + max_wait_s
+    busy = machine_busy_fraction()
+    while busy > threshold and time.time() < deadline:
+        time.sleep(10)
+        busy = machine_busy_fraction()
+    return busy
+
+
 def _mallopt(option: int, value: int) -> None:
     import ctypes
 
@@ -211,8 +236,7 @@ def worker(args) -> dict:
 
     torch.set_num_threads(args.threads)
     step, _ = build(args.method, args.level, args.n)
-    result = {"level": args.level, "method": args.method, "n": args.n, "threads": args.threads,
-              "load": round(os.getloadavg()[0], 2)}
+    result = {"level": args.level, "method": args.method, "n": args.n, "threads": args.threads}
     step()  # warm-up: one-off allocations (thread pools, lazy inits, compilation) are not the method's
     gc.collect()
     Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current resident set
@@ -225,6 +249,7 @@ def worker(args) -> dict:
     _mallopt(M_TRIM_THRESHOLD, 64 << 20)
     times = []
     started = time.perf_counter()
+    busy_before, own_before = cpu_busy_seconds(), sum(os.times()[:2])
     for index in range(args.warmup + args.repeats):
         begin = time.perf_counter()
         step()
@@ -235,6 +260,10 @@ def worker(args) -> dict:
         if len(times) >= 2 and time.perf_counter() - started > args.budget_s:
             break
     result.update(time_s=statistics.median(times), runs=len(times), min_s=min(times), max_s=max(times))
+    # CPU time other processes took while this one was timed, as a share of all cores: a noise indicator.
+    wall = time.perf_counter() - started
+    foreign = (cpu_busy_seconds() - busy_before) - (sum(os.times()[:2]) - own_before)
+    result["foreign_cpu"] = round(max(0.0, foreign) / (wall * (os.cpu_count() or 1)), 3)
     return result
 
 
@@ -287,7 +316,7 @@ def add_ratios(rows: list[dict]) -> dict:
 
 
 FIELDS = ["level", "method", "n", "time_s", "peak_mib", "time_vs_eager", "mem_vs_eager", "time_vs_sdpa", "mem_vs_sdpa",
-          "runs", "min_s", "max_s", "threads", "load", "note"]
+          "runs", "min_s", "max_s", "threads", "busy_before", "foreign_cpu", "note"]
 
 
 def write_outputs(rows: list[dict], out: Path, meta: dict) -> None:
@@ -345,8 +374,14 @@ def write_outputs(rows: list[dict], out: Path, meta: dict) -> None:
                 f"{fmt(row.get('time_vs_eager'), 2)} | {fmt(row.get('mem_vs_eager'), 2)} | "
                 f"{fmt(row.get('time_vs_sdpa'), 2)} | {fmt(row.get('mem_vs_sdpa'), 2)} | {row.get('note', '')} |")
         lines.append("")
-    lines += ["Plots (log-log, against n): [time](time.png), [memory](memory.png). The `load` column of "
-              "`results.csv` is the 1-minute load average when each configuration started (2 cores).", ""]
+    noisy = [r for r in rows if (r.get("foreign_cpu") or 0) > 0.05]
+    lines += ["Plots (log-log, against n): [time](time.png), [memory](memory.png).", "",
+              "Noise: before each configuration the driver waits (up to --max-wait-s) until other processes use "
+              "less than 10 % of the cores; `busy_before` in results.csv is that share, `foreign_cpu` the share of all "
+              "cores other processes used while the configuration was timed. "
+              + (f"{len(noisy)} of {len(rows)} configurations ran with more than 5 % foreign CPU: "
+                 + ", ".join(f"{r['level']}/{r['method']}/{r['n']} ({r['foreign_cpu']:.0%})" for r in noisy) + "."
+                 if noisy else "No configuration ran with more than 5 % foreign CPU."), ""]
     (out / "results.md").write_text("\n".join(lines))
     plot(rows, out)
 
@@ -404,6 +439,8 @@ def main() -> None:
                         help="largest n for the reference implementations (they are slow and large)")
     parser.add_argument("--budget-s", type=float, default=30.0, help="time budget of one configuration's timed steps")
     parser.add_argument("--timeout-s", type=float, default=900.0)
+    parser.add_argument("--max-wait-s", type=float, default=600.0,
+                        help="longest wait for an idle machine before each configuration")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks")
     parser.add_argument("--note", default="", help="a paragraph added to results.md (e.g. about machine load)")
     # worker mode (one configuration)
@@ -437,6 +474,7 @@ def main() -> None:
                 if reason:
                     row["note"] = reason
                 else:
+                    row["busy_before"] = round(wait_for_idle(0.10, args.max_wait_s), 3)
                     result = run_config(level, method, n, repeats_for(n, args.repeats), 1, args.threads,
                                         args.budget_s, args.timeout_s)
                     if "error" in result:
@@ -446,7 +484,8 @@ def main() -> None:
                 rows.append(row)
                 print(f"[{time.time() - started:6.0f} s] {level:9s} {method:17s} n={n:5d} "
                       f"time={fmt(row.get('time_s'), 4)} s  peak={fmt(row.get('peak_mib'), 1)} MiB "
-                      f"load={row.get('load', '')} {row.get('note', '')}", flush=True)
+                      f"busy={row.get('busy_before', '')} foreign={row.get('foreign_cpu', '')} {row.get('note', '')}",
+                      flush=True)
                 meta["minutes"] = round((time.time() - started) / 60)
                 write_outputs(rows, args.out, meta)
     print(f"wrote {args.out}/results.csv, results.md, time.png, memory.png in {time.time() - started:.0f} s")
