@@ -180,7 +180,7 @@ class FastPathSettings:
         self.enabled = True
         self.chunk_size: int | None = None
         self.chunk_elements = 1 << 20
-        self.min_rows = 32
+        self.min_rows = 64
         self.min_size = 128 * 128
         self.flex_inference = False
 
