@@ -62,6 +62,9 @@ def _initialize_new_variant_parameters(model: nn.Module, new_keys: set[str]) -> 
                 module.reset_parameters()
 
 
+HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder", "proxies")
+
+
 class AttentionVariantMixin:
     """Shared by every variant model class; put it first in the bases, before the stock class."""
 
@@ -101,6 +104,13 @@ class AttentionVariantMixin:
         retrofit a stock checkpoint.
         """
         want_info = kwargs.pop("output_loading_info", False)
+        if "attention_variant" in kwargs and "attention_variant_layers" not in kwargs and "config" not in kwargs:
+            # The checkpoint's layer list was resolved for ITS variant (dot: every layer); a different variant starts
+            # from its own paper default instead (neural: the first layer).
+            hub_kwargs = {key: kwargs[key] for key in HUB_KWARGS if key in kwargs}
+            stored, _ = cls.config_class.get_config_dict(pretrained_model_name_or_path, **hub_kwargs)
+            if stored.get("attention_variant") != kwargs["attention_variant"]:
+                kwargs["attention_variant_layers"] = None
         model, info = super().from_pretrained(pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs)
         unexpected = sorted(info["unexpected_keys"])
         if unexpected:
@@ -152,6 +162,12 @@ class VariantGPT2Model(AttentionVariantMixin, GPT2Model):
 
 class VariantGPT2LMHeadModel(AttentionVariantMixin, GPT2LMHeadModel):
     config_class = VariantGPT2Config
+
+    def __init__(self, config, *args: Any, **kwargs: Any) -> None:
+        super().__init__(config, *args, **kwargs)
+        # The stock class name matches no loss type, so Trainer counted position 0 of every row as a prediction
+        # target (n tokens instead of n - 1) and reported eval losses (n - 1) / n too low; this is its causal-LM loss.
+        self.loss_type = "ForCausalLM"
 
 
 class VariantLlamaModel(AttentionVariantMixin, LlamaModel):

@@ -300,6 +300,28 @@ def skip_reason(method: str, level: str, n: int, max_reference_n: int) -> str | 
     return None
 
 
+def load_rows(path: Path) -> list[dict]:
+    """The rows of an earlier results.csv, numbers parsed and empty cells dropped (ratios are recomputed)."""
+    if not path.exists():
+        return []
+    integers = {"n", "runs", "threads"}
+    rows = []
+    with open(path, newline="") as handle:
+        for record in csv.DictReader(handle):
+            row = {}
+            for key, value in record.items():
+                if value == "" or key.endswith(("_vs_eager", "_vs_sdpa")):
+                    continue
+                if key in integers:
+                    row[key] = int(value)
+                elif key in ("level", "method", "note"):
+                    row[key] = value
+                else:
+                    row[key] = float(value)
+            rows.append(row)
+    return rows
+
+
 def fmt(value, digits=3):
     return "" if value is None or value == "" else f"{value:.{digits}f}"
 
@@ -443,6 +465,9 @@ def main() -> None:
                         help="longest wait for an idle machine before each configuration")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks")
     parser.add_argument("--note", default="", help="a paragraph added to results.md (e.g. about machine load)")
+    parser.add_argument("--merge", action="store_true",
+                        help="keep the rows of an earlier results.csv in --out that this run does not re-measure "
+                             "(to re-run noisy or failed configurations)")
     # worker mode (one configuration)
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--level", help=argparse.SUPPRESS)
@@ -463,7 +488,10 @@ def main() -> None:
     meta = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()} CPU, {os.cpu_count()} cores",
             "torch": torch.__version__, "transformers": transformers.__version__, "threads": args.threads,
             "note": args.note}
-    rows = []
+    planned = {(level, method, n) for level in args.levels for n in args.sizes for method in args.methods
+               if method in (INFERENCE_METHODS if level == "inference" else TRAIN_METHODS)}
+    earlier = load_rows(args.out / "results.csv") if args.merge else []
+    rows = [row for row in earlier if (row["level"], row["method"], row["n"]) not in planned]
     started = time.time()
     for level in args.levels:
         allowed = INFERENCE_METHODS if level == "inference" else TRAIN_METHODS

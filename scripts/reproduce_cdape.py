@@ -16,7 +16,7 @@ length, every token scored (so longer windows give each token more, and longer-r
 
     python scripts/reproduce_cdape.py                        # default CPU budget (about 30 minutes)
     python scripts/reproduce_cdape.py --steps 5000 --hidden-size 512 --layers 8 --seeds 0 1 2   # a GPU
-Writes results/reproduce_cdape/{results.json, results.md, perplexity.png}.
+Writes results/reproduce_cdape/{results.json, results.md, perplexity.png, cards/*.md}.
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from hf_neural_attention import VariantLlamaConfig, VariantLlamaForCausalLM  # noqa: E402
+from hf_neural_attention.model_card import build_model_card  # noqa: E402
 from hf_neural_attention.training import DataArguments, ModelArguments, prepare_data  # noqa: E402
 
 ARMS = {  # name: (rotary embeddings, variant, options, freeze the convolutions)
@@ -89,6 +90,13 @@ def train_arm(arm: str, seed: int, args, prepared, output: Path) -> dict:
     tokens = torch.as_tensor(prepared.validation_tokens)
     perplexities = {length: perplexity_at(model, tokens, length, args.eval_tokens // length)
                     for length in args.eval_lengths}
+    if seed == args.seeds[0]:  # one model card per arm, for its first seed
+        table = "| evaluation length | perplexity |\n|---:|---:|\n" + "\n".join(
+            f"| {length} | {value:.2f} |" for length, value in perplexities.items())
+        build_model_card(model, datasets=["stdlib-prose"], metrics=["perplexity"], results=table,
+                         training_data=f"`stdlib-prose`, {args.steps} steps of {args.batch_size} x "
+                                       f"{args.train_length} tokens, seed {seed}; arm `{arm}` of "
+                                       "scripts/reproduce_cdape.py").save(output / "cards" / f"{arm}.md")
     return {"arm": arm, "seed": seed, "parameters": sum(p.numel() for p in model.parameters()),
             "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
             "perplexity": perplexities, "train_seconds": train_seconds}
@@ -158,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("use at least 3 seeds per arm")
 
     output = Path(args.output)
-    output.mkdir(parents=True, exist_ok=True)
+    (output / "cards").mkdir(parents=True, exist_ok=True)
     prepared = prepare_data(ModelArguments(architecture="llama"),
                             DataArguments(dataset="stdlib-prose", block_size=args.train_length,
                                           vocab_size=args.vocab_size))

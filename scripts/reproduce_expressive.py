@@ -18,7 +18,7 @@ optimizer and seed; the only difference is the attention variant. At least 3 see
 
     python scripts/reproduce_expressive.py                      # default: CPU budget of about 30 minutes
     python scripts/reproduce_expressive.py --levels 1 2 3 4 5 6 --seeds 0 1 2 3 4 --steps 4000   # a GPU
-Writes results/reproduce_expressive/{results.json, results.md, accuracy.png}.
+Writes results/reproduce_expressive/{results.json, results.md, accuracy.png, cards/*.md}.
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from hf_neural_attention import VariantGPT2Config, VariantGPT2LMHeadModel  # noqa: E402
+from hf_neural_attention.model_card import build_model_card  # noqa: E402
 
 ARMS = {"dot": ("dot", {}), "expressive": ("expressive", {"form": "rational", "scale": True})}
 
@@ -95,9 +96,18 @@ def train_arm(arm: str, level: int, seed: int, args, output: Path) -> dict:
     )
     started = time.perf_counter()
     Trainer(model=model, args=training_args, train_dataset=train).train()
-    return {"arm": arm, "level": level, "alphabet": alphabet, "delay": level_settings(level)[1], "seed": seed,
-            "accuracy": accuracy(model, test), "parameters": sum(p.numel() for p in model.parameters()),
-            "seconds": time.perf_counter() - started}
+    row = {"arm": arm, "level": level, "alphabet": alphabet, "delay": level_settings(level)[1], "seed": seed,
+           "accuracy": accuracy(model, test), "parameters": sum(p.numel() for p in model.parameters()),
+           "seconds": time.perf_counter() - started}
+    if seed == args.seeds[0]:  # one model card per arm and level, for its first seed
+        build_model_card(
+            model, metrics=["accuracy"],
+            results=f"| level | alphabet | delay | test accuracy |\n|---:|---:|---:|---:|\n"
+                    f"| {level} | {alphabet} | {row['delay']} | {row['accuracy']:.4f} |",
+            training_data=f"the delayed-recurrence task of scripts/reproduce_expressive.py at level {level}, "
+                          f"{args.steps} steps of batch {args.batch_size}, seed {seed}",
+        ).save(output / "cards" / f"{arm}-L{level}.md")
+    return row
 
 
 def summarize(rows: list[dict], levels: list[int]) -> tuple[str, list[dict]]:
@@ -163,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("use at least 3 seeds per arm")
 
     output = Path(args.output)
-    output.mkdir(parents=True, exist_ok=True)
+    (output / "cards").mkdir(parents=True, exist_ok=True)
     rows = []
     for level in args.levels:
         for seed in args.seeds:

@@ -306,6 +306,23 @@ def test_retrofit_script(arch, variant, stock_checkpoints, tmp_path):
         torch.testing.assert_close(outputs_of(loaded, inputs), outputs_of(stock, inputs), rtol=0, atol=1e-5)
 
 
+def test_retrofit_from_a_variant_checkpoint_takes_the_new_variants_default_layers(tmp_path):
+    """A saved dot model stores its resolved layers (all of them); retrofitting it to neural without naming layers
+    must give neural's paper default (the first layer), while explicit layers and same-variant reloads are kept."""
+    dot = hfna.VariantGPT2LMHeadModel(hfna.VariantGPT2Config(
+        n_layer=3, n_embd=64, n_head=4, vocab_size=VOCAB, bos_token_id=0, eos_token_id=0, attention_variant="dot"))
+    dot.save_pretrained(tmp_path / "dot")
+    assert dot.config.attention_variant_layers == [0, 1, 2]
+    neural = hfna.VariantGPT2LMHeadModel.from_pretrained(tmp_path / "dot", attention_variant="neural")
+    assert neural.config.attention_variant_layers == [0]
+    explicit = hfna.VariantGPT2LMHeadModel.from_pretrained(tmp_path / "dot", attention_variant="neural",
+                                                           attention_variant_layers=[1, 2])
+    assert explicit.config.attention_variant_layers == [1, 2]
+    explicit.save_pretrained(tmp_path / "neural")
+    again = hfna.VariantGPT2LMHeadModel.from_pretrained(tmp_path / "neural", attention_variant="neural")
+    assert again.config.attention_variant_layers == [1, 2]
+
+
 def test_retrofit_script_bad_option_is_a_clear_error(stock_checkpoints, tmp_path):
     result = subprocess.run(
         [sys.executable, str(REPO / "scripts" / "retrofit.py"), str(stock_checkpoints["gpt2"]), "cdape",

@@ -65,3 +65,27 @@ def test_sliding_window_rejects_bad_stride():
     for stride in (4, 6, 0):
         with pytest.raises(ValueError, match="stride must be in 1..block_size - 1"):
             sliding_window_perplexity(BigramModel(), torch.arange(5), block_size=4, stride=stride)
+
+
+@pytest.mark.parametrize("model_class,config_class", [
+    ("VariantGPT2LMHeadModel", "VariantGPT2Config"), ("VariantLlamaForCausalLM", "VariantLlamaConfig")])
+def test_trainer_eval_loss_is_the_models_mean_token_loss(model_class, config_class, tmp_path):
+    """Trainer divides the summed token loss by its own count of targets; for stock GPT-2 that count included
+    position 0 of every row (n instead of n - 1 targets), so eval losses came out (n - 1) / n too low."""
+    from datasets import Dataset
+    from transformers import Trainer, TrainingArguments, default_data_collator
+
+    import hf_neural_attention as hfna
+
+    torch.manual_seed(0)
+    sizes = ({"n_layer": 1, "n_embd": 32, "n_head": 2} if model_class.startswith("VariantGPT2") else
+             {"num_hidden_layers": 1, "hidden_size": 32, "num_attention_heads": 2, "intermediate_size": 64})
+    model = getattr(hfna, model_class)(getattr(hfna, config_class)(
+        vocab_size=50, bos_token_id=0, eos_token_id=0, attention_variant="expressive", **sizes)).eval()
+    ids = torch.randint(0, 50, (6, 16), generator=torch.Generator().manual_seed(1))
+    blocks = Dataset.from_dict({"input_ids": ids.tolist(), "labels": ids.tolist()}).with_format("torch")
+    trainer = Trainer(model=model, data_collator=default_data_collator,
+                      args=TrainingArguments(output_dir=str(tmp_path), report_to="none", per_device_eval_batch_size=6))
+    with torch.no_grad():
+        expected = float(model(input_ids=ids, labels=ids).loss)
+    assert trainer.evaluate(blocks)["eval_loss"] == pytest.approx(expected, rel=1e-5)

@@ -1,0 +1,53 @@
+"""Shared pieces of the paper reproductions (scripts/reproduce_*.py): one Trainer run per (arm, seed) through
+`training.run`, seed statistics, a mechanical verdict against a claimed effect, and model cards copied into the repo.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import statistics
+from pathlib import Path
+from typing import Any
+
+from transformers import TrainingArguments
+
+from .training import DataArguments, ModelArguments, run
+
+
+def train_arm(model_args: ModelArguments, data_args: DataArguments, output_dir: Path, seed: int,
+              **training: Any) -> dict:
+    """One stock-Trainer run (from scratch, or retrofitted when model_args.init_from is set); training.run's
+    results dict plus the run folder (its `model/` holds the weights, code and model card)."""
+    training_args = TrainingArguments(
+        output_dir=str(output_dir), seed=seed, save_strategy="no", report_to="none", disable_tqdm=True,
+        dataloader_num_workers=0, **training)
+    results = run(model_args, data_args, training_args)
+    results["run_dir"] = str(output_dir)
+    return results
+
+
+def mean_sd(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for a single value)."""
+    return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def verdict(effects: list[float], claimed: float) -> str:
+    """A plain verdict on per-seed effects (positive = the variant is better) against the claimed effect size.
+
+    holds: the mean effect reaches the claim and every seed points the same way;
+    does not hold at this scale: even mean + 2 standard errors stays below the claim;
+    inconclusive: anything else (the spread is too wide to tell)."""
+    mean, sd = mean_sd(effects)
+    upper = mean + 2 * sd / math.sqrt(len(effects))
+    if mean >= claimed and all(effect > 0 for effect in effects):
+        return "holds"
+    if upper < claimed:
+        return "does not hold at this scale"
+    return "inconclusive"
+
+
+def copy_model_card(run_dir: str | Path, destination: Path) -> Path:
+    """Copies the model card that training.run wrote (run_dir/model/README.md) to `destination`."""
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    return Path(shutil.copyfile(Path(run_dir) / "model" / "README.md", destination))

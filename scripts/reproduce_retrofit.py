@@ -1,0 +1,184 @@
+"""Retrofit: is converting a trained dot-product model and fine-tuning briefly as good as training the variant from
+scratch for the same total number of steps?
+
+Protocol per seed (stock Trainer, same data, batch, optimizer and schedule shape everywhere):
+    pretrain          a GPT-2 with dot-product attention, P steps
+    dot-scratch       dot-product attention from scratch for P + F steps (what the total budget gives the baseline)
+    <v>-converted     the pretrained model converted to variant v, before any fine-tuning (its new parameters are
+                      initialised as on a fresh model; cdape's zero-initialised convolution preserves the function)
+    <v>-retrofit      the converted model fine-tuned for F steps
+    <v>-scratch       variant v from scratch for P + F steps
+for v in expressive, neural (first layer, the paper's placement), cdape. Reported: test perplexity (mean ± sd over
+seeds) and the per-seed paired difference retrofit - scratch (negative = retrofit better).
+
+    python scripts/reproduce_retrofit.py                     # default CPU budget (about 25 minutes)
+    python scripts/reproduce_retrofit.py --pretrain-steps 20000 --finetune-steps 2000 --hidden-size 512 --layers 8 \
+        --heads 8 --dataset wikitext-103                       # a GPU
+Writes results/reproduce_retrofit/{results.json, results.md, results.png, cards/*.md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from hf_neural_attention import VariantGPT2LMHeadModel  # noqa: E402
+from hf_neural_attention.reproduction import copy_model_card, mean_sd, train_arm  # noqa: E402
+from hf_neural_attention.training import DataArguments, ModelArguments, prepare_data  # noqa: E402
+
+VARIANTS = ("expressive", "neural", "cdape")
+
+
+@torch.no_grad()
+def test_perplexity(model, blocks) -> float:
+    """exp(mean token loss) over the test blocks, 32 at a time."""
+    model.eval()
+    losses = []
+    for start in range(0, len(blocks), 32):
+        ids = blocks[start : start + 32]["input_ids"]
+        losses.append(float(model(input_ids=ids, labels=ids).loss) * len(ids))
+    return math.exp(sum(losses) / len(blocks))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--pretrain-steps", type=int, default=250)
+    parser.add_argument("--finetune-steps", type=int, default=50)
+    parser.add_argument("--learning-rate", type=float, default=1e-3)
+    parser.add_argument("--finetune-learning-rate", type=float, default=5e-4)
+    parser.add_argument("--hidden-size", type=int, default=128)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--heads", type=int, default=2)
+    parser.add_argument("--dataset", default="stdlib-prose")
+    parser.add_argument("--block-size", type=int, default=128)
+    parser.add_argument("--vocab-size", type=int, default=4096)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--max-eval-samples", type=int, default=256, help="validation/test blocks scored")
+    parser.add_argument("--output", default=str(REPO / "results" / "reproduce_retrofit"))
+    args = parser.parse_args(argv)
+    if len(args.seeds) < 3:
+        parser.error("use at least 3 seeds per arm")
+
+    output = Path(args.output)
+    output.mkdir(parents=True, exist_ok=True)
+    data_args = DataArguments(dataset=args.dataset, block_size=args.block_size, vocab_size=args.vocab_size,
+                              max_eval_samples=args.max_eval_samples)
+    test_blocks = prepare_data(ModelArguments(architecture="gpt2"), data_args).test
+    total = args.pretrain_steps + args.finetune_steps
+
+    def model_args(variant: str, init_from: str | None = None) -> ModelArguments:
+        return ModelArguments(architecture="gpt2", attention_variant=variant, hidden_size=args.hidden_size,
+                              num_layers=args.layers, num_heads=args.heads, init_from=init_from,
+                              max_position_embeddings=args.block_size)
+
+    def train(name: str, seed: int, arguments: ModelArguments, steps: int, learning_rate: float) -> dict:
+        started = time.perf_counter()
+        results = train_arm(arguments, data_args, REPO / "outputs" / "reproduce_retrofit" / f"{name}-s{seed}", seed,
+                            max_steps=steps, per_device_train_batch_size=args.batch_size,
+                            per_device_eval_batch_size=64, learning_rate=learning_rate, lr_scheduler_type="cosine",
+                            warmup_steps=max(1, steps // 20), weight_decay=0.1, adam_beta2=0.95, max_grad_norm=1.0,
+                            logging_steps=max(1, steps // 10), eval_strategy="no")
+        row = {"arm": name, "seed": seed, "steps": steps, "parameters": results["parameters"],
+               "test_perplexity": results["test_perplexity"], "seconds": time.perf_counter() - started}
+        if seed == args.seeds[0]:
+            copy_model_card(results["run_dir"], output / "cards" / f"{name}.md")
+        print(f"seed {seed} {name:<18} {steps:5d} steps  test ppl {row['test_perplexity']:.2f} "
+              f"({row['seconds']:.0f} s)", flush=True)
+        rows.append(row)
+        return results
+
+    started = time.perf_counter()
+    rows: list[dict] = []
+    for seed in args.seeds:
+        pretrained = train("pretrain", seed, model_args("dot"), args.pretrain_steps, args.learning_rate)
+        pretrained_dir = str(Path(pretrained["run_dir"]) / "model")
+        train("dot-scratch", seed, model_args("dot"), total, args.learning_rate)
+        for variant in args.variants:
+            torch.manual_seed(seed)
+            converted = VariantGPT2LMHeadModel.from_pretrained(pretrained_dir, attention_variant=variant)
+            rows.append({"arm": f"{variant}-converted", "seed": seed, "steps": args.pretrain_steps,
+                         "parameters": sum(p.numel() for p in converted.parameters()),
+                         "test_perplexity": test_perplexity(converted, test_blocks)})
+            train(f"{variant}-retrofit", seed, model_args(variant, init_from=pretrained_dir), args.finetune_steps,
+                  args.finetune_learning_rate)
+            train(f"{variant}-scratch", seed, model_args(variant), total, args.learning_rate)
+
+    arms = ["pretrain", "dot-scratch"] + [f"{v}-{kind}" for v in args.variants
+                                          for kind in ("converted", "retrofit", "scratch")]
+    summary = {}
+    lines = ["| arm | steps | parameters | test perplexity (mean ± sd) | per seed |", "|---|---:|---:|---:|---|"]
+    for arm in arms:
+        arm_rows = [r for r in rows if r["arm"] == arm]
+        values = [r["test_perplexity"] for r in arm_rows]
+        mean, sd = mean_sd(values)
+        summary[arm] = {"values": values, "mean": mean, "sd": sd}
+        steps = (f"{args.pretrain_steps} + {args.finetune_steps}" if arm.endswith("-retrofit")
+                 else f"{args.pretrain_steps} + 0" if arm.endswith("-converted") else str(arm_rows[0]["steps"]))
+        lines.append(f"| {arm} | {steps} | {arm_rows[0]['parameters']:,} | {mean:.2f} ± {sd:.2f} | "
+                     + ", ".join(f"{v:.2f}" for v in values) + " |")
+    comparison = ["| variant | retrofit − scratch (mean ± sd; per seed) | reading |", "|---|---:|---|"]
+    for variant in args.variants:
+        by_seed = {(r["arm"], r["seed"]): r["test_perplexity"] for r in rows}
+        differences = [by_seed[(f"{variant}-retrofit", s)] - by_seed[(f"{variant}-scratch", s)] for s in args.seeds]
+        mean, sd = mean_sd(differences)
+        standard_error = sd / math.sqrt(len(differences))
+        reading = ("retrofit better" if mean + 2 * standard_error < 0 else
+                   "scratch better" if mean - 2 * standard_error > 0 else "no clear difference (within 2 s.e.)")
+        summary[variant] = {"differences": differences, "mean": mean, "sd": sd, "reading": reading}
+        comparison.append(f"| {variant} | {mean:+.2f} ± {sd:.2f} (" + ", ".join(f"{d:+.2f}" for d in differences)
+                          + f") | {reading} |")
+    setting = (f"GPT-2 d_model {args.hidden_size}, {args.layers} layers, {args.heads} heads on {args.dataset} "
+               f"(byte-level BPE {args.vocab_size}, blocks of {args.block_size}, batch {args.batch_size}); stock "
+               f"Trainer, AdamW, cosine, 5 % warm-up, weight decay 0.1, beta2 0.95, clip 1.0; pretraining and "
+               f"scratch lr {args.learning_rate}, fine-tuning lr {args.finetune_learning_rate}; P = "
+               f"{args.pretrain_steps}, F = {args.finetune_steps}; seeds {args.seeds}; test perplexity on "
+               f"{args.max_eval_samples} held-out blocks. Total run time {(time.perf_counter() - started) / 60:.0f} min.")
+    text = f"{setting}\n\n" + "\n".join(lines) + "\n\n" + "\n".join(comparison) + "\n"
+    (output / "results.md").write_text(text)
+    (output / "results.json").write_text(json.dumps({"setting": vars(args), "runs": rows, "summary": summary},
+                                                    indent=2))
+    plot(summary, args.variants, output / "results.png")
+    print(f"\n{text}")
+    return 0
+
+
+def plot(summary: dict, variants: list[str], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(7, 4))
+    kinds = (("converted", "C7"), ("retrofit", "C1"), ("scratch", "C0"))
+    for index, variant in enumerate(variants):
+        for offset, (kind, color) in zip((-0.2, 0.0, 0.2), kinds):
+            entry = summary[f"{variant}-{kind}"]
+            axis.errorbar([index + offset], [entry["mean"]], yerr=[entry["sd"]], marker="o", capsize=3, color=color,
+                          label=kind if index == 0 else None)
+            axis.scatter([index + offset] * len(entry["values"]), entry["values"], color=color, alpha=0.35, s=12)
+    dot = summary["dot-scratch"]
+    axis.axhline(dot["mean"], color="black", linestyle="--", linewidth=1, label="dot, scratch (total budget)")
+    axis.axhline(summary["pretrain"]["mean"], color="grey", linestyle=":", linewidth=1, label="dot, pretrained")
+    axis.set_xticks(range(len(variants)), variants)
+    axis.set_yscale("log")
+    axis.set_ylabel("test perplexity (log scale)")
+    axis.grid(alpha=0.3, which="both")
+    axis.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
