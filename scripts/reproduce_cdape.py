@@ -14,7 +14,7 @@ the same data, steps, optimizer and seeds:
 Perplexity on the validation stream at 128, 256, 512, 1024 and 2048 tokens: non-overlapping windows of that
 length, every token scored (so longer windows give each token more, and longer-range, context).
 
-    python scripts/reproduce_cdape.py                        # default CPU budget (about 30 minutes)
+    python scripts/reproduce_cdape.py                        # default: about 30 min on 2 idle cores (estimated from step times)
     python scripts/reproduce_cdape.py --steps 5000 --hidden-size 512 --layers 8 --seeds 0 1 2   # a GPU
 Writes results/reproduce_cdape/{results.json, results.md, perplexity.png, cards/*.md}.
 """
@@ -150,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--steps", type=int, default=250)
+    parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--train-length", type=int, default=128)
     parser.add_argument("--eval-lengths", type=int, nargs="+", default=[128, 256, 512, 1024, 2048])
     parser.add_argument("--eval-tokens", type=int, default=8192, help="validation tokens per evaluation length")

@@ -200,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--block-size", type=int, default=128)
     parser.add_argument("--vocab-size", type=int, default=4096)
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--text-steps", type=int, default=400)
+    parser.add_argument("--text-steps", type=int, default=300)
     parser.add_argument("--max-eval-samples", type=int, default=256, help="validation/test blocks scored")
     parser.add_argument("--image-dataset", default="digits", help="digits, cifar10 or cifar100")
     parser.add_argument("--patch-size", type=int, default=2)
