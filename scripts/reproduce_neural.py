@@ -61,11 +61,11 @@ def run_task(task: str, args, output: Path) -> list[dict]:
     arms = TEXT_ARMS if task == "text" else IMAGE_ARMS
     if task == "text":
         data_args = DataArguments(dataset=args.dataset, block_size=args.block_size, vocab_size=args.vocab_size,
-                                  max_eval_samples=args.max_eval_samples)
+                                  max_eval_samples=args.max_eval_samples, cache_dir=args.cache_dir)
         steps, batch = args.text_steps, args.batch_size
         model_fields = dict(architecture="gpt2", max_position_embeddings=args.block_size)
     else:
-        data_args = DataArguments(dataset=args.image_dataset)
+        data_args = DataArguments(dataset=args.image_dataset, cache_dir=args.cache_dir)
         steps, batch = args.image_steps, args.image_batch_size
         model_fields = dict(architecture="vit", patch_size=args.patch_size)
     rows = []
@@ -74,7 +74,7 @@ def run_task(task: str, args, output: Path) -> list[dict]:
             model_args = ModelArguments(attention_variant=variant, attention_layers=layers,
                                         hidden_size=args.hidden_size, num_layers=args.layers, num_heads=args.heads,
                                         **model_fields)
-            run_dir = REPO / "outputs" / "reproduce_neural" / f"{task}-{arm}-s{seed}"
+            run_dir = Path(args.runs_dir) / f"{task}-{arm}-s{seed}"
             started = time.perf_counter()
             results = train_arm(model_args, data_args, run_dir, seed, max_steps=steps,
                                 per_device_train_batch_size=batch, per_device_eval_batch_size=64,
@@ -176,7 +176,7 @@ def text_sample(args) -> dict:
 
     prepared = prepare_data(ModelArguments(architecture="gpt2"),
                             DataArguments(dataset=args.dataset, block_size=args.block_size,
-                                          vocab_size=args.vocab_size))
+                                          vocab_size=args.vocab_size, cache_dir=args.cache_dir))
     return {"input_ids": prepared.validation[:8]["input_ids"]}
 
 
@@ -184,7 +184,7 @@ def image_sample(args) -> dict:
     from hf_neural_attention.training import prepare_data
 
     prepared = prepare_data(ModelArguments(architecture="vit", patch_size=args.patch_size),
-                            DataArguments(dataset=args.image_dataset))
+                            DataArguments(dataset=args.image_dataset, cache_dir=args.cache_dir))
     return {"pixel_values": prepared.validation[:32]["pixel_values"]}
 
 
@@ -207,6 +207,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--image-batch-size", type=int, default=64)
     parser.add_argument("--image-steps", type=int, default=300)
     parser.add_argument("--output", default=str(REPO / "results" / "reproduce_neural"))
+    parser.add_argument("--runs-dir", default=str(REPO / "outputs" / "reproduce_neural"), help="the trained models")
+    parser.add_argument("--cache-dir", default=DataArguments.cache_dir, help="data set and tokenizer cache")
     args = parser.parse_args(argv)
     if len(args.seeds) < 3:
         parser.error("use at least 3 seeds per arm")

@@ -66,6 +66,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--max-eval-samples", type=int, default=256, help="validation/test blocks scored")
     parser.add_argument("--output", default=str(REPO / "results" / "reproduce_retrofit"))
+    parser.add_argument("--runs-dir", default=str(REPO / "outputs" / "reproduce_retrofit"), help="the trained models")
+    parser.add_argument("--cache-dir", default=DataArguments.cache_dir, help="data set and tokenizer cache")
     args = parser.parse_args(argv)
     if len(args.seeds) < 3:
         parser.error("use at least 3 seeds per arm")
@@ -73,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     output = Path(args.output)
     output.mkdir(parents=True, exist_ok=True)
     data_args = DataArguments(dataset=args.dataset, block_size=args.block_size, vocab_size=args.vocab_size,
-                              max_eval_samples=args.max_eval_samples)
+                              max_eval_samples=args.max_eval_samples, cache_dir=args.cache_dir)
     test_blocks = prepare_data(ModelArguments(architecture="gpt2"), data_args).test
     total = args.pretrain_steps + args.finetune_steps
 
@@ -84,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def train(name: str, seed: int, arguments: ModelArguments, steps: int, learning_rate: float) -> dict:
         started = time.perf_counter()
-        results = train_arm(arguments, data_args, REPO / "outputs" / "reproduce_retrofit" / f"{name}-s{seed}", seed,
+        results = train_arm(arguments, data_args, Path(args.runs_dir) / f"{name}-s{seed}", seed,
                             max_steps=steps, per_device_train_batch_size=args.batch_size,
                             per_device_eval_batch_size=64, learning_rate=learning_rate, lr_scheduler_type="cosine",
                             warmup_steps=max(1, steps // 20), weight_decay=0.1, adam_beta2=0.95, max_grad_norm=1.0,
