@@ -47,6 +47,28 @@ def verdict(effects: list[float], claimed: float) -> str:
     return "inconclusive"
 
 
+BLOW_UP_GROWTH = 2.0  # perplexity at the longest length / at the training length: "blows up" from here on
+FLAT_GROWTH = 1.1  # ... and "stays flat" up to here
+
+
+def extrapolation_verdict(base_growth: list[float], cdape_growth: list[float]) -> str:
+    """A plain verdict on "with cdape, perplexity stays flat past the training length where the base model blows up",
+    from per-seed growth factors (perplexity at the longest length divided by perplexity at the training length).
+
+    inconclusive (no blow-up to prevent): the base arm's mean growth stays below BLOW_UP_GROWTH;
+    holds: the base blows up and every seed of the cdape arm stays within FLAT_GROWTH;
+    does not hold at this scale: the base blows up and even mean - 2 standard errors of the cdape growth exceeds
+    FLAT_GROWTH; inconclusive: anything else."""
+    if statistics.mean(base_growth) < BLOW_UP_GROWTH:
+        return "inconclusive (no blow-up to prevent)"
+    if all(growth <= FLAT_GROWTH for growth in cdape_growth):
+        return "holds"
+    mean, sd = mean_sd(cdape_growth)
+    if mean - 2 * sd / math.sqrt(len(cdape_growth)) > FLAT_GROWTH:
+        return "does not hold at this scale"
+    return "inconclusive"
+
+
 def copy_model_card(run_dir: str | Path, destination: Path) -> Path:
     """Copies the model card that training.run wrote (run_dir/model/README.md) to `destination`."""
     destination.parent.mkdir(parents=True, exist_ok=True)

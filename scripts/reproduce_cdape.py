@@ -37,6 +37,7 @@ sys.path.insert(0, str(REPO))
 
 from hf_neural_attention import VariantLlamaConfig, VariantLlamaForCausalLM  # noqa: E402
 from hf_neural_attention.model_card import build_model_card  # noqa: E402
+from hf_neural_attention.reproduction import BLOW_UP_GROWTH, FLAT_GROWTH, extrapolation_verdict, mean_sd  # noqa: E402
 from hf_neural_attention.training import DataArguments, ModelArguments, prepare_data  # noqa: E402
 
 ARMS = {  # name: (rotary embeddings, variant, options, freeze the convolutions)
@@ -79,7 +80,7 @@ def train_arm(arm: str, seed: int, args, prepared, output: Path) -> dict:
             if ".conv_" in name:
                 parameter.requires_grad_(False)
     training_args = TrainingArguments(
-        output_dir=str(REPO / "outputs" / "reproduce_cdape" / f"{arm}-s{seed}"), max_steps=args.steps,
+        output_dir=str(Path(args.runs_dir) / f"{arm}-s{seed}"), max_steps=args.steps,
         per_device_train_batch_size=args.batch_size, learning_rate=args.learning_rate, lr_scheduler_type="cosine",
         warmup_steps=args.steps // 20, weight_decay=0.1, adam_beta2=0.95, max_grad_norm=1.0, seed=seed,
         logging_steps=max(1, args.steps // 20), save_strategy="no", report_to="none", disable_tqdm=True,
@@ -102,10 +103,16 @@ def train_arm(arm: str, seed: int, args, prepared, output: Path) -> dict:
             "perplexity": perplexities, "train_seconds": train_seconds}
 
 
+def growth(row: dict, lengths: list[int]) -> float:
+    """Perplexity at the longest evaluation length over perplexity at the first (the training length)."""
+    return row["perplexity"][lengths[-1]] / row["perplexity"][lengths[0]]
+
+
 def summarize(rows: list[dict], lengths: list[int]) -> tuple[str, dict]:
     summary = {}
-    header = "| arm | parameters | " + " | ".join(f"ppl @ {n}" for n in lengths) + " |"
-    lines = [header, "|---|---:|" + "---:|" * len(lengths)]
+    header = ("| arm | parameters | " + " | ".join(f"ppl @ {n}" for n in lengths)
+              + f" | growth {lengths[-1]}/{lengths[0]} |")
+    lines = [header, "|---|---:|" + "---:|" * (len(lengths) + 1)]
     for arm in ARMS:
         arm_rows = [r for r in rows if r["arm"] == arm]
         if not arm_rows:
@@ -114,12 +121,20 @@ def summarize(rows: list[dict], lengths: list[int]) -> tuple[str, dict]:
         summary[arm] = {}
         for length in lengths:
             values = [r["perplexity"][length] for r in arm_rows]
-            mean = statistics.mean(values)
-            sd = statistics.stdev(values) if len(values) > 1 else 0.0
+            mean, sd = mean_sd(values)
             summary[arm][length] = (mean, sd, values)
             cells.append(f"{mean:.2f} ± {sd:.2f}")
+        growths = [growth(r, lengths) for r in arm_rows]
+        summary[arm]["growth"] = growths
+        cells.append(f"{mean_sd(growths)[0]:.2f} ± {mean_sd(growths)[1]:.2f}")
         lines.append(f"| {arm} | {arm_rows[0]['trainable_parameters']:,} | " + " | ".join(cells) + " |")
     return "\n".join(lines), summary
+
+
+def verdicts(summary: dict) -> dict[str, str]:
+    """One verdict per base arm that has its cdape counterpart: does cdape keep it flat where it blows up?"""
+    return {base: extrapolation_verdict(summary[base]["growth"], summary[f"{base}+cdape"]["growth"])
+            for base in ("rope", "nope", "kerple") if base in summary and f"{base}+cdape" in summary}
 
 
 def plot(summary: dict, lengths: list[int], train_length: int, path: Path) -> None:
@@ -130,6 +145,7 @@ def plot(summary: dict, lengths: list[int], train_length: int, path: Path) -> No
 
     figure, axis = plt.subplots(figsize=(6.5, 4.2))
     for index, (arm, by_length) in enumerate(summary.items()):
+        by_length = {n: by_length[n] for n in lengths}
         means = [by_length[n][0] for n in lengths]
         sds = [by_length[n][1] for n in lengths]
         axis.errorbar(lengths, means, yerr=sds, marker="o", capsize=3, color=f"C{index}", label=arm,
@@ -150,17 +166,19 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--steps", type=int, default=250)
     parser.add_argument("--train-length", type=int, default=128)
     parser.add_argument("--eval-lengths", type=int, nargs="+", default=[128, 256, 512, 1024, 2048])
     parser.add_argument("--eval-tokens", type=int, default=8192, help="validation tokens per evaluation length")
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--learning-rate", type=float, default=1e-3)
+    parser.add_argument("--learning-rate", type=float, default=3e-3)
     parser.add_argument("--hidden-size", type=int, default=128)
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--vocab-size", type=int, default=4096)
     parser.add_argument("--output", default=str(REPO / "results" / "reproduce_cdape"))
+    parser.add_argument("--runs-dir", default=str(REPO / "outputs" / "reproduce_cdape"), help="Trainer output folders")
+    parser.add_argument("--cache-dir", default=DataArguments.cache_dir, help="data set and tokenizer cache")
     args = parser.parse_args(argv)
     if len(args.seeds) < 3:
         parser.error("use at least 3 seeds per arm")
@@ -169,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     (output / "cards").mkdir(parents=True, exist_ok=True)
     prepared = prepare_data(ModelArguments(architecture="llama"),
                             DataArguments(dataset="stdlib-prose", block_size=args.train_length,
-                                          vocab_size=args.vocab_size))
+                                          vocab_size=args.vocab_size, cache_dir=args.cache_dir))
     rows = []
     for seed in args.seeds:
         for arm in args.arms:
@@ -182,10 +200,25 @@ def main(argv: list[str] | None = None) -> int:
                f"{args.train_length} tokens for {args.steps} steps of batch {args.batch_size} on stdlib-prose "
                f"(byte-level BPE {args.vocab_size}); AdamW lr {args.learning_rate} cosine; seeds {args.seeds}; "
                f"perplexity (mean ± sd over seeds) on up to {args.eval_tokens} validation tokens per length")
-    (output / "results.md").write_text(f"{setting}\n\n{table}\n")
-    (output / "results.json").write_text(json.dumps({"setting": vars(args), "runs": rows}, indent=2))
+    verdict_by_base = verdicts(summary)
+    rule = (f"Growth = perplexity at {args.eval_lengths[-1]} / at {args.eval_lengths[0]} tokens, per seed. Verdict per "
+            f"pair: the base arm blows up if its mean growth is >= {BLOW_UP_GROWTH}; the claim holds if then every "
+            f"seed of the cdape arm stays <= {FLAT_GROWTH}, does not hold if mean - 2 s.e. of its growth exceeds "
+            f"{FLAT_GROWTH}; otherwise inconclusive.")
+    verdict_lines = "\n".join(
+        f"- {base} -> {base}+cdape: growth {mean_sd(summary[base]['growth'])[0]:.2f} -> "
+        f"{mean_sd(summary[base + '+cdape']['growth'])[0]:.2f} (per seed "
+        + ", ".join(f"{g:.2f}" for g in summary[base + "+cdape"]["growth"]) + f"): **{verdict}**"
+        for base, verdict in verdict_by_base.items())
+    seconds = sum(r["train_seconds"] for r in rows)
+    (output / "results.md").write_text(
+        f"{setting}\n\n{table}\n\n{rule}\n\n{verdict_lines}\n\nTraining time: {seconds / 60:.1f} min in all "
+        f"(arms: " + ", ".join(f"{arm} {statistics.mean(r['train_seconds'] for r in rows if r['arm'] == arm):.0f} s"
+                               for arm in summary) + " per seed).\n")
+    (output / "results.json").write_text(json.dumps(
+        {"setting": vars(args), "runs": rows, "verdicts": verdict_by_base}, indent=2))
     plot(summary, args.eval_lengths, args.train_length, output / "perplexity.png")
-    print(f"\n{setting}\n\n{table}")
+    print(f"\n{setting}\n\n{table}\n\n{verdict_lines}")
     return 0
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from hf_neural_attention.reproduction import mean_sd, verdict
+from hf_neural_attention.reproduction import extrapolation_verdict, mean_sd, verdict
 
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 
@@ -26,6 +26,13 @@ def test_verdict_rule():
     assert verdict([2.5, -0.1, 4.0], claimed=2.0) == "inconclusive"  # one seed goes the other way
     assert verdict([0.1, -0.2, 0.05], claimed=2.0) == "does not hold at this scale"
     assert verdict([0.0, 3.0, 6.0], claimed=2.0) == "inconclusive"  # too wide to exclude the claim
+
+
+def test_extrapolation_verdict_rule():
+    assert extrapolation_verdict([1.2, 1.5, 1.4], [0.9, 0.95, 1.0]) == "inconclusive (no blow-up to prevent)"
+    assert extrapolation_verdict([3.0, 5.0, 2.5], [0.9, 1.05, 1.0]) == "holds"
+    assert extrapolation_verdict([3.0, 5.0, 2.5], [2.4, 2.6, 2.5]) == "does not hold at this scale"
+    assert extrapolation_verdict([3.0, 5.0, 2.5], [1.0, 1.05, 2.0]) == "inconclusive"  # one seed not flat, wide spread
 
 
 def test_reproduce_retrofit_toy(tmp_path, data_cache):
@@ -63,3 +70,26 @@ def test_reproduce_neural_toy_image(tmp_path, data_cache):
     table = (tmp_path / "results" / "results.md").read_text()
     assert "| image | neural-first |" in table and "seeds" in table
     assert (tmp_path / "results" / "cards" / "image-neural-first.md").exists()
+
+
+def test_reproduce_cdape_toy(tmp_path, data_cache):
+    """Every arm trains and is scored at every length; Kerple alone trains only the Kerple parameters on top of NoPE
+    (its convolutions stay frozen); growth columns and one verdict per base arm are written."""
+    script = load_script("reproduce_cdape")
+    assert script.main([
+        "--steps", "2", "--hidden-size", "32", "--layers", "1", "--heads", "2", "--train-length", "32",
+        "--eval-lengths", "32", "64", "--eval-tokens", "256", "--batch-size", "4", "--vocab-size", "512",
+        "--output", str(tmp_path / "results"), "--runs-dir", str(tmp_path / "runs"), "--cache-dir", data_cache]) == 0
+    results = json.loads((tmp_path / "results" / "results.json").read_text())
+    runs = {(r["arm"], r["seed"]): r for r in results["runs"]}
+    assert set(runs) == {(arm, seed) for arm in script.ARMS for seed in (0, 1, 2)}
+    assert all(set(r["perplexity"]) == {"32", "64"} and all(p > 1 for p in r["perplexity"].values())
+               for r in results["runs"])
+    kerple, nope = runs[("kerple", 0)], runs[("nope", 0)]
+    assert kerple["trainable_parameters"] == nope["trainable_parameters"] + 2 * 2  # r1, r2 per head, 1 layer
+    assert kerple["parameters"] == runs[("kerple+cdape", 0)]["parameters"]
+    assert set(results["verdicts"]) == {"rope", "nope", "kerple"}
+    assert all(v.startswith(("holds", "does not hold", "inconclusive")) for v in results["verdicts"].values())
+    table = (tmp_path / "results" / "results.md").read_text()
+    assert "growth 64/32" in table and "| kerple+cdape |" in table
+    assert {f"{arm}.md" for arm in script.ARMS} == {p.name for p in (tmp_path / "results" / "cards").iterdir()}
