@@ -9,9 +9,11 @@ the same data, steps, optimizer and seeds:
     rope+cdape    RoPE, CDAPE (1x3, D=32) in every layer
     nope          no positional encoding (use_rotary_embeddings=False), dot-product attention
     nope+cdape    NoPE, CDAPE
-    kerple        NoPE + Kerple (log) bias alone: CDAPE with bias="kerple" and its convolutions frozen at zero
+    kerple        NoPE + Kerple (log) bias alone: CDAPE with bias="kerple", its zero-initialised output convolution
+                  frozen, so the correction stays 0
     kerple+cdape  NoPE + Kerple bias + CDAPE (the paper's CDAPE-Kerple)
-Perplexity on the validation stream at 128, 256, 512, 1024 and 2048 tokens: non-overlapping windows of that
+The trained cdape arms start from the reference code's init (PyTorch default for both convolutions; the library's
+default zero output convolution is for retrofits; --cdape-init zero compares). Perplexity on the validation stream at 128, 256, 512, 1024 and 2048 tokens: non-overlapping windows of that
 length, every token scored (so longer windows give each token more, and longer-range, context).
 
     python scripts/reproduce_cdape.py                        # default: about 30 min on 2 idle cores (estimated from step times)
@@ -65,6 +67,8 @@ def perplexity_at(model, tokens: torch.Tensor, length: int, max_windows: int) ->
 
 def train_arm(arm: str, seed: int, args, prepared, output: Path) -> dict:
     rotary, variant, options, freeze = ARMS[arm]
+    if variant == "cdape" and not freeze:  # Kerple alone needs the zero output convolution; the others follow --cdape-init
+        options = {**options, "zero_init": args.cdape_init == "zero"}
     set_seed(seed)
     tokenizer = prepared.tokenizer
     config = VariantLlamaConfig(
@@ -176,6 +180,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--vocab-size", type=int, default=4096)
+    parser.add_argument("--cdape-init", choices=["reference", "zero"], default="reference",
+                        help="output convolution of the trained cdape arms: PyTorch's default init as in the reference "
+                             "code, or zero (the library default, meant for retrofits)")
     parser.add_argument("--output", default=str(REPO / "results" / "reproduce_cdape"))
     parser.add_argument("--runs-dir", default=str(REPO / "outputs" / "reproduce_cdape"), help="Trainer output folders")
     parser.add_argument("--cache-dir", default=DataArguments.cache_dir, help="data set and tokenizer cache")
@@ -198,7 +205,8 @@ def main(argv: list[str] | None = None) -> int:
     table, summary = summarize(rows, args.eval_lengths)
     setting = (f"Llama, {args.layers} layers, d_model {args.hidden_size}, {args.heads} heads, trained at "
                f"{args.train_length} tokens for {args.steps} steps of batch {args.batch_size} on stdlib-prose "
-               f"(byte-level BPE {args.vocab_size}); AdamW lr {args.learning_rate} cosine; seeds {args.seeds}; "
+               f"(byte-level BPE {args.vocab_size}); AdamW lr {args.learning_rate} cosine; cdape output convolution "
+               f"init: {args.cdape_init}; seeds {args.seeds}; "
                f"perplexity (mean ± sd over seeds) on up to {args.eval_tokens} validation tokens per length")
     verdict_by_base = verdicts(summary)
     rule = (f"Growth = perplexity at {args.eval_lengths[-1]} / at {args.eval_lengths[0]} tokens, per seed. Verdict per "
