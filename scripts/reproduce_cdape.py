@@ -16,7 +16,8 @@ The trained cdape arms start from the reference code's init (PyTorch default for
 default zero output convolution is for retrofits; --cdape-init zero compares). Perplexity on the validation stream at 128, 256, 512, 1024 and 2048 tokens: non-overlapping windows of that
 length, every token scored (so longer windows give each token more, and longer-range, context).
 
-    python scripts/reproduce_cdape.py                        # default: about 30 min on 2 idle cores (estimated from step times)
+    python scripts/reproduce_cdape.py                        # default: 32 min on 2 idle cores (measured)
+    python scripts/reproduce_cdape.py --steps 1000 --arms rope rope+cdape nope nope+cdape   # 75 min: RoPE blows up
     python scripts/reproduce_cdape.py --steps 5000 --hidden-size 512 --layers 8 --seeds 0 1 2   # a GPU
 Writes results/reproduce_cdape/{results.json, results.md, perplexity.png, cards/*.md}.
 """
