@@ -14,7 +14,8 @@ the same data, steps, optimizer and seeds:
     kerple+cdape  NoPE + Kerple bias + CDAPE (the paper's CDAPE-Kerple)
 The trained cdape arms start from the reference code's init (PyTorch default for both convolutions; the library's
 default zero output convolution is for retrofits; --cdape-init zero compares). Perplexity on the validation stream
-at 128, 256, 512, 1024 and 2048 tokens: non-overlapping windows of that length, every token scored (so longer windows give each token more, and longer-range, context).
+at 128, 256, 512, 1024 and 2048 tokens: non-overlapping windows of that length, every token scored (so longer
+windows give each token more, and longer-range, context).
 
     python scripts/reproduce_cdape.py                        # default: 32 min on 2 idle cores (measured)
     python scripts/reproduce_cdape.py --steps 1000 --arms rope rope+cdape nope nope+cdape   # 75 min: RoPE blows up
