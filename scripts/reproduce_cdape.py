@@ -132,7 +132,8 @@ def summarize(rows: list[dict], lengths: list[int]) -> tuple[str, dict]:
             cells.append(f"{mean:.2f} ± {sd:.2f}")
         growths = [growth(r, lengths) for r in arm_rows]
         summary[arm]["growth"] = growths
-        cells.append(f"{mean_sd(growths)[0]:.2f} ± {mean_sd(growths)[1]:.2f}")
+        growth_mean, growth_sd = mean_sd(growths)
+        cells.append(f"{growth_mean:.2f} ± {growth_sd:.2f}")
         lines.append(f"| {arm} | {arm_rows[0]['trainable_parameters']:,} | " + " | ".join(cells) + " |")
     return "\n".join(lines), summary
 
@@ -151,7 +152,6 @@ def plot(summary: dict, lengths: list[int], train_length: int, path: Path) -> No
 
     figure, axis = plt.subplots(figsize=(6.5, 4.2))
     for index, (arm, by_length) in enumerate(summary.items()):
-        by_length = {n: by_length[n] for n in lengths}
         means = [by_length[n][0] for n in lengths]
         sds = [by_length[n][1] for n in lengths]
         axis.errorbar(lengths, means, yerr=sds, marker="o", capsize=3, color=f"C{index}", label=arm,
