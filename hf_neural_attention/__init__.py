@@ -26,7 +26,7 @@ from .integration import (
     variant_attention_forward,
     variant_option_names,
 )
-from .model_card import build_model_card, write_model_card
+from .hub import build_model_card, write_model_card
 from .modeling_variants import (
     VARIANT_MODEL_CLASSES,
     VariantGPT2LMHeadModel,

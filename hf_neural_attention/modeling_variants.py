@@ -27,7 +27,6 @@ from transformers import (
 
 from .configuration_variants import VariantGPT2Config, VariantLlamaConfig, VariantViTConfig
 from .integration import VARIANT_CLASSES, apply_variant
-from .model_card import write_model_card
 
 VARIANT_MODULE_TYPES = tuple(VARIANT_CLASSES.values())
 
@@ -61,6 +60,10 @@ def _initialize_new_variant_parameters(model: nn.Module, new_keys: set[str]) -> 
             if keys & new_keys:
                 module.reset_parameters()
 
+
+# Called as hook(model, save_directory, **card_fields) after every save_pretrained. The installed package registers
+# its model-card writer here (hub.py); a checkpoint's own copy of this file runs without it and writes no card.
+SAVE_HOOKS: list = []
 
 HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder", "proxies")
 
@@ -133,27 +136,30 @@ class AttentionVariantMixin:
         return (model, info) if want_info else model
 
     def save_pretrained(self, save_directory: str | os.PathLike, *args: Any, **kwargs: Any) -> None:
-        """Stock save (safetensors, config with auto_map, this folder's code), plus a model card README.md."""
+        """Stock save (safetensors, config with auto_map, this folder's code), then the SAVE_HOOKS (the installed
+        package writes a model card README.md)."""
         super().save_pretrained(save_directory, *args, **kwargs)
         if kwargs.get("is_main_process", True):
-            write_model_card(self, save_directory)
+            for hook in SAVE_HOOKS:
+                hook(self, save_directory)
 
     def push_to_hub(self, repo_id: str, *, commit_message: str | None = None, private: bool | None = None,
                     token: bool | str | None = None, revision: str | None = None, create_pr: bool = False,
                     max_shard_size: int | str | None = "50GB", **card_fields: Any) -> str:
-        """Uploads weights, code and model card together (the stock version would replace our card by a generic
-        one). Extra keyword arguments (datasets, metrics, ...) go to the model card."""
+        """Uploads weights, code and model card as one commit through huggingface_hub's public API (the stock version
+        would replace the card by a generic one). Extra keyword arguments (datasets, metrics, ...) go to the card."""
         from huggingface_hub import HfApi
 
-        repo_id = HfApi().create_repo(repo_id, private=private, token=token, exist_ok=True).repo_id
+        api = HfApi(token=token)
+        repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
         with tempfile.TemporaryDirectory() as folder:
             self.save_pretrained(folder, max_shard_size=max_shard_size)
             if card_fields:
-                write_model_card(self, folder, **card_fields)
-            return self._upload_modified_files(
-                folder, repo_id, files_timestamps={}, commit_message=commit_message, token=token,
-                create_pr=create_pr, revision=revision,
-            )
+                for hook in SAVE_HOOKS:
+                    hook(self, folder, **card_fields)
+            commit = api.upload_folder(repo_id=repo_id, folder_path=folder, commit_message=commit_message,
+                                       revision=revision, create_pr=create_pr)
+        return commit.pr_url if create_pr else commit.commit_url
 
 
 class VariantGPT2Model(AttentionVariantMixin, GPT2Model):

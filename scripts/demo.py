@@ -20,7 +20,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from hf_neural_attention import VARIANTS  # noqa: E402
-from hf_neural_attention.training import plot_loss_curves  # noqa: E402
+from hf_neural_attention.experiments.training import plot_loss_curves  # noqa: E402
 
 
 def table(rows: list[dict]) -> str:

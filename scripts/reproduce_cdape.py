@@ -40,9 +40,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from hf_neural_attention import VariantLlamaConfig, VariantLlamaForCausalLM  # noqa: E402
-from hf_neural_attention.model_card import build_model_card  # noqa: E402
-from hf_neural_attention.reproduction import BLOW_UP_GROWTH, FLAT_GROWTH, extrapolation_verdict, mean_sd  # noqa: E402
-from hf_neural_attention.training import DataArguments, ModelArguments, prepare_data  # noqa: E402
+from hf_neural_attention.hub import build_model_card  # noqa: E402
+from hf_neural_attention.experiments.harness import BLOW_UP_GROWTH, FLAT_GROWTH, extrapolation_verdict, mean_sd  # noqa: E402
+from hf_neural_attention.experiments.training import DataArguments, ModelArguments, prepare_data  # noqa: E402
 
 ARMS = {  # name: (rotary embeddings, variant, options, freeze the convolutions)
     "rope": (True, "dot", {}, False),

@@ -39,7 +39,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from hf_neural_attention import VariantGPT2Config, VariantGPT2LMHeadModel  # noqa: E402
-from hf_neural_attention.model_card import build_model_card  # noqa: E402
+from hf_neural_attention.hub import build_model_card  # noqa: E402
 
 ARMS = {"dot": ("dot", {}), "expressive": ("expressive", {"form": "rational", "scale": True})}
 

@@ -10,7 +10,7 @@ Here, with the stock Trainer, the same data, steps, optimizer, schedule and seed
     image  a small ViT (2x2 patches, d_h = 64) on scikit-learn's 8x8 digits; arms: dot, neural in the first layer
 Metrics: test perplexity (text) and test accuracy (image), mean ± sd over seeds, and the per-seed paired effect
 (relative perplexity reduction in %, accuracy gain in points; positive = neural better) with a verdict against
-the paper's number (hf_neural_attention.reproduction.verdict). The neural arms also report whether the first layer's
+the paper's number (hf_neural_attention.experiments.harness.verdict). The neural arms also report whether the first layer's
 attention came out uniform: the paper's one-unit ReLU layer can die, which makes every score equal.
 
     python scripts/reproduce_neural.py                      # default CPU budget (about 25 minutes)
@@ -33,8 +33,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from hf_neural_attention import VariantGPT2LMHeadModel, VariantViTForImageClassification  # noqa: E402
-from hf_neural_attention.reproduction import copy_model_card, mean_sd, train_arm, verdict  # noqa: E402
-from hf_neural_attention.training import DataArguments, ModelArguments  # noqa: E402
+from hf_neural_attention.experiments.harness import copy_model_card, mean_sd, train_arm, verdict  # noqa: E402
+from hf_neural_attention.experiments.training import DataArguments, ModelArguments  # noqa: E402
 
 TEXT_ARMS = {"dot": ("dot", None), "neural-first": ("neural", None), "neural-all": ("neural", "all")}
 IMAGE_ARMS = {"dot": ("dot", None), "neural-first": ("neural", None)}
@@ -172,7 +172,7 @@ def plot(summary: dict, path: Path) -> None:
 
 def text_sample(args) -> dict:
     """A fixed validation batch for the uniformity check."""
-    from hf_neural_attention.training import prepare_data
+    from hf_neural_attention.experiments.training import prepare_data
 
     prepared = prepare_data(ModelArguments(architecture="gpt2"),
                             DataArguments(dataset=args.dataset, block_size=args.block_size,
@@ -181,7 +181,7 @@ def text_sample(args) -> dict:
 
 
 def image_sample(args) -> dict:
-    from hf_neural_attention.training import prepare_data
+    from hf_neural_attention.experiments.training import prepare_data
 
     prepared = prepare_data(ModelArguments(architecture="vit", patch_size=args.patch_size),
                             DataArguments(dataset=args.image_dataset, cache_dir=args.cache_dir))

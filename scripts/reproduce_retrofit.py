@@ -32,8 +32,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from hf_neural_attention import VariantGPT2LMHeadModel  # noqa: E402
-from hf_neural_attention.reproduction import copy_model_card, mean_sd, train_arm  # noqa: E402
-from hf_neural_attention.training import DataArguments, ModelArguments, prepare_data  # noqa: E402
+from hf_neural_attention.experiments.harness import copy_model_card, mean_sd, train_arm  # noqa: E402
+from hf_neural_attention.experiments.training import DataArguments, ModelArguments, prepare_data  # noqa: E402
 
 VARIANTS = ("expressive", "neural", "cdape")
 

@@ -19,7 +19,7 @@ import yaml
 from huggingface_hub.errors import StrictDataclassClassValidationError
 from transformers import HfArgumentParser, TrainingArguments
 
-from hf_neural_attention.training import DataArguments, ModelArguments, run
+from hf_neural_attention.experiments.training import DataArguments, ModelArguments, run
 
 
 class RecipeLoader(yaml.SafeLoader):

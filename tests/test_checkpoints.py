@@ -412,14 +412,18 @@ def test_push_to_hub_uploads_weights_code_and_card_together(monkeypatch, tmp_pat
     monkeypatch.setattr(HfApi, "create_repo", lambda self, repo_id, **kwargs: Repo())
     uploaded = {}
 
-    def capture(self, folder, repo_id, **kwargs):
-        uploaded["repo_id"] = repo_id
-        uploaded["files"] = {p.name: p.read_bytes() for p in Path(folder).iterdir()}
-        return "https://huggingface.co/someone/gpt2-neural"
+    class Commit:
+        commit_url = "https://huggingface.co/someone/gpt2-neural/commit/1"
+        pr_url = None
 
+    def capture(self, *, repo_id, folder_path, **kwargs):  # HfApi.upload_folder, the public API
+        uploaded["repo_id"] = repo_id
+        uploaded["files"] = {p.name: p.read_bytes() for p in Path(folder_path).iterdir()}
+        return Commit()
+
+    monkeypatch.setattr(HfApi, "upload_folder", capture)
     model = converted(tiny_gpt2, "neural")
-    monkeypatch.setattr(type(model), "_upload_modified_files", capture)
-    model.push_to_hub("someone/gpt2-neural", datasets=["wikitext"])
+    assert model.push_to_hub("someone/gpt2-neural", datasets=["wikitext"]) == Commit.commit_url
     assert uploaded["repo_id"] == "someone/gpt2-neural"
     files = uploaded["files"]
     assert {"model.safetensors", "config.json", "modeling_variants.py", "neural.py", "README.md"} <= set(files)

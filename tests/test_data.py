@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from hf_neural_attention import data as data_lib
+from hf_neural_attention.experiments import data as data_lib
 
 
 def test_split_by_document_is_deterministic():

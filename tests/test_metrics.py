@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from hf_neural_attention.metrics import (
+from hf_neural_attention.experiments.metrics import (
     accuracy_metric,
     compute_accuracy_from_eval_prediction,
     perplexity_metric,

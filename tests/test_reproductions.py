@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from hf_neural_attention.reproduction import extrapolation_verdict, mean_sd, verdict
+from hf_neural_attention.experiments.harness import extrapolation_verdict, mean_sd, verdict
 
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 

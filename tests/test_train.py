@@ -40,7 +40,7 @@ def tiny_recipe(output_dir, cache, architecture="gpt2", variant="dot", **overrid
 
 def train(recipe: dict) -> dict:
     model_args, data_args, training_args = train_script.parse_dict_recipe(recipe)
-    from hf_neural_attention.training import run
+    from hf_neural_attention.experiments.training import run
 
     return run(model_args, data_args, training_args)
 
@@ -160,7 +160,7 @@ def test_missing_recipe_and_command_line_overrides(tmp_path, data_cache, capsys)
 def test_shipped_recipes_parse(recipe):
     # use_cpu: the GPU recipes ask for bf16, which TrainingArguments accepts on CPU only when told so
     model_args, data_args, training_args = train_script.parse([str(REPO / "configs" / recipe), "--use_cpu", "true"])
-    from hf_neural_attention.training import validate_arguments
+    from hf_neural_attention.experiments.training import validate_arguments
 
     validate_arguments(model_args, data_args)
     assert training_args.output_dir.startswith("outputs/")

@@ -22,10 +22,18 @@ import torch
 from transformers import Trainer, TrainingArguments, default_data_collator, set_seed
 
 from . import data as data_lib
-from .configuration_variants import VariantGPT2Config, VariantLlamaConfig, VariantViTConfig
-from .integration import VARIANTS, variant_option_names
+from .. import (
+    VARIANTS,
+    VariantGPT2Config,
+    VariantGPT2LMHeadModel,
+    VariantLlamaConfig,
+    VariantLlamaForCausalLM,
+    VariantViTConfig,
+    VariantViTForImageClassification,
+    variant_option_names,
+)
+from ..hub import write_model_card
 from .metrics import compute_accuracy_from_eval_prediction, sliding_window_perplexity
-from .modeling_variants import VariantGPT2LMHeadModel, VariantLlamaForCausalLM, VariantViTForImageClassification
 
 ARCHITECTURES = ("gpt2", "llama", "vit")
 DEFAULT_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "hf_neural_attention")
@@ -314,8 +322,6 @@ def write_outputs(trainer, model, prepared, results, model_args, data_args, trai
     headline = {key: value for key, value in results.items()
                 if key.startswith(("validation_", "test_")) and isinstance(value, float)}
     table = "| metric | value |\n|---|---|\n" + "\n".join(f"| {k} | {v:.4f} |" for k, v in headline.items())
-    from .model_card import write_model_card
-
     write_model_card(model, model_dir, datasets=[results["dataset"]], metrics=[metric_name], results=table,
                      training_data=f"`{results['dataset']}` (see hf_neural_attention/data.py), "
                                    f"{results['steps']} steps, seed {results['seed']}.")

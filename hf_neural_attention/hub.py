@@ -1,4 +1,8 @@
-"""Model cards (README.md) for variant checkpoints, built with huggingface_hub's ModelCard and ModelCardData."""
+"""Model cards (README.md) for variant checkpoints, built with huggingface_hub's ModelCard and ModelCardData.
+
+Installed-only: checkpoints do not ship this file. Importing it registers `write_model_card` as a save hook of the
+variant model classes, so every `save_pretrained` (and `push_to_hub`) writes the card.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from huggingface_hub import ModelCard, ModelCardData
+
+from .modeling_variants import SAVE_HOOKS
 
 TEMPLATE_PATH = Path(__file__).with_name("model_card_template.md")
 
@@ -55,14 +61,9 @@ def build_model_card(
         metrics=metrics,
     )
     architecture = type(model).__name__.removeprefix("Variant")
-    # Checkpoint copies of this file travel without the template; huggingface_hub's default one then serves.
-    template = {"template_path": str(TEMPLATE_PATH)} if TEMPLATE_PATH.exists() else {
-        "model_description": f"{architecture} with {title} ({paper}, arXiv {arxiv_id}); load it with "
-                             f"{auto_class}.from_pretrained(..., trust_remote_code=True)."
-    }
     return ModelCard.from_template(
         card_data,
-        **template,
+        template_path=str(TEMPLATE_PATH),
         model_name=repo_id.split("/")[-1] if repo_id else f"{architecture} with {title}",
         architecture=architecture,
         variant=variant,
@@ -84,3 +85,7 @@ def write_model_card(model: Any, save_directory: str | os.PathLike, **fields: An
     path = Path(save_directory) / "README.md"
     build_model_card(model, **fields).save(path)
     return path
+
+
+if write_model_card not in SAVE_HOOKS:
+    SAVE_HOOKS.append(write_model_card)
