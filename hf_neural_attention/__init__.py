@@ -16,13 +16,16 @@ from transformers import (
 
 from .cdape import CDAPEAttention
 from .configuration_variants import VariantGPT2Config, VariantLlamaConfig, VariantViTConfig
+from .common import FAST_PATHS, fast_paths
 from .dot import DotProductAttention
 from .expressive import ExpressiveAttention
 from .integration import (
     VARIANTS,
     apply_variant,
     find_attention_modules,
+    parse_layer_spec,
     register_variants,
+    validate_variant_options,
     variant_attention_forward,
     variant_option_names,
 )
@@ -52,6 +55,7 @@ for _, _model_class, _auto_name in VARIANT_MODEL_CLASSES:
     _AUTO_CLASSES[_auto_name].register(_model_class.config_class, _model_class, exist_ok=True)
 
 __all__ = [
+    "FAST_PATHS",
     "VARIANTS",
     "CDAPEAttention",
     "DotProductAttention",
@@ -69,9 +73,12 @@ __all__ = [
     "apply_variant",
     "build_model_card",
     "convert",
+    "fast_paths",
     "find_attention_modules",
+    "parse_layer_spec",
     "register_variants",
     "variant_attention_forward",
+    "validate_variant_options",
     "variant_option_names",
     "write_model_card",
 ]

@@ -53,6 +53,35 @@ def variant_option_names(variant: str) -> list[str]:
     return [name for name, parameter in parameters.items() if parameter.kind is inspect.Parameter.KEYWORD_ONLY]
 
 
+def validate_variant_options(variant: str, options: dict | None) -> dict:
+    """Checks a variant's option names (the variant's constructor checks the values); returns the options as a dict."""
+    if options is None:
+        return {}
+    if not isinstance(options, dict):
+        raise ValueError(f"the options of attention variant {variant!r} must be a mapping; got {options!r}")
+    valid = variant_option_names(variant)
+    unknown = sorted(set(options) - set(valid))
+    if unknown:
+        raise ValueError(
+            f"Unknown option(s) {unknown} for attention variant {variant!r}; valid options are {valid or 'none'}"
+        )
+    return dict(options)
+
+
+def parse_layer_spec(spec: Any) -> None | str | list[int]:
+    """A layers value from a config or recipe: None, "all", a list of indices or comma-separated indices "0,2"."""
+    if spec is None or spec == "all":
+        return spec
+    if isinstance(spec, str):
+        try:
+            return [int(part) for part in spec.split(",")]
+        except ValueError:
+            raise ValueError(f'layers must be None, "all" or comma-separated layer indices; got {spec!r}') from None
+    if isinstance(spec, (list, tuple)):
+        return list(spec)
+    raise ValueError(f'layers must be None, "all" or a list of layer indices; got {spec!r}')
+
+
 def build_variant(variant: str, num_heads: int, head_dim: int, **options: Any) -> nn.Module:
     valid = variant_option_names(variant)
     unknown = sorted(set(options) - set(valid))
