@@ -14,21 +14,15 @@ from transformers import (
     AutoModelForImageClassification,
 )
 
+from .attention_interface import register_variants, variant_attention_forward
 from .cdape import CDAPEAttention
 from .configuration_variants import VariantGPT2Config, VariantLlamaConfig, VariantViTConfig
-from .common import FAST_PATHS, fast_paths
 from .dot import DotProductAttention
 from .expressive import ExpressiveAttention
-from .integration import (
-    VARIANTS,
-    apply_variant,
-    find_attention_modules,
-    parse_layer_spec,
-    register_variants,
-    validate_variant_options,
-    variant_attention_forward,
-    variant_option_names,
-)
+from .injection import apply_variant, find_attention_modules, parse_layer_spec
+from .registry import VARIANT_CLASSES, VARIANTS, build_variant, validate_variant_options, variant_option_names
+from .runtime import FAST_PATHS, FastPathSettings, fast_paths
+from .variant import AttentionVariant, Option
 from .hub import build_model_card, write_model_card
 from .modeling_variants import (
     VARIANT_MODEL_CLASSES,
@@ -57,6 +51,11 @@ for _, _model_class, _auto_name in VARIANT_MODEL_CLASSES:
 __all__ = [
     "FAST_PATHS",
     "VARIANTS",
+    "VARIANT_CLASSES",
+    "AttentionVariant",
+    "FastPathSettings",
+    "Option",
+    "build_variant",
     "CDAPEAttention",
     "DotProductAttention",
     "ExpressiveAttention",

@@ -15,25 +15,14 @@ from typing import Any
 from huggingface_hub.dataclasses import strict
 from transformers import GPT2Config, LlamaConfig, ViTConfig
 
-from .integration import VARIANTS, variant_class, variant_option_names
+from .injection import parse_layer_spec
+from .registry import VARIANTS, validate_variant_options
 
 
 def validate_variant_fields(config: Any) -> None:
-    """Clear errors for a bad variant, option name or layers value, at config creation."""
-    variant_class(config.attention_variant)  # raises with the valid names
-    options = config.attention_variant_options or {}
-    if not isinstance(options, dict):
-        raise ValueError(f"attention_variant_options must be a dict; got {options!r}")
-    valid = variant_option_names(config.attention_variant)
-    unknown = sorted(set(options) - set(valid))
-    if unknown:
-        raise ValueError(
-            f"Unknown option(s) {unknown} for attention variant {config.attention_variant!r}; "
-            f"valid options are {valid or 'none'}"
-        )
-    layers = config.attention_variant_layers
-    if not (layers is None or layers == "all" or isinstance(layers, (list, tuple))):
-        raise ValueError(f'attention_variant_layers must be None, "all" or a list of layer indices; got {layers!r}')
+    """Clear errors for a bad variant, option or layers value, at config creation."""
+    validate_variant_options(config.attention_variant, config.attention_variant_options)
+    parse_layer_spec(config.attention_variant_layers)
 
 
 @strict

@@ -26,9 +26,9 @@ from transformers import (
 )
 
 from .configuration_variants import VariantGPT2Config, VariantLlamaConfig, VariantViTConfig
-from .integration import VARIANT_CLASSES, apply_variant
-
-VARIANT_MODULE_TYPES = tuple(VARIANT_CLASSES.values())
+from .attention_interface import register_variants  # noqa: F401 (importing it registers the variants)
+from .injection import apply_variant
+from .variant import AttentionVariant
 
 logger = logging.getLogger(__name__)
 
@@ -55,7 +55,7 @@ def _initialize_new_variant_parameters(model: nn.Module, new_keys: set[str]) -> 
     its parameters. Done after loading because Transformers initialises missing weights through the innermost
     PreTrainedModel's `_init_weights` (stock GPT-2/Llama/ViT code), which does not know these modules."""
     for name, module in model.named_modules():
-        if isinstance(module, VARIANT_MODULE_TYPES):
+        if isinstance(module, AttentionVariant):
             keys = {f"{name}.{parameter_name}" for parameter_name, _ in module.named_parameters()}
             if keys & new_keys:
                 module.reset_parameters()

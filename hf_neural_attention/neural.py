@@ -9,7 +9,7 @@ per_head=True. combine="add" scores q.k * scaling + MLP with the MLP's last laye
 starts exactly at the original model.
 
 The first MLP layer is affine, so W1 [q~_i ; k~_j] + b1 = (A q~_i + b1) + B k~_j: a broadcast add of a per-query
-and a per-key part instead of the reference's repeat + cat into [b, H, n, n, 2d'].
+and a per-key part (computed once per call) instead of the reference's repeat + cat into [b, H, n, n, 2d'].
 """
 
 from __future__ import annotations
@@ -19,17 +19,8 @@ import math
 import torch
 from torch import nn
 
-from .common import (
-    ChunkPlan,
-    KeyMask,
-    check_bool,
-    check_choice,
-    check_positive_int,
-    chunk_rows,
-    chunked_attention,
-    fast_path_applies,
-    masked_softmax,
-)
+from .masks import Chunk, KeyMask
+from .variant import AttentionVariant, Option, boolean, choice, positive_int, positive_int_list
 
 NEURAL_COMBINE = ("replace", "add")
 PLANE_LIMIT = 64  # layers with at most this many weights run plane by plane (see _mlp_planes)
@@ -44,40 +35,25 @@ def _linear_init_(weight: torch.Tensor, bias: torch.Tensor) -> None:
     nn.init.uniform_(bias, -bound, bound)
 
 
-class NeuralAttention(nn.Module):
+class NeuralAttention(AttentionVariant):
     name = "neural"
     default_layers = "first"
+    normalisation = "softmax"
+    has_parameters = True
+    options_spec = {
+        "proj_dim": Option(None, positive_int, "d', the width q and k are projected to (default max(1, d_h // 32))"),
+        "hidden_dims": Option(None, positive_int_list, "hidden widths of the MLP (default [d', max(1, d' // 2)])"),
+        "per_head": Option(False, boolean, "one MLP per head instead of one shared by all heads"),
+        "combine": Option("replace", choice(*NEURAL_COMBINE), "'add': q.k * scaling + MLP, last layer zero-init"),
+    }
 
-    def __init__(
-        self,
-        num_heads: int,
-        head_dim: int,
-        *,
-        proj_dim: int | None = None,
-        hidden_dims: list[int] | tuple[int, ...] | None = None,
-        per_head: bool = False,
-        combine: str = "replace",
-    ) -> None:
-        super().__init__()
-        proj_dim = max(1, head_dim // 32) if proj_dim is None else proj_dim
-        check_positive_int("proj_dim", proj_dim)
-        if hidden_dims is None:
-            hidden_dims = (proj_dim, max(1, proj_dim // 2))
-        if isinstance(hidden_dims, (str, bytes)) or not hasattr(hidden_dims, "__iter__") or len(hidden_dims) == 0:
-            raise ValueError(f"hidden_dims must be a non-empty list of integers >= 1; got {hidden_dims!r}")
-        for width in hidden_dims:
-            check_positive_int("each entry of hidden_dims", width)
-        check_bool("per_head", per_head)
-        check_choice("combine", combine, NEURAL_COMBINE)
-
-        self.num_heads = num_heads
-        self.head_dim = head_dim
-        self.proj_dim = proj_dim
-        self.hidden_dims = [int(width) for width in hidden_dims]
-        self.per_head = per_head
-        self.combine = combine
-        groups = num_heads if per_head else 1  # one weight set per head, or one shared by all
-
+    def build(self) -> None:
+        if self.proj_dim is None:
+            self.proj_dim = max(1, self.head_dim // 32)
+        if self.hidden_dims is None:
+            self.hidden_dims = [self.proj_dim, max(1, self.proj_dim // 2)]
+        groups = self.num_heads if self.per_head else 1  # one weight set per head, or one shared by all
+        proj_dim, head_dim = self.proj_dim, self.head_dim
         # Parameters as [G, out, in] stacks so the shared and per-head cases run the same einsums.
         self.query_down_weight = nn.Parameter(torch.empty(groups, proj_dim, head_dim))
         self.query_down_bias = nn.Parameter(torch.empty(groups, proj_dim))
@@ -88,7 +64,6 @@ class NeuralAttention(nn.Module):
             [nn.Parameter(torch.empty(groups, out_dim, in_dim)) for in_dim, out_dim in zip(widths[:-1], widths[1:])]
         )
         self.mlp_biases = nn.ParameterList([nn.Parameter(torch.empty(groups, out_dim)) for out_dim in widths[1:]])
-        self.reset_parameters()
 
     def reset_parameters(self) -> None:
         _linear_init_(self.query_down_weight.data, self.query_down_bias.data)
@@ -99,22 +74,13 @@ class NeuralAttention(nn.Module):
             nn.init.zeros_(self.mlp_weights[-1])
             nn.init.zeros_(self.mlp_biases[-1])
 
-    @property
-    def options(self) -> dict:
-        return {
-            "proj_dim": self.proj_dim,
-            "hidden_dims": list(self.hidden_dims),
-            "per_head": self.per_head,
-            "combine": self.combine,
-        }
-
     def _per_head(self, tensor: torch.Tensor) -> torch.Tensor:
         """[G, ...] -> [H, ...] without copying when the weights are shared."""
         return tensor.expand(self.num_heads, *tensor.shape[1:])
 
-    def pair_parts(self, query: torch.Tensor, key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def prepare(self, query: torch.Tensor, key: torch.Tensor, mask: KeyMask, scaling: float):
         """The first MLP layer split into its per-query part [B, H, Lq, h1] (bias included) and per-key part
-        [B, H, Lk, h1]: W1 [q~_i ; k~_j] + b1 = (A q~_i + b1) + B k~_j."""
+        [B, H, Lk, h1]; then the later layers' weights, and q, k themselves for combine="add"."""
         dtype = self.query_down_weight.dtype
         query, key = query.to(dtype), key.to(dtype)
         query_small = torch.einsum("bhqd,hpd->bhqp", query, self._per_head(self.query_down_weight))
@@ -126,17 +92,23 @@ class NeuralAttention(nn.Module):
         query_part = torch.einsum("bhqp,hcp->bhqc", query_small, first_weight[..., : self.proj_dim])
         query_part = query_part + self._per_head(self.mlp_biases[0])[None, :, None, :]  # [B, H, Lq, h1]
         key_part = torch.einsum("bhkp,hcp->bhkc", key_small, first_weight[..., self.proj_dim :])  # [B, H, Lk, h1]
-        return query_part, key_part
+        layers = [*self.mlp_weights[1:], *self.mlp_biases[1:]]
+        if self.combine == "add":
+            return [query_part, query], [key_part, *layers, key]
+        return [query_part], [key_part, *layers]
 
-    def mlp_from_parts(
-        self, query_part: torch.Tensor, key_part: torch.Tensor, weights: list[torch.Tensor], biases: list[torch.Tensor],
-        planes: bool = False,
-    ) -> torch.Tensor:
-        """MLP scores [B, H, Lq, Lk] from the first layer's parts and the later layers' [G, out, in] weights.
+    def score(self, rows: list[torch.Tensor], shared: list[torch.Tensor], chunk: Chunk, scaling: float) -> torch.Tensor:
+        num_layers = len(self.mlp_weights) - 1
+        weights, biases = shared[1 : 1 + num_layers], shared[1 + num_layers : 1 + 2 * num_layers]
+        scores = self.mlp(rows[0], shared[0][:, :, : chunk.key_end], weights, biases)  # [B, H, rows, keys]
+        if self.combine == "add":
+            scores = scores + torch.matmul(rows[1], shared[-1][:, :, : chunk.key_end].transpose(-1, -2)) * scaling
+        return scores
 
-        planes=False is the plain path's layout (channels last, einsum per layer); the fast path uses planes for
-        narrow layers (see _mlp_planes)."""
-        if planes and max(w.shape[1] * w.shape[2] for w in weights) <= PLANE_LIMIT:
+    def mlp(self, query_part: torch.Tensor, key_part: torch.Tensor, weights: list[torch.Tensor],
+            biases: list[torch.Tensor]) -> torch.Tensor:
+        """MLP scores [B, H, Lq, Lk] from the first layer's parts and the later layers' [G, out, in] weights."""
+        if max(w.shape[1] * w.shape[2] for w in weights) <= PLANE_LIMIT:
             return self._mlp_planes(query_part, key_part, weights, biases)
         hidden = torch.relu(query_part[:, :, :, None, :] + key_part[:, :, None, :, :])  # [B, H, Lq, Lk, h1]
         for index, (weight, bias) in enumerate(zip(weights, biases)):
@@ -166,43 +138,3 @@ class NeuralAttention(nn.Module):
                 outputs.append(torch.relu_(hidden) if index != len(weights) - 1 else hidden)
             planes = outputs
         return planes[0]
-
-    def mlp_scores(self, query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
-        """query [B, H, Lq, D], key [B, H, Lk, D] -> MLP scores [B, H, Lq, Lk]."""
-        query_part, key_part = self.pair_parts(query, key)
-        return self.mlp_from_parts(query_part, key_part, list(self.mlp_weights[1:]), list(self.mlp_biases[1:]))
-
-    def attention_weights(self, query: torch.Tensor, key: torch.Tensor, mask: KeyMask, scaling: float) -> torch.Tensor:
-        scores = self.mlp_scores(query, key)
-        if self.combine == "add":
-            scores = scores + torch.matmul(query, key.transpose(-1, -2)).to(scores.dtype) * scaling
-        return masked_softmax(scores, mask)
-
-    def attention_output(
-        self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: KeyMask, scaling: float,
-        dropout: float, training: bool,
-    ) -> tuple[torch.Tensor, None] | None:
-        """Fast path, same numbers as attention_weights(...) @ value. The per-query and per-key parts of the first
-        layer are computed once; the pairwise MLP, the softmax and the product with the values run in query-row
-        chunks, and backward recomputes each chunk (no [Lq, Lk, hidden] tensor is kept). None where it does not apply
-        (the plain path runs)."""
-        if not fast_path_applies(query, key, value, dropout, training, self.query_down_weight):
-            return None
-        batch, heads, q_len, _ = query.shape
-        query_part, key_part = self.pair_parts(query, key)
-        weights, biases = list(self.mlp_weights[1:]), list(self.mlp_biases[1:])
-        num_layers = len(weights)
-        add = self.combine == "add"
-
-        def score(rows, shared, chunk):
-            key_end = chunk.key_end
-            weight_list, bias_list = shared[1 : 1 + num_layers], shared[1 + num_layers : 1 + 2 * num_layers]
-            scores = self.mlp_from_parts(rows[0], shared[0][:, :, :key_end], weight_list, bias_list, planes=True)
-            if add:
-                scores = scores + torch.matmul(rows[1], shared[-1][:, :, :key_end].transpose(-1, -2)) * scaling
-            return scores
-
-        row_inputs = [query_part, query] if add else [query_part]
-        shared = [key_part, *weights, *biases] + ([key] if add else [])
-        plan = ChunkPlan(score, "softmax", mask, chunk_rows(batch, heads, key.shape[2], q_len), len(row_inputs))
-        return chunked_attention(plan, value, row_inputs, shared), None

@@ -20,7 +20,7 @@ Methods:
   cdape_kerple (the same with the Kerple bias as extra input channels): this package with its fast paths (the
   default). expressive_flex (inference only): expressive through compiled FlexAttention (FAST_PATHS.flex_inference).
 - expressive_plain, neural_plain, cdape_plain: the same variants with the fast paths off
-  (`hf_neural_attention.common.fast_paths(False)`): the straightforward implementations.
+  (`hf_neural_attention.fast_paths(False)`): the straightforward implementations.
 - neural_reference: the neural attention reference code re-stated (awayfromzel/neural-attention-research,
   NeuralAttention.forward from the q/k/v heads on: down-projection, repeat + cat into [b, H, n, n, 2d'],
   Linear-ReLU-Linear-ReLU-Linear, causal mask from ones_like(score).triu_(1), softmax, einsum with v), with
@@ -133,7 +133,7 @@ def build(method: str, level: str, n: int):
     from transformers.masking_utils import AttentionMaskInterface, create_causal_mask
 
     import hf_neural_attention as hfna
-    from hf_neural_attention.integration import variant_mask
+    from hf_neural_attention.attention_interface import variant_mask
 
     torch.manual_seed(0)
     config = GPT2Config(
@@ -159,7 +159,7 @@ def build(method: str, level: str, n: int):
         ids = torch.randint(0, VOCAB, (1, n), generator=torch.Generator().manual_seed(1))
 
         def step():
-            with hfna.common.fast_paths(fast, **settings):
+            with hfna.fast_paths(fast, **settings):
                 model(input_ids=ids, labels=ids).loss.backward()
             model.zero_grad(set_to_none=True)
 
@@ -176,13 +176,13 @@ def build(method: str, level: str, n: int):
         model.eval()
 
         def step():
-            with torch.no_grad(), hfna.common.fast_paths(fast, **settings):
+            with torch.no_grad(), hfna.fast_paths(fast, **settings):
                 attention(hidden, attention_mask=mask)
 
         return step, model
 
     def step():
-        with hfna.common.fast_paths(fast, **settings):
+        with hfna.fast_paths(fast, **settings):
             output = attention(hidden, attention_mask=mask)[0]
             output.backward(grad)
         model.zero_grad(set_to_none=True)

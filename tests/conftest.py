@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
+import textwrap
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -19,7 +23,7 @@ from transformers import (
 )
 
 import hf_neural_attention as hfna
-from hf_neural_attention.integration import VARIANT_ATTRIBUTE
+from hf_neural_attention.injection import VARIANT_ATTRIBUTE
 
 VOCAB = 97
 
@@ -92,3 +96,58 @@ def _seed():
 def data_cache(tmp_path_factory) -> str:
     """One datasets/tokenizer cache for the whole session (built from scratch each run: no network, no state)."""
     return str(tmp_path_factory.mktemp("data-cache"))
+
+
+# Loads checkpoints with trust_remote_code=True in a process where hf_neural_attention cannot be imported, runs each
+# on the inputs stored in its expected_outputs.safetensors and reports the class, the implementation and the largest
+# difference from the stored logits.
+REMOTE_CODE_LOADER = textwrap.dedent(
+    """
+    import importlib.abc, json, sys
+
+    class BlockPackage(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path, target=None):
+            if name == "hf_neural_attention" or name.startswith("hf_neural_attention."):
+                raise ImportError("hf_neural_attention is blocked in this process")
+
+    sys.meta_path.insert(0, BlockPackage())
+    import torch
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, AutoModelForImageClassification
+
+    try:
+        import hf_neural_attention
+        raise SystemExit("the import was not blocked")
+    except ImportError:
+        pass
+
+    report = {}
+    for folder, auto in json.loads(sys.argv[1]):
+        auto_class = {"AutoModelForCausalLM": AutoModelForCausalLM,
+                      "AutoModelForImageClassification": AutoModelForImageClassification}[auto]
+        model = auto_class.from_pretrained(folder, trust_remote_code=True)
+        expected = load_file(folder + "/expected_outputs.safetensors")
+        inputs = {name: tensor for name, tensor in expected.items() if name != "logits"}
+        with torch.no_grad():
+            logits = model(**inputs).logits
+        report[folder] = {
+            "class": type(model).__name__,
+            "module": type(model).__module__,
+            "implementation": model.config._attn_implementation,
+            "max_diff": (logits - expected["logits"]).abs().max().item(),
+        }
+    assert not any(name.startswith("hf_neural_attention") for name in sys.modules)
+    print("REPORT" + json.dumps(report))
+    """
+)
+
+
+
+
+def load_without_the_package(jobs: list[list[str]], tmp_path) -> dict:
+    """jobs: [folder, Auto class name]; returns {folder: {class, module, implementation, max_diff}}."""
+    env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_OFFLINE": "1", "PYTHONPATH": ""}
+    result = subprocess.run([sys.executable, "-c", REMOTE_CODE_LOADER, json.dumps(jobs)], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.split("REPORT", 1)[1])

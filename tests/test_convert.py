@@ -11,7 +11,7 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, create_caus
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 import hf_neural_attention as hfna
-from hf_neural_attention.integration import FALLBACK_ATTRIBUTE, VARIANT_ATTRIBUTE
+from hf_neural_attention.injection import FALLBACK_ATTRIBUTE, VARIANT_ATTRIBUTE
 from conftest import ALL_BUILDERS, VOCAB, added_parameters, converted, tiny_vit
 
 

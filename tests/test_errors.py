@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import hf_neural_attention as hfna
-from hf_neural_attention.integration import VARIANT_ATTRIBUTE
+from hf_neural_attention.injection import VARIANT_ATTRIBUTE
 from conftest import tiny_gpt2, tiny_llama
 
 

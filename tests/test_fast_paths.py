@@ -10,7 +10,9 @@ import torch
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 import hf_neural_attention as hfna
-from hf_neural_attention.common import FAST_PATHS, KeyMask, _RowChunkedAttention, fast_paths, make_chunks
+from hf_neural_attention.chunked import _RowChunkedAttention
+from hf_neural_attention.masks import KeyMask, make_chunks
+from hf_neural_attention.runtime import FAST_PATHS, fast_paths
 from conftest import ALL_BUILDERS, CAUSAL_BUILDERS, VOCAB, added_parameters, converted
 from test_formulas import CASES, D, Holder, as_additive, make_module, random_inputs, reference_output
 
@@ -232,7 +234,7 @@ def test_flex_attention_inference_equals_plain_path(variant, options):
     keep = keep.clone()
     keep[1, :, 3] = False
     mask, _ = build_mask(keep, "additive-with-bias", torch.float32)
-    module = hfna.integration.build_variant(variant, 4, D, **options)
+    module = hfna.build_variant(variant, 4, D, **options)
     with torch.no_grad():
         with fast_paths(False):
             expected, _ = call(variant, module, q, k, v, mask)

@@ -11,7 +11,7 @@ from torch import nn
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 import hf_neural_attention as hfna
-from hf_neural_attention.integration import build_variant
+from hf_neural_attention.registry import build_variant
 
 B, H, H_KV, LQ, LK, D = 2, 4, 2, 5, 7, 64
 

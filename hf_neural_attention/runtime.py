@@ -1,0 +1,84 @@
+"""Runtime switches of the fast paths: module-level settings, never saved with a model.
+
+Every variant has a plain path that computes its whole score map under autograd, and a chunked fast path that gives
+the same numbers (up to rounding) with far less memory and time (see chunked.py). These settings choose between them.
+
+Part of the flat folder saved checkpoints copy for `trust_remote_code`: imports only torch and its siblings.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class FastPathSettings:
+    """enabled: use a variant's fast path where it applies (float32/float64, no attention dropout in training,
+        attention weights not requested, at least `min_size` query-key pairs).
+    chunk_size: query rows per chunk; None picks it from `chunk_elements`.
+    chunk_elements: target size (elements) of one chunk's [B, H, rows, Lk] score block when chunk_size is None.
+    min_rows: the fewest rows of an automatic chunk (matrix products on fewer rows run slowly).
+    min_size: smallest Lq * Lk that takes the fast path; smaller maps run the plain path.
+    flex_inference: run the variants that state a FlexAttention score_mod (dot, expressive) through compiled
+        FlexAttention when no gradient is needed (forward only; compiled on first use, and again for new shapes).
+    """
+
+    enabled: bool = True
+    chunk_size: int | None = None
+    chunk_elements: int = 1 << 20
+    min_rows: int = 64
+    min_size: int = 128 * 128
+    flex_inference: bool = False
+
+
+FAST_PATHS = FastPathSettings()
+
+
+class fast_paths:  # noqa: N801 (used like a function: `with fast_paths(False): ...`)
+    """Context manager over FAST_PATHS: `with fast_paths(False): ...` runs the plain paths; `fast_paths(True,
+    min_size=0, chunk_size=4)` forces the chunked paths even on tiny inputs (what the tests do). Settings not given
+    keep their current values; all are restored on exit."""
+
+    def __init__(
+        self,
+        enabled: bool = True,
+        *,
+        chunk_size: int | None = None,
+        min_size: int | None = None,
+        chunk_elements: int | None = None,
+        flex_inference: bool | None = None,
+    ) -> None:
+        given = {"chunk_size": chunk_size, "min_size": min_size, "chunk_elements": chunk_elements,
+                 "flex_inference": flex_inference}
+        self.changes = {"enabled": enabled, **{name: value for name, value in given.items() if value is not None}}
+        self.saved: list[dict] = []
+
+    def __enter__(self) -> FastPathSettings:
+        self.saved.append(dict(vars(FAST_PATHS)))
+        vars(FAST_PATHS).update(self.changes)
+        return FAST_PATHS
+
+    def __exit__(self, *exc_info) -> None:
+        vars(FAST_PATHS).update(self.saved.pop())
+
+
+def fast_path_applies(dropout: float, training: bool, *tensors: torch.Tensor) -> bool:
+    """Whether a chunked fast path may run on these inputs (query, key, value, then any parameters): enabled, one
+    float32/float64 dtype throughout, no attention dropout in training (dropout acts on the weights, which the
+    chunked path never keeps), a map of at least min_size pairs."""
+    if not FAST_PATHS.enabled:
+        return False
+    if dropout > 0.0 and training:
+        return False
+    query, key = tensors[0], tensors[1]
+    if query.dtype not in (torch.float32, torch.float64):
+        return False
+    if any(tensor.dtype != query.dtype for tensor in tensors if tensor.is_floating_point()):
+        return False
+    return query.shape[2] * key.shape[2] >= FAST_PATHS.min_size
+
+
+def flex_applies(query: torch.Tensor, key: torch.Tensor) -> bool:
+    return FAST_PATHS.enabled and FAST_PATHS.flex_inference and query.shape[2] * key.shape[2] >= FAST_PATHS.min_size

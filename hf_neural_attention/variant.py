@@ -1,0 +1,180 @@
+"""What an attention variant is: `AttentionVariant`, the base class every variant subclasses, and `Option`, the
+declaration of one of its options with its validation.
+
+A variant states three things: its options (`options_spec`), its parameters (`build`, `reset_parameters`) and its
+score rule once (`prepare` + `score`), with how scores become weights (`normalisation`). The base class builds both
+paths from that one rule: the plain path (`attention_weights`: the whole score map under autograd, as the paper
+writes it) and the fast path (`attention_output`: the chunked engine of chunked.py, or FlexAttention for inference).
+
+Part of the flat folder saved checkpoints copy for `trust_remote_code`: imports only torch and its siblings.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, ClassVar, Mapping
+
+import torch
+from torch import nn
+
+from .chunked import chunked_attention
+from .flex import flex_inference_output
+from .masks import Chunk, KeyMask, whole_map
+from .normalisation import normalise
+from .runtime import fast_path_applies, flex_applies
+
+
+# ---- option checks: each raises a ValueError naming the option and the valid values, and returns the value -------
+
+def choice(*choices: Any) -> Callable[[str, Any], Any]:
+    def check(option: str, value: Any) -> Any:
+        if isinstance(value, bool) or value not in choices:
+            raise ValueError(f"{option}={value!r} is not valid; choose one of {list(choices)}")
+        return value
+
+    return check
+
+
+def boolean(option: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"{option} must be True or False; got {value!r}")
+    return value
+
+
+def positive_int(option: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{option} must be an integer >= 1; got {value!r}")
+    return value
+
+
+def odd_positive_int(option: str, value: Any) -> int:
+    positive_int(option, value)
+    if value % 2 == 0:
+        raise ValueError(f"{option} must be odd so the convolution is centred on each key; got {value}")
+    return value
+
+
+def positive_int_list(option: str, value: Any) -> list[int]:
+    if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)) or len(value) == 0:
+        raise ValueError(f"{option} must be a non-empty list of integers >= 1; got {value!r}")
+    return [positive_int(f"each entry of {option}", width) for width in value]
+
+
+class Option:
+    """One option of a variant: its default, its check (see above) and one line saying what it does. A default of
+    None means "derived from the geometry" (the variant's `build` resolves it); None passes unchecked."""
+
+    def __init__(self, default: Any, check: Callable[[str, Any], Any], doc: str) -> None:
+        self.default, self.check, self.doc = default, check, doc
+
+
+def tracked(*tensors: torch.Tensor) -> bool:
+    """Whether autograd records operations on these tensors (then a score rule must not work in place)."""
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
+class AttentionVariant(nn.Module):
+    """Base class of the variants. Subclasses set the class attributes and implement `score` (and `prepare` when
+    the rule needs more than the query rows and the keys)."""
+
+    name: ClassVar[str]
+    default_layers: ClassVar[str] = "all"  # the paper's layers when convert(layers=None): "all" or "first"
+    normalisation: ClassVar[str] = "softmax"  # "softmax" (scores are logits) or "ratio" (scores are values >= 0)
+    options_spec: ClassVar[dict[str, Option]] = {}
+    has_parameters: ClassVar[bool] = False  # False: runs on unconverted modules (set_attn_implementation(name))
+    has_chunked_path: ClassVar[bool] = True
+    flex_fully_masked: ClassVar[str] = "zero"  # what FlexAttention must give a fully masked row: "zero" or "uniform"
+
+    def __init__(self, num_heads: int, head_dim: int, **options: Any) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = head_dim
+        given = self.check_options(options)
+        for option, spec in self.options_spec.items():
+            setattr(self, option, given.get(option, spec.default))
+        self.build()
+        self.reset_parameters()
+
+    @classmethod
+    def check_options(cls, options: Mapping[str, Any] | None) -> dict[str, Any]:
+        """Checks option names and values (the one validation used by convert, the configs and the recipes);
+        returns the given options, normalised (e.g. tuples to lists)."""
+        if options is None:
+            return {}
+        if not isinstance(options, Mapping):
+            raise ValueError(f"the options of attention variant {cls.name!r} must be a mapping; got {options!r}")
+        unknown = sorted(set(options) - set(cls.options_spec))
+        if unknown:
+            raise ValueError(
+                f"Unknown option(s) {unknown} for attention variant {cls.name!r}; "
+                f"valid options are {list(cls.options_spec) or 'none'}"
+            )
+        return {
+            option: value if value is None and cls.options_spec[option].default is None
+            else cls.options_spec[option].check(option, value)
+            for option, value in options.items()
+        }
+
+    @property
+    def options(self) -> dict[str, Any]:
+        """Every option with its resolved value (what conversion writes into the config)."""
+        return {option: getattr(self, option) for option in self.options_spec}
+
+    # ---- what a subclass states ----------------------------------------------------------------------------------
+
+    def build(self) -> None:
+        """Creates the parameters (and resolves options whose default depends on the geometry)."""
+
+    def reset_parameters(self) -> None:
+        """The variant's own initialisation of its parameters (also run on a retrofit)."""
+
+    def prepare(
+        self, query: torch.Tensor, key: torch.Tensor, mask: KeyMask, scaling: float
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Inputs of the score rule, computed once per call from query [B, H, Lq, D] and key [B, H, Lk, D]:
+        row inputs (indexed by query along dim 2; the engine slices them per chunk) and shared inputs (keys,
+        parameters; whole). Both may require gradients."""
+        return [query], [key]
+
+    def score(self, rows: list[torch.Tensor], shared: list[torch.Tensor], chunk: Chunk, scaling: float) -> torch.Tensor:
+        """The score rule: [B, H, end - start, key_end] scores of one chunk (logits or values, see normalisation), a
+        fresh tensor. Masked positions may hold anything finite; the normalisation masks them. Called without autograd
+        (may work in place), under autograd (must not, see `tracked`), on the whole map or on one chunk."""
+        raise NotImplementedError
+
+    def score_vjp(self, rows: list[torch.Tensor], shared: list[torch.Tensor], chunk: Chunk, scaling: float,
+                  needs: tuple[bool, ...]):
+        """Optional derivative written out: (scores, vjp) where vjp(grad_scores) gives one gradient (or None) per row
+        and shared input (a shared input's may cover only its first :key_end entries along dim 2). None: the engine
+        differentiates `score` with autograd."""
+        return None
+
+    def flex_score_mod(self, scaling: float) -> Callable | None:
+        """Optional FlexAttention score_mod (raw q.k in, logit out) for inference; None where the rule is no
+        elementwise function of q.k."""
+        return None
+
+    # ---- the two paths, built from the rule ----------------------------------------------------------------------
+
+    def attention_weights(self, query: torch.Tensor, key: torch.Tensor, mask: KeyMask, scaling: float) -> torch.Tensor:
+        """Plain path: weights [B, H, Lq, Lk] (float32, or float64) of the whole map, as the paper writes them."""
+        rows, shared = self.prepare(query, key, mask, scaling)
+        chunk = whole_map(mask, query.shape[2], key.shape[2])
+        weights, _ = normalise(self.score(rows, shared, chunk, scaling), chunk, self.normalisation)
+        return weights
+
+    def attention_output(
+        self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: KeyMask, scaling: float,
+        dropout: float, training: bool,
+    ) -> torch.Tensor | None:
+        """Fast path, same numbers as attention_weights(...) @ value: [B, H, Lq, D], or None where it does not apply
+        (the plain path runs). FlexAttention for inference where enabled and stated, else the chunked engine."""
+        score_mod = self.flex_score_mod(scaling)
+        if score_mod is not None and flex_applies(query, key):
+            output = flex_inference_output(query, key, value, mask, score_mod, dropout, training,
+                                           fully_masked=self.flex_fully_masked)
+            if output is not None:
+                return output
+        if not self.has_chunked_path or not fast_path_applies(dropout, training, query, key, value, *self.parameters()):
+            return None
+        rows, shared = self.prepare(query, key, mask, scaling)
+        return chunked_attention(self, value, rows, shared, mask, scaling)
