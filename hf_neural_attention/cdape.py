@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from .masks import Chunk, KeyMask, query_key_slots
+from .normalisation import autocast_or, operand_dtype
 from .variant import AttentionVariant, Option, boolean, choice, odd_positive_int, positive_int, tracked
 
 CDAPE_BIASES = ("none", "alibi", "kerple")
@@ -86,11 +87,13 @@ class CDAPEAttention(AttentionVariant):
                 f"attention variant 'cdape' needs an attention mask shared by all heads (shape [batch, 1, Lq, Lk]; a "
                 f"channel of its convolution is not a head); got shape {tuple(mask.keep.shape)}"
             )
-        convs = [self.conv_in.weight, self.conv_in.bias, self.conv_out.weight, self.conv_out.bias]
+        # The convolutions run in the weights' dtype, or autocast's (float16: float32, for range).
+        dtype = operand_dtype(autocast_or(query, self.conv_in.weight.dtype))
+        convs = [t.to(dtype) for t in (self.conv_in.weight, self.conv_in.bias, self.conv_out.weight, self.conv_out.bias)]
         if self.bias == "none":
             return [query], [key, *convs]
         query_slots, key_slots = query_key_slots(mask, query.shape[2], key.shape[2], query.device)
-        kerple = [self.kerple_r1, self.kerple_r2] if self.bias == "kerple" else []
+        kerple = [self.kerple_r1.to(dtype), self.kerple_r2.to(dtype)] if self.bias == "kerple" else []
         return [query, query_slots], [key, *convs, key_slots, *kerple]
 
     def position_bias(self, query_slots: torch.Tensor, key_slots: torch.Tensor, kerple: list[torch.Tensor],

@@ -23,6 +23,30 @@ if TYPE_CHECKING:
     from .variant import AttentionVariant
 
 
+def draw_dropout_seed() -> int:
+    """One seed per attention call, drawn from the global RNG (so torch.manual_seed makes training reproducible)."""
+    return int(torch.randint(0, 2**62, (1,)).item())
+
+
+def dropout_scale(seed: int, chunk_index: int, shape: torch.Size, p: float, device: torch.device) -> torch.Tensor:
+    """Attention dropout of one chunk: float32 [B, H, rows, key_end] holding 0 (dropped) or 1/(1-p) (kept), from a
+    generator seeded by the call's seed and the chunk's position, so backward regenerates the forward's mask without
+    storing it."""
+    generator = torch.Generator(device=device)
+    generator.manual_seed((seed + 1_000_003 * chunk_index) % 2**63)
+    keep = torch.rand(shape, generator=generator, device=device) >= p
+    return keep.to(torch.float32).mul_(1.0 / (1.0 - p))
+
+
+def dropout_scale_map(seed: int, chunks: list[Chunk], shape: torch.Size, p: float, device: torch.device) -> torch.Tensor:
+    """The whole [B, H, Lq, Lk] dropout map the chunked path applies (for tests: the plain path with the same mask)."""
+    scale = torch.zeros(shape, device=device)
+    for index, chunk in enumerate(chunks):
+        rows = (*shape[:2], chunk.end - chunk.start, chunk.key_end)
+        scale[:, :, chunk.start : chunk.end, : chunk.key_end] = dropout_scale(seed, index, rows, p, device)
+    return scale
+
+
 def chunk_rows(batch: int, heads: int, k_len: int, q_len: int) -> int:
     """Rows per chunk: FAST_PATHS.chunk_size, or enough rows for a [B, H, rows, Lk] block of about chunk_elements
     elements, at least min_rows."""
@@ -37,12 +61,19 @@ class ChunkPlan:
     and the chunks."""
 
     def __init__(self, variant: AttentionVariant, scaling: float, mask: KeyMask, chunks: list[Chunk],
-                 num_row_inputs: int) -> None:
+                 num_row_inputs: int, dropout: float = 0.0, seed: int = 0) -> None:
         self.variant = variant
         self.scaling = scaling
         self.mask = mask
         self.chunks = chunks
         self.num_row_inputs = num_row_inputs
+        self.dropout = dropout
+        self.seed = seed
+
+    def dropout_scale(self, index: int, weights: torch.Tensor) -> torch.Tensor | None:
+        if self.dropout == 0.0:
+            return None
+        return dropout_scale(self.seed, index, weights.shape, self.dropout, weights.device)
 
     def score(self, rows: list[torch.Tensor], shared: list[torch.Tensor], chunk: Chunk) -> torch.Tensor:
         return self.variant.score(rows, shared, chunk, self.scaling)
@@ -82,78 +113,100 @@ class _RowChunkedAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, plan: ChunkPlan, value: torch.Tensor, *inputs: torch.Tensor) -> torch.Tensor:
-        row_inputs, shared = inputs[: plan.num_row_inputs], inputs[plan.num_row_inputs :]
-        batch, heads = value.shape[0], value.shape[1]
-        q_len = row_inputs[0].shape[2]
-        output = value.new_empty(batch, heads, q_len, value.shape[-1])
-        rule = plan.variant.normalisation
-        stats = []
-        for chunk in plan.chunks:
-            rows = [chunk.rows_of(t) for t in row_inputs]
-            weights, chunk_stats = normalise(plan.score(rows, list(shared), chunk), chunk, rule)
-            torch.matmul(weights, value[:, :, : chunk.key_end], out=output[:, :, chunk.start : chunk.end])
-            stats.append(chunk_stats)
-        stats = [torch.cat(parts, dim=2) for parts in zip(*stats)]  # each [B, H, Lq, 1]
+        # Autocast off inside: the forward and the backward recompute must run the same ops in the same dtypes.
+        with torch.autocast(device_type=value.device.type, enabled=False):
+            output, stats = _forward_chunks(plan, value, inputs)
         ctx.plan = plan
         ctx.num_stats = len(stats)
-        ctx.save_for_backward(value, output, *stats, *inputs)
+        ctx.save_for_backward(value, *stats, *inputs)
         return output
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
-        plan = ctx.plan
-        value, output, *rest = ctx.saved_tensors
+        value, *rest = ctx.saved_tensors
         stats, inputs = rest[: ctx.num_stats], rest[ctx.num_stats :]
-        num_rows = plan.num_row_inputs
-        row_inputs, shared = inputs[:num_rows], list(inputs[num_rows:])
-        needs = ctx.needs_input_grad[2:]
-        grad_output = grad_output.contiguous()
+        with torch.autocast(device_type=value.device.type, enabled=False):
+            return (None, *_backward_chunks(ctx.plan, value, stats, inputs, ctx.needs_input_grad, grad_output))
 
-        grad_value = torch.zeros_like(value) if ctx.needs_input_grad[1] else None
-        grad_rows = [torch.zeros_like(t) if need else None for t, need in zip(row_inputs, needs[:num_rows])]
-        grad_shared: list[torch.Tensor | None] = [None] * len(shared)
-        row_dot = (grad_output * output).sum(dim=-1, keepdim=True)  # sum_j dL/da_ij a_ij per row
 
-        for chunk in plan.chunks:
-            start, end, key_end = chunk.start, chunk.end, chunk.key_end
-            grad_out_chunk = grad_output[:, :, start:end]
-            chunk_stats = tuple(s[:, :, start:end] for s in stats)
-            rows = [chunk.rows_of(t) for t in row_inputs]
-            scores, vjp = plan.recompute(rows, shared, chunk, needs)
-            weights, _ = normalise(scores, chunk, plan.variant.normalisation, stats=chunk_stats)
-            value_chunk = value[:, :, :key_end]
-            if grad_value is not None:
-                grad_value[:, :, :key_end] += torch.matmul(weights.transpose(-1, -2), grad_out_chunk)
-            grad_weights = torch.matmul(grad_out_chunk, value_chunk.transpose(-1, -2))
-            grad_scores = normalisation_backward_(grad_weights, weights, chunk_stats, row_dot[:, :, start:end], chunk,
-                                                  plan.variant.normalisation)
-            del weights, scores
-            grads = vjp(grad_scores)
-            for index in range(num_rows):
-                if grad_rows[index] is not None and grads[index] is not None:
-                    grad_rows[index][:, :, start:end] += grads[index]
-            for index, grad in enumerate(grads[num_rows:]):
-                if grad is not None and needs[num_rows + index]:
-                    grad_shared[index] = _accumulate_shared(grad_shared[index], grad, shared[index])
-        for index, (tensor, need) in enumerate(zip(shared, needs[num_rows:])):
-            if need and grad_shared[index] is None:
-                grad_shared[index] = torch.zeros_like(tensor)
-        return (None, grad_value, *grad_rows, *grad_shared)
+def _forward_chunks(plan: ChunkPlan, value: torch.Tensor, inputs: tuple[torch.Tensor, ...]):
+    """output [B, H, Lq, D] in value's dtype, and the per-row statistics of the normalisation (float32 or float64)."""
+    row_inputs, shared = inputs[: plan.num_row_inputs], list(inputs[plan.num_row_inputs :])
+    q_len = row_inputs[0].shape[2]
+    output = value.new_empty(value.shape[0], value.shape[1], q_len, value.shape[-1])
+    rule = plan.variant.normalisation
+    stats = []
+    for index, chunk in enumerate(plan.chunks):
+        rows = [chunk.rows_of(t) for t in row_inputs]
+        weights, chunk_stats = normalise(plan.score(rows, shared, chunk), chunk, rule)
+        scale = plan.dropout_scale(index, weights)
+        if scale is not None:
+            weights.mul_(scale)
+        torch.matmul(weights.to(value.dtype), value[:, :, : chunk.key_end], out=output[:, :, chunk.start : chunk.end])
+        stats.append(chunk_stats)
+    return output, [torch.cat(parts, dim=2) for parts in zip(*stats)]  # each [B, H, Lq, 1]
+
+
+def _backward_chunks(plan: ChunkPlan, value, stats, inputs, needs_input_grad, grad_output):
+    num_rows = plan.num_row_inputs
+    row_inputs, shared = inputs[:num_rows], list(inputs[num_rows:])
+    needs = needs_input_grad[2:]
+    grad_output = grad_output.contiguous()
+    work_dtype = stats[0].dtype  # float32 (float64 for float64 inputs): what the weights were computed in
+
+    grad_value = torch.zeros_like(value) if needs_input_grad[1] else None
+    grad_rows = [torch.zeros_like(t) if need else None for t, need in zip(row_inputs, needs[:num_rows])]
+    grad_shared: list[torch.Tensor | None] = [None] * len(shared)
+
+    for index, chunk in enumerate(plan.chunks):
+        start, end, key_end = chunk.start, chunk.end, chunk.key_end
+        grad_out_chunk = grad_output[:, :, start:end]
+        chunk_stats = tuple(s[:, :, start:end] for s in stats)
+        rows = [chunk.rows_of(t) for t in row_inputs]
+        scores, vjp = plan.recompute(rows, shared, chunk, needs)
+        weights, _ = normalise(scores, chunk, plan.variant.normalisation, stats=chunk_stats)
+        value_chunk = value[:, :, :key_end]
+        grad_weights = torch.matmul(grad_out_chunk, value_chunk.transpose(-1, -2)).to(work_dtype)  # dL/d(dropped a)
+        scale = plan.dropout_scale(index, weights)
+        if scale is not None:
+            grad_weights.mul_(scale)
+        if grad_value is not None:
+            dropped = weights if scale is None else weights * scale
+            grad_value[:, :, :key_end] += torch.matmul(dropped.to(value.dtype).transpose(-1, -2), grad_out_chunk)
+        # sum_j dL/da_ij a_ij, the row term of the normalisation derivative, from the chunk itself (a chunk holds every
+        # visible key of its rows). FlashAttention's sum_d dO_id O_id is the same number in exact arithmetic, but from
+        # a half-precision O it is off by O's rounding, which the derivative's cancellation then amplifies.
+        row_dot = (grad_weights * weights).sum(dim=-1, keepdim=True)
+        grad_scores = normalisation_backward_(grad_weights, weights, chunk_stats, row_dot, chunk,
+                                              plan.variant.normalisation)
+        del weights, scores, scale
+        grads = vjp(grad_scores)
+        for position in range(num_rows):
+            if grad_rows[position] is not None and grads[position] is not None:
+                grad_rows[position][:, :, start:end] += grads[position]
+        for position, grad in enumerate(grads[num_rows:]):
+            if grad is not None and needs[num_rows + position]:
+                grad_shared[position] = _accumulate_shared(grad_shared[position], grad, shared[position])
+    for position, (tensor, need) in enumerate(zip(shared, needs[num_rows:])):
+        if need and grad_shared[position] is None:
+            grad_shared[position] = torch.zeros_like(tensor)
+    return (grad_value, *grad_rows, *grad_shared)
 
 
 def chunked_attention(
     variant: AttentionVariant, value: torch.Tensor, row_inputs: list[torch.Tensor], shared_inputs: list[Any],
-    mask: KeyMask, scaling: float,
+    mask: KeyMask, scaling: float, dropout: float = 0.0,
 ) -> torch.Tensor:
     """[B, H, Lq, D] attention output of a variant's score rule, computed in query-row chunks.
 
     row_inputs are indexed by query along dim 2 and sliced per chunk; shared_inputs (keys, parameters, ...) are
-    handed whole to every chunk. Both may require gradients.
+    handed whole to every chunk. Both may require gradients. dropout: attention dropout probability (training).
     """
     if not row_inputs:
         raise ValueError("chunked_attention needs at least one row input (indexed by query along dim 2)")
     batch, heads, k_len = value.shape[0], value.shape[1], value.shape[2]
     q_len = row_inputs[0].shape[2]
     chunks = make_chunks(mask, q_len, k_len, chunk_rows(batch, heads, k_len, q_len))
-    plan = ChunkPlan(variant, scaling, mask, chunks, len(row_inputs))
+    seed = draw_dropout_seed() if dropout > 0.0 else 0
+    plan = ChunkPlan(variant, scaling, mask, chunks, len(row_inputs), dropout=dropout, seed=seed)
     return _RowChunkedAttention.apply(plan, value, *row_inputs, *shared_inputs)

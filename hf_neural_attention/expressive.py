@@ -17,7 +17,7 @@ from typing import Callable
 import torch
 
 from .masks import Chunk, KeyMask
-from .normalisation import compute_dtype
+from .normalisation import compute_dtype, operand_dtype
 from .variant import AttentionVariant, Option, boolean, choice, tracked
 
 EXPRESSIVE_FORMS = ("rational", "square", "softmax_square")
@@ -42,12 +42,14 @@ class ExpressiveAttention(AttentionVariant):
     }
 
     def prepare(self, query: torch.Tensor, key: torch.Tensor, mask: KeyMask, scaling: float):
-        # Scores and f in float32 at least: s^2 overflows half precision long before fp32.
-        dtype = compute_dtype(query.dtype)
+        # q.k in the input dtype (float16: float32); s and f in float32 at least, since s^2 overflows half precision
+        # long before float32 (see _dot).
+        dtype = operand_dtype(query.dtype)
         return [query.to(dtype)], [key.to(dtype)]
 
     def _dot(self, rows: list[torch.Tensor], shared: list[torch.Tensor], chunk: Chunk, scaling: float) -> torch.Tensor:
         scores = torch.matmul(rows[0], shared[0][:, :, : chunk.key_end].transpose(-1, -2))  # [B, H, rows, keys]
+        scores = scores.to(compute_dtype(scores.dtype))
         return scores.mul_(scaling) if self.scale else scores
 
     def score(self, rows: list[torch.Tensor], shared: list[torch.Tensor], chunk: Chunk, scaling: float) -> torch.Tensor:
@@ -81,6 +83,7 @@ class ExpressiveAttention(AttentionVariant):
                 grad.mul_(values)
             if self.scale:
                 grad.mul_(scaling)
+            grad = grad.to(keys.dtype)
             grad_query = torch.matmul(grad, keys) if needs[0] else None
             grad_key = torch.matmul(grad.transpose(-1, -2), query_rows) if needs[1] else None  # keys :key_end
             return [grad_query, grad_key]

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from .masks import Chunk, KeyMask
+from .normalisation import autocast_or, compute_dtype, operand_dtype
 from .variant import AttentionVariant, Option, boolean, choice, positive_int, positive_int_list
 
 NEURAL_COMBINE = ("replace", "add")
@@ -81,18 +82,22 @@ class NeuralAttention(AttentionVariant):
     def prepare(self, query: torch.Tensor, key: torch.Tensor, mask: KeyMask, scaling: float):
         """The first MLP layer split into its per-query part [B, H, Lq, h1] (bias included) and per-key part
         [B, H, Lk, h1]; then the later layers' weights, and q, k themselves for combine="add"."""
-        dtype = self.query_down_weight.dtype
+        dtype = operand_dtype(autocast_or(query, self.query_down_weight.dtype))
         query, key = query.to(dtype), key.to(dtype)
-        query_small = torch.einsum("bhqd,hpd->bhqp", query, self._per_head(self.query_down_weight))
-        query_small = query_small + self._per_head(self.query_down_bias)[None, :, None, :]  # [B, H, Lq, d']
-        key_small = torch.einsum("bhkd,hpd->bhkp", key, self._per_head(self.key_down_weight))
-        key_small = key_small + self._per_head(self.key_down_bias)[None, :, None, :]  # [B, H, Lk, d']
+        down_q, down_k = self.query_down_weight.to(dtype), self.key_down_weight.to(dtype)
+        query_small = torch.einsum("bhqd,hpd->bhqp", query, self._per_head(down_q))
+        query_small = query_small + self._per_head(self.query_down_bias.to(dtype))[None, :, None, :]  # [B, H, Lq, d']
+        key_small = torch.einsum("bhkd,hpd->bhkp", key, self._per_head(down_k))
+        key_small = key_small + self._per_head(self.key_down_bias.to(dtype))[None, :, None, :]  # [B, H, Lk, d']
 
-        first_weight = self._per_head(self.mlp_weights[0])  # [H, h1, 2d']
+        first_weight = self._per_head(self.mlp_weights[0].to(dtype))  # [H, h1, 2d']
         query_part = torch.einsum("bhqp,hcp->bhqc", query_small, first_weight[..., : self.proj_dim])
-        query_part = query_part + self._per_head(self.mlp_biases[0])[None, :, None, :]  # [B, H, Lq, h1]
+        query_part = query_part + self._per_head(self.mlp_biases[0].to(dtype))[None, :, None, :]  # [B, H, Lq, h1]
         key_part = torch.einsum("bhkp,hcp->bhkc", key_small, first_weight[..., self.proj_dim :])  # [B, H, Lk, h1]
-        layers = [*self.mlp_weights[1:], *self.mlp_biases[1:]]
+        # The pairwise MLP (elementwise work, no faster in half precision on CPU) runs in float32 at least.
+        work = compute_dtype(dtype)
+        layers = [t.to(work) for t in (*self.mlp_weights[1:], *self.mlp_biases[1:])]
+        query_part, key_part = query_part.to(work), key_part.to(work)
         if self.combine == "add":
             return [query_part, query], [key_part, *layers, key]
         return [query_part], [key_part, *layers]
@@ -102,7 +107,8 @@ class NeuralAttention(AttentionVariant):
         weights, biases = shared[1 : 1 + num_layers], shared[1 + num_layers : 1 + 2 * num_layers]
         scores = self.mlp(rows[0], shared[0][:, :, : chunk.key_end], weights, biases)  # [B, H, rows, keys]
         if self.combine == "add":
-            scores = scores + torch.matmul(rows[1], shared[-1][:, :, : chunk.key_end].transpose(-1, -2)) * scaling
+            dot = torch.matmul(rows[1], shared[-1][:, :, : chunk.key_end].transpose(-1, -2))
+            scores = scores + dot.to(scores.dtype) * scaling
         return scores
 
     def mlp(self, query_part: torch.Tensor, key_part: torch.Tensor, weights: list[torch.Tensor],

@@ -22,6 +22,18 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def operand_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype products (matmuls, convolutions) run in: the input's, except float16, whose range (65504) scores
+    exceed long before float32's; bfloat16 has float32's range and runs fast (AMX, tensor cores)."""
+    return torch.float32 if dtype == torch.float16 else dtype
+
+
+def autocast_or(tensor: torch.Tensor, dtype: torch.dtype) -> torch.dtype:
+    """The autocast dtype where autocast is on for the tensor's device, else `dtype`."""
+    device = tensor.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else dtype
+
+
 def _fill_masked(scores: torch.Tensor, chunk: Chunk, value: float, inplace: bool) -> torch.Tensor:
     if chunk.keep is None:
         return scores
@@ -80,8 +92,8 @@ def normalisation_backward_(
     grad_weights: torch.Tensor, weights: torch.Tensor, stats: tuple[torch.Tensor, ...], row_dot: torch.Tensor,
     chunk: Chunk, rule: str,
 ) -> torch.Tensor:
-    """dL/dscores from dL/dweights, in place on grad_weights. row_dot [.., rows, 1] is sum_j dL/da_ij a_ij (which
-    equals sum_d dO_id O_id), the row term of both derivatives; masked positions get 0."""
+    """dL/dscores from dL/dweights, in place on grad_weights. row_dot [.., rows, 1] is sum_j dL/da_ij a_ij, the row
+    term of both derivatives; masked positions get 0."""
     grad = grad_weights.sub_(row_dot)
     if rule == "softmax":
         grad.mul_(weights)

@@ -64,18 +64,16 @@ class fast_paths:  # noqa: N801 (used like a function: `with fast_paths(False): 
         vars(FAST_PATHS).update(self.saved.pop())
 
 
-def fast_path_applies(dropout: float, training: bool, *tensors: torch.Tensor) -> bool:
-    """Whether a chunked fast path may run on these inputs (query, key, value, then any parameters): enabled, one
-    float32/float64 dtype throughout, no attention dropout in training (dropout acts on the weights, which the
-    chunked path never keeps), a map of at least min_size pairs."""
+FAST_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+
+def fast_path_applies(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> bool:
+    """Whether a chunked fast path may run on these inputs: enabled, query, key and value in one of FAST_DTYPES
+    (under autocast they arrive in its dtype), a map of at least min_size pairs. Attention dropout runs inside the
+    chunked path."""
     if not FAST_PATHS.enabled:
         return False
-    if dropout > 0.0 and training:
-        return False
-    query, key = tensors[0], tensors[1]
-    if query.dtype not in (torch.float32, torch.float64):
-        return False
-    if any(tensor.dtype != query.dtype for tensor in tensors if tensor.is_floating_point()):
+    if query.dtype not in FAST_DTYPES or key.dtype != query.dtype or value.dtype != query.dtype:
         return False
     return query.shape[2] * key.shape[2] >= FAST_PATHS.min_size
 

@@ -157,6 +157,8 @@ class AttentionVariant(nn.Module):
 
     def attention_weights(self, query: torch.Tensor, key: torch.Tensor, mask: KeyMask, scaling: float) -> torch.Tensor:
         """Plain path: weights [B, H, Lq, Lk] (float32, or float64) of the whole map, as the paper writes them."""
+        if query.dtype == torch.float16:  # scores beyond 65504 overflow float16: its products run in float32
+            query, key = query.float(), key.float()
         rows, shared = self.prepare(query, key, mask, scaling)
         chunk = whole_map(mask, query.shape[2], key.shape[2])
         weights, _ = normalise(self.score(rows, shared, chunk, scaling), chunk, self.normalisation)
@@ -174,7 +176,9 @@ class AttentionVariant(nn.Module):
                                            fully_masked=self.flex_fully_masked)
             if output is not None:
                 return output
-        if not self.has_chunked_path or not fast_path_applies(dropout, training, query, key, value, *self.parameters()):
+        if not self.has_chunked_path or not fast_path_applies(query, key, value):
             return None
+        if query.dtype == torch.float16:  # scores beyond 65504 overflow float16: its products run in float32
+            query, key = query.float(), key.float()
         rows, shared = self.prepare(query, key, mask, scaling)
-        return chunked_attention(self, value, rows, shared, mask, scaling)
+        return chunked_attention(self, value, rows, shared, mask, scaling, dropout=dropout if training else 0.0)

@@ -1,0 +1,183 @@
+"""The fast paths in the configurations people train in: attention dropout (mask regenerated in backward from a
+per-call seed), bfloat16/float16 inputs, autocast, and large-magnitude scores; against the plain path with the same
+dropout mask and against the float64 references."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+import hf_neural_attention as hfna
+from hf_neural_attention.chunked import _RowChunkedAttention, chunk_rows, draw_dropout_seed, dropout_scale, dropout_scale_map
+from hf_neural_attention.masks import make_chunks, split_attention_mask
+from hf_neural_attention.runtime import fast_paths
+from conftest import ALL_BUILDERS, VOCAB, converted
+from test_formulas import CASES, D, H, Holder, make_module, random_inputs, reference_output
+
+FORCED = {"min_size": 0, "chunk_size": 3}
+VARIANTS = {"expressive": {"form": "rational", "scale": True}, "neural": {"per_head": True, "proj_dim": 4,
+            "hidden_dims": [6, 3]}, "cdape": {"zero_init": False, "bias": "kerple", "hidden_size": 8}}
+P = 0.25
+
+
+def test_dropout_keep_rate_and_scaling():
+    scale = dropout_scale(seed=123, chunk_index=0, shape=torch.Size([4, 8, 64, 256]), p=P, device=torch.device("cpu"))
+    kept = scale > 0
+    rate = kept.double().mean().item()
+    n = scale.numel()
+    assert abs(rate - (1 - P)) < 5 * ((P * (1 - P) / n) ** 0.5), rate  # five standard errors
+    assert torch.all(scale[kept] == 1 / (1 - P)) and torch.all(scale[~kept] == 0)
+    other = dropout_scale(seed=123, chunk_index=1, shape=scale.shape, p=P, device=torch.device("cpu"))
+    assert (other != scale).any(), "each chunk has its own mask"
+    again = dropout_scale(seed=123, chunk_index=0, shape=scale.shape, p=P, device=torch.device("cpu"))
+    assert torch.equal(again, scale), "the same seed and chunk give the same mask (what backward relies on)"
+
+
+def run(variant, module, q, k, v, keep, *, fast, seed, dropout_map=None, monkeypatch=None):
+    """Output and gradients of the registered function in training mode with attention dropout P."""
+    q, k, v = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    module.zero_grad(set_to_none=True)
+    if dropout_map is not None:  # the plain path takes the given mask instead of its own draw
+        monkeypatch.setattr(torch.nn.functional, "dropout", lambda weights, p, training: weights * dropout_map)
+    torch.manual_seed(seed)
+    with fast_paths(fast, **(FORCED if fast else {})):
+        output, weights = ALL_ATTENTION_FUNCTIONS[variant](Holder(module).train(), q, k, v, keep,
+                                                           scaling=D**-0.5, dropout=P)
+    assert (weights is None) == fast
+    upstream = torch.randn(output.shape, generator=torch.Generator().manual_seed(11), dtype=output.dtype)
+    (output * upstream).sum().backward()
+    grads = {"q": q.grad, "k": k.grad, "v": v.grad, **{n: p.grad for n, p in module.named_parameters()}}
+    return output.detach(), grads
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_dropout_fast_path_equals_plain_path_with_the_same_mask(variant, monkeypatch):
+    q, k, v, keep = random_inputs(q_len=7, k_len=10, scale=0.3)  # float64, GQA 4/2, a random boolean mask
+    module = make_module(variant, VARIANTS[variant])
+    fast_output, fast_grads = run(variant, module, q, k, v, keep, fast=True, seed=5)
+
+    torch.manual_seed(5)
+    seed = draw_dropout_seed()  # what the fast path drew
+    mask = split_attention_mask(keep, 7, 10, False, q.device)
+    chunks = make_chunks(mask, 7, 10, FORCED["chunk_size"])
+    dropout_map = dropout_scale_map(seed, chunks, torch.Size([q.shape[0], H, 7, 10]), P, q.device).double()
+    assert 0 < (dropout_map == 0).double().mean() < 0.6
+    plain_output, plain_grads = run(variant, module, q, k, v, keep, fast=False, seed=5, dropout_map=dropout_map,
+                                    monkeypatch=monkeypatch)
+    torch.testing.assert_close(fast_output, plain_output, rtol=1e-9, atol=1e-11)
+    for name, expected in plain_grads.items():
+        torch.testing.assert_close(fast_grads[name], expected, rtol=1e-8, atol=1e-10, msg=name)
+
+
+def gpt2_with_dropout() -> GPT2LMHeadModel:
+    """A stock GPT-2 config's dropouts (attn_pdrop 0.1 and the others), tiny sizes."""
+    config = GPT2Config(n_layer=2, n_embd=64, n_head=4, n_positions=64, vocab_size=VOCAB, bos_token_id=0,
+                        eos_token_id=0)
+    assert config.attn_pdrop == 0.1
+    return GPT2LMHeadModel(config)
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_dropout_training_is_reproducible_and_eval_has_none(variant, monkeypatch):
+    calls = []
+    original = _RowChunkedAttention.forward
+    monkeypatch.setattr(_RowChunkedAttention, "forward",
+                        staticmethod(lambda ctx, *args: calls.append(1) or original(ctx, *args)))
+    torch.manual_seed(0)
+    model = hfna.convert(gpt2_with_dropout(), variant, layers="all", **VARIANTS[variant])
+    ids = torch.randint(1, VOCAB, (2, 24), generator=torch.Generator().manual_seed(1))
+
+    def loss(seed):
+        torch.manual_seed(seed)
+        with fast_paths(True, **FORCED):
+            out = model(input_ids=ids, labels=ids)
+            out.loss.backward()
+        return out.loss.item()
+
+    model.train()
+    assert loss(7) == loss(7), "the same seed must give the same loss"
+    assert loss(7) != loss(8), "attention (and other) dropout must act in training"
+    assert calls, "the fast path did not run"
+    model.eval()
+    with torch.no_grad(), fast_paths(True, **FORCED):
+        eval_logits = model(input_ids=ids).logits
+    with torch.no_grad(), fast_paths(False):
+        plain_logits = model(input_ids=ids).logits
+    torch.testing.assert_close(eval_logits, plain_logits, rtol=1e-5, atol=1e-5)
+
+
+# ---- half precision and autocast ----------------------------------------------------------------------------------
+
+HALF_TOLERANCE = {torch.bfloat16: dict(rtol=3e-2, atol=3e-2), torch.float16: dict(rtol=5e-3, atol=5e-3)}
+
+
+@pytest.mark.parametrize("variant,options", [c for c in CASES if c[0] != "dot"], ids=lambda x: str(x))
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_fast_path_matches_float64_reference(variant, options, dtype):
+    """The reference runs in float64 on the same (rounded) inputs and parameters: what is measured is the error of
+    computing in half precision, not of rounding the inputs."""
+    q, k, v, keep = random_inputs(dtype=dtype, scale=0.3)
+    half_module = make_module(variant, options, dtype=dtype)
+    expected, _ = reference_output(variant, copy.deepcopy(half_module), q, k, v, keep,
+                                   torch.zeros(keep.shape, dtype=torch.float64))
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    with fast_paths(True, **FORCED):
+        output, weights = ALL_ATTENTION_FUNCTIONS[variant](Holder(half_module), q, k, v, keep, scaling=D**-0.5,
+                                                           dropout=0.0)
+    assert weights is None and output.dtype == dtype
+    torch.testing.assert_close(output.double(), expected, **HALF_TOLERANCE[dtype])
+    output.float().square().sum().backward()
+    for tensor in (q, k, v, *half_module.parameters()):
+        assert tensor.grad is not None and torch.isfinite(tensor.grad).all()
+
+
+@pytest.mark.parametrize("variant", ["dot", *VARIANTS])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("fast", [False, True], ids=["plain", "fast"])
+def test_large_scores_stay_finite(variant, dtype, fast):
+    """|q.k| around 1e5-1e6: beyond float16's range (65504) and far beyond where s^2 overflows it."""
+    q, k, v, keep = random_inputs(scale=40.0)
+    module = make_module(variant, {} if variant == "dot" else VARIANTS[variant], dtype=dtype)
+    q, k, v = (t.to(dtype).requires_grad_() for t in (q, k, v))
+    with fast_paths(fast, **(FORCED if fast else {})):
+        output, _ = ALL_ATTENTION_FUNCTIONS[variant](Holder(module), q, k, v, keep, scaling=1.0, dropout=0.0)
+    assert torch.isfinite(output).all()
+    output.float().sum().backward()
+    for tensor in (q, k, v):
+        assert torch.isfinite(tensor.grad).all()
+
+
+@pytest.mark.parametrize("arch", list(ALL_BUILDERS))
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_autocast_bf16_fast_path_equals_plain_path(arch, variant, monkeypatch):
+    calls = []
+    original = _RowChunkedAttention.forward
+    monkeypatch.setattr(_RowChunkedAttention, "forward",
+                        staticmethod(lambda ctx, *args: calls.append(1) or original(ctx, *args)))
+    generator = torch.Generator().manual_seed(3)
+    if arch == "vit":
+        inputs = {"pixel_values": torch.randn(2, 3, 16, 16, generator=generator), "labels": torch.tensor([1, 3])}
+    else:
+        ids = torch.randint(1, VOCAB, (2, 12), generator=generator)
+        inputs = {"input_ids": ids, "labels": ids}
+    results = {}
+    for name, autocast, fast in (("fp32", False, False), ("plain", True, False), ("fast", True, True)):
+        model = converted(ALL_BUILDERS[arch], variant).train()  # float32 weights, as autocast expects
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast), fast_paths(fast, **(FORCED if fast else {})):
+            output = model(**inputs)
+        output.loss.backward()
+        grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+        results[name] = (output.loss.item(), grads)
+    assert calls, "the fast path did not run under autocast"
+    loss_fp32 = results["fp32"][0]
+    assert abs(results["fast"][0] - loss_fp32) <= 2 * abs(results["plain"][0] - loss_fp32) + 1e-3
+    for name, exact in results["fp32"][1].items():
+        fast, plain = results["fast"][1][name], results["plain"][1][name]
+        assert torch.isfinite(fast).all(), name
+        # The fast path under autocast is as accurate as the plain path under autocast (both against float32).
+        fast_error, plain_error = (fast - exact).abs().max(), (plain - exact).abs().max()
+        assert fast_error <= 2 * plain_error + 1e-3 * exact.abs().max() + 1e-8, (name, fast_error, plain_error)
