@@ -3,16 +3,21 @@ variants' plain paths and faithful re-statements of the papers' reference implem
 
     python scripts/benchmark.py                      # the full run (2-core CPU: about an hour), writes benchmarks/
     python scripts/benchmark.py --sizes 256 512 --methods eager expressive --levels layer --out /tmp/bench
+    python scripts/benchmark.py --dtypes fp32 bf16 --dropouts stock --levels model   # the stock training setting
 
 Every (level, method, n) configuration runs in a fresh process, which first measures the peak memory of one step and
 then times several. Writes results.csv, results.md, time.png and memory.png.
 
-Setting (the project's issue 5): GPT-2 geometry, d_model 512, 8 heads (d_h 64), fp32, batch 1, causal.
+Setting (the project's issue 5): GPT-2 geometry, d_model 512, 8 heads (d_h 64), batch 1, causal, and two axes:
+- dtype: "fp32", or "bf16" (float32 weights under torch.autocast("cpu", torch.bfloat16), as mixed-precision
+  training runs).
+- dropout: "stock" (GPT2Config's defaults: attn_pdrop, resid_pdrop and embd_pdrop 0.1, what a stock config and
+  most checkpoints train with) or "0" (every dropout off).
 - level "layer": one GPT2Attention module (qkv projection, attention, output projection) on random hidden states
   [1, n, 512], forward + backward from a fixed random output gradient down to the hidden states and every parameter.
   The mask is built once outside the timed region, as the model builds it for that implementation.
 - level "model": a 1-layer GPT2LMHeadModel (vocabulary 4096, so that attention rather than the output layer
-  dominates; training mode with every dropout at 0), forward + backward of the loss on n random tokens.
+  dominates; training mode), forward + backward of the loss on n random tokens.
 - level "inference": the layer's forward alone under torch.no_grad() (where FlexAttention can run).
 Methods:
 - sdpa, eager: Transformers' stock GPT-2 attention implementations ("sdpa" is what users run by default).
@@ -126,7 +131,7 @@ def _status(field: str) -> int:
     return int(match.group(1)) * 1024
 
 
-def build(method: str, level: str, n: int):
+def build(method: str, level: str, n: int, dtype: str = "fp32", dropout: str = "0"):
     """(step function running one step of the configuration, model)."""
     import torch
     from transformers import AttentionInterface, GPT2Config, GPT2LMHeadModel
@@ -136,9 +141,10 @@ def build(method: str, level: str, n: int):
     from hf_neural_attention.attention_interface import variant_mask
 
     torch.manual_seed(0)
+    pdrop = 0.1 if dropout == "stock" else 0.0
     config = GPT2Config(
         n_layer=1, n_embd=D_MODEL, n_head=HEADS, n_positions=max(n, 1024), vocab_size=VOCAB,
-        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0,
+        resid_pdrop=pdrop, embd_pdrop=pdrop, attn_pdrop=pdrop, bos_token_id=0, eos_token_id=0,
     )
     model = GPT2LMHeadModel(config)
     if method in ("sdpa", "eager"):
@@ -155,12 +161,16 @@ def build(method: str, level: str, n: int):
     fast = not method.endswith("_plain")
     settings = {"flex_inference": method == "expressive_flex"}
 
+    def precision():
+        return torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bf16")
+
     if level == "model":
         ids = torch.randint(0, VOCAB, (1, n), generator=torch.Generator().manual_seed(1))
 
         def step():
-            with hfna.fast_paths(fast, **settings):
-                model(input_ids=ids, labels=ids).loss.backward()
+            with hfna.fast_paths(fast, **settings), precision():
+                loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
             model.zero_grad(set_to_none=True)
 
         return step, model
@@ -176,15 +186,15 @@ def build(method: str, level: str, n: int):
         model.eval()
 
         def step():
-            with torch.no_grad(), hfna.fast_paths(fast, **settings):
+            with torch.no_grad(), hfna.fast_paths(fast, **settings), precision():
                 attention(hidden, attention_mask=mask)
 
         return step, model
 
     def step():
-        with hfna.fast_paths(fast, **settings):
+        with hfna.fast_paths(fast, **settings), precision():
             output = attention(hidden, attention_mask=mask)[0]
-            output.backward(grad)
+        output.backward(grad.to(output.dtype))
         model.zero_grad(set_to_none=True)
         hidden.grad = None
 
@@ -235,8 +245,9 @@ def worker(args) -> dict:
     import torch
 
     torch.set_num_threads(args.threads)
-    step, _ = build(args.method, args.level, args.n)
-    result = {"level": args.level, "method": args.method, "n": args.n, "threads": args.threads}
+    step, _ = build(args.method, args.level, args.n, args.dtype, args.dropout)
+    result = {"dtype": args.dtype, "dropout": args.dropout, "level": args.level, "method": args.method, "n": args.n,
+              "threads": args.threads}
     step()  # warm-up: one-off allocations (thread pools, lazy inits, compilation) are not the method's
     gc.collect()
     Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current resident set
@@ -269,8 +280,9 @@ def worker(args) -> dict:
 
 # ---- the driver ---------------------------------------------------------------------------------------------------
 
-def run_config(level, method, n, repeats, warmup, threads, budget_s, timeout_s) -> dict:
-    command = [sys.executable, __file__, "--worker", "--level", level, "--method", method, "--n", str(n),
+def run_config(setting, level, method, n, repeats, warmup, threads, budget_s, timeout_s) -> dict:
+    command = [sys.executable, __file__, "--worker", "--dtype", setting[0], "--dropout", setting[1],
+               "--level", level, "--method", method, "--n", str(n),
                "--repeats", str(repeats), "--warmup", str(warmup), "--threads", str(threads),
                "--budget-s", str(budget_s)]
     env = dict(os.environ, TRANSFORMERS_VERBOSITY="error", HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT))
@@ -314,12 +326,22 @@ def load_rows(path: Path) -> list[dict]:
                     continue
                 if key in integers:
                     row[key] = int(value)
-                elif key in ("level", "method", "note"):
+                elif key in ("dtype", "dropout", "level", "method", "note"):
                     row[key] = value
                 else:
                     row[key] = float(value)
+            row.setdefault("dtype", "fp32")  # results written before the dtype and dropout axes
+            row.setdefault("dropout", "0")
             rows.append(row)
     return rows
+
+
+def key_of(row: dict, method: str | None = None) -> tuple:
+    return (row["dtype"], row["dropout"], row["level"], method or row["method"], row["n"])
+
+
+def setting_name(dtype: str, dropout: str) -> str:
+    return f"{dtype}, dropout {'as GPT2Config (0.1)' if dropout == 'stock' else '0'}"
 
 
 def fmt(value, digits=3):
@@ -327,17 +349,17 @@ def fmt(value, digits=3):
 
 
 def add_ratios(rows: list[dict]) -> dict:
-    by_key = {(r["level"], r["method"], r["n"]): r for r in rows}
+    by_key = {key_of(r): r for r in rows}
     for row in rows:
         for base in ("eager", "sdpa"):
-            ref = by_key.get((row["level"], base, row["n"]))
+            ref = by_key.get(key_of(row, base))
             for field, short in (("time_s", "time"), ("peak_mib", "mem")):
                 ok = ref is not None and row.get(field) is not None and ref.get(field) is not None
                 row[f"{short}_vs_{base}"] = row[field] / ref[field] if ok and ref[field] > 0 else None
     return by_key
 
 
-FIELDS = ["level", "method", "n", "time_s", "peak_mib", "time_vs_eager", "mem_vs_eager", "time_vs_sdpa", "mem_vs_sdpa",
+FIELDS = ["dtype", "dropout", "level", "method", "n", "time_s", "peak_mib", "time_vs_eager", "mem_vs_eager", "time_vs_sdpa", "mem_vs_sdpa",
           "runs", "min_s", "max_s", "threads", "busy_before", "foreign_cpu", "note"]
 
 
@@ -356,7 +378,9 @@ def write_outputs(rows: list[dict], out: Path, meta: dict) -> None:
         f"transformers {meta['transformers']}, {meta['threads']} threads"
         + (f"; run time {meta['minutes']} min)." if meta.get("minutes") is not None else ")."),
         "",
-        "Setting: GPT-2 geometry (d_model 512, 8 heads, d_h 64), fp32, batch 1, causal. *layer*: one GPT2Attention "
+        "Setting: GPT-2 geometry (d_model 512, 8 heads, d_h 64), batch 1, causal; fp32, or bf16 autocast over fp32 "
+        "weights; dropout as a stock GPT2Config (0.1 for attention, residual and embeddings) or 0. Ratios compare "
+        "methods within one (dtype, dropout) setting. *layer*: one GPT2Attention "
         "module (projections included), forward + backward; *model*: a 1-layer GPT2LMHeadModel (vocabulary "
         f"{VOCAB}) with its loss, forward + backward; *inference*: the layer's forward under `torch.no_grad()`. "
         "Time: median of the timed steps after a warm-up step (fewer steps for long sequences). Memory: peak "
@@ -369,41 +393,47 @@ def write_outputs(rows: list[dict], out: Path, meta: dict) -> None:
     ]
     if meta.get("note"):
         lines += [meta["note"], ""]
-    lines += ["## Targets of issue 5 at n = 2048 (ratios to eager attention)", "",
-              "| variant | level | time / eager | target | memory / eager | target | time / SDPA | memory / SDPA | "
-              "verdict |", "|---|---|---|---|---|---|---|---|---|"]
-    for variant, (time_target, mem_target) in TARGETS.items():
-        for level in ("layer", "model"):
-            row = by_key.get((level, variant, 2048))
-            if not row or row.get("time_vs_eager") is None or row.get("mem_vs_eager") is None:
-                continue
-            t, m = row["time_vs_eager"], row["mem_vs_eager"]
-            misses = [name for name, value, target in (("time", t, time_target), ("memory", m, mem_target))
-                      if value > target]
-            verdict = "met" if not misses else "**MISS** (" + ", ".join(misses) + ")"
-            lines.append(f"| {variant} | {level} | {t:.2f}x | <= {time_target}x | {m:.2f}x | <= {mem_target}x | "
-                         f"{fmt(row.get('time_vs_sdpa'), 2)}x | {fmt(row.get('mem_vs_sdpa'), 2)}x | {verdict} |")
+    settings = sorted({(r["dtype"], r["dropout"]) for r in rows}, key=lambda s: (s[1] != "stock", s[0]))
+    lines += ["## Targets at n = 2048 (ratios to eager attention in the same setting)", "",
+              "The stock setting (dropout as GPT2Config) comes first: it is what users train in.", "",
+              "| setting | variant | level | time / eager | target | memory / eager | target | time / SDPA | "
+              "memory / SDPA | verdict |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for dtype, dropout in settings:
+        for variant, (time_target, mem_target) in TARGETS.items():
+            for level in ("layer", "model"):
+                row = by_key.get((dtype, dropout, level, variant, 2048))
+                if not row or row.get("time_vs_eager") is None or row.get("mem_vs_eager") is None:
+                    continue
+                t, m = row["time_vs_eager"], row["mem_vs_eager"]
+                misses = [name for name, value, target in (("time", t, time_target), ("memory", m, mem_target))
+                          if value > target]
+                verdict = "met" if not misses else "**MISS** (" + ", ".join(misses) + ")"
+                lines.append(f"| {setting_name(dtype, dropout)} | {variant} | {level} | {t:.2f}x | <= {time_target}x | "
+                             f"{m:.2f}x | <= {mem_target}x | {fmt(row.get('time_vs_sdpa'), 2)}x | "
+                             f"{fmt(row.get('mem_vs_sdpa'), 2)}x | {verdict} |")
     lines.append("")
-    for level in LEVELS:
-        level_rows = [r for r in rows if r["level"] == level]
-        if not level_rows:
-            continue
-        lines += [f"## {level}", "",
-                  "| method | n | time (s) | peak memory (MiB) | time / eager | memory / eager | time / SDPA | "
-                  "memory / SDPA | note |", "|---|---|---|---|---|---|---|---|---|"]
-        for row in sorted(level_rows, key=lambda r: (r["n"], METHODS.index(r["method"]))):
-            lines.append(
-                f"| {row['method']} | {row['n']} | {fmt(row.get('time_s'), 4)} | {fmt(row.get('peak_mib'), 1)} | "
-                f"{fmt(row.get('time_vs_eager'), 2)} | {fmt(row.get('mem_vs_eager'), 2)} | "
-                f"{fmt(row.get('time_vs_sdpa'), 2)} | {fmt(row.get('mem_vs_sdpa'), 2)} | {row.get('note', '')} |")
-        lines.append("")
+    for dtype, dropout in settings:
+        for level in LEVELS:
+            level_rows = [r for r in rows if (r["dtype"], r["dropout"], r["level"]) == (dtype, dropout, level)]
+            if not level_rows:
+                continue
+            lines += [f"## {setting_name(dtype, dropout)}: {level}", "",
+                      "| method | n | time (s) | peak memory (MiB) | time / eager | memory / eager | time / SDPA | "
+                      "memory / SDPA | note |", "|---|---|---|---|---|---|---|---|---|"]
+            for row in sorted(level_rows, key=lambda r: (r["n"], METHODS.index(r["method"]))):
+                lines.append(
+                    f"| {row['method']} | {row['n']} | {fmt(row.get('time_s'), 4)} | {fmt(row.get('peak_mib'), 1)} | "
+                    f"{fmt(row.get('time_vs_eager'), 2)} | {fmt(row.get('mem_vs_eager'), 2)} | "
+                    f"{fmt(row.get('time_vs_sdpa'), 2)} | {fmt(row.get('mem_vs_sdpa'), 2)} | {row.get('note', '')} |")
+            lines.append("")
     noisy = [r for r in rows if (r.get("foreign_cpu") or 0) > 0.05]
     lines += ["Plots (log-log, against n): [time](time.png), [memory](memory.png).", "",
               "Noise: before each configuration the driver waits (up to --max-wait-s) until other processes use "
               "less than 10 % of the cores; `busy_before` in results.csv is that share, `foreign_cpu` the share of all "
               "cores other processes used while the configuration was timed. "
               + (f"{len(noisy)} of {len(rows)} configurations ran with more than 5 % foreign CPU: "
-                 + ", ".join(f"{r['level']}/{r['method']}/{r['n']} ({r['foreign_cpu']:.0%})" for r in noisy) + "."
+                 + ", ".join(f"{r['dtype']}/{r['dropout']}/{r['level']}/{r['method']}/{r['n']} ({r['foreign_cpu']:.0%})"
+                             for r in noisy) + "."
                  if noisy else "No configuration ran with more than 5 % foreign CPU."), ""]
     (out / "results.md").write_text("\n".join(lines))
     plot(rows, out)
@@ -419,15 +449,20 @@ def plot(rows: list[dict], out: Path) -> None:
         print("matplotlib is not installed: no plots", file=sys.stderr)
         return
     levels = [level for level in LEVELS if any(r["level"] == level for r in rows)]
+    settings = sorted({(r["dtype"], r["dropout"]) for r in rows}, key=lambda s: (s[1] != "stock", s[0]))
     colours = {"sdpa": "black", "eager": "dimgray", "expressive": "tab:blue", "expressive_flex": "tab:cyan",
                "neural": "tab:green", "cdape": "tab:red", "cdape_kerple": "tab:purple"}
     for field, label, name in (("time_s", "time per step (s)", "time.png"),
                                ("peak_mib", "peak memory growth (MiB)", "memory.png")):
-        figure, axes = plt.subplots(1, len(levels), figsize=(6.5 * len(levels), 5.5), squeeze=False)
-        for axis, level in zip(axes[0], levels):
+        figure, axes = plt.subplots(len(settings), len(levels), figsize=(6.5 * len(levels), 5.5 * len(settings)),
+                                    squeeze=False)
+        panels = [(axis, setting, level) for axes_row, setting in zip(axes, settings)
+                  for axis, level in zip(axes_row, levels)]
+        for axis, setting, level in panels:
             for method in METHODS:
                 points = sorted((r["n"], r[field]) for r in rows
-                                if r["level"] == level and r["method"] == method and r.get(field) is not None)
+                                if (r["dtype"], r["dropout"]) == setting and r["level"] == level
+                                and r["method"] == method and r.get(field) is not None)
                 if not points:
                     continue
                 base = method.rsplit("_", 1)[0] if method.endswith(("_plain", "_reference")) else method
@@ -441,10 +476,10 @@ def plot(rows: list[dict], out: Path) -> None:
             axis.set_xlabel("sequence length n")
             axis.set_ylabel(label)
             step = "forward" if level == "inference" else "forward + backward"
-            axis.set_title(f"{level} ({step})", fontsize=10)
+            axis.set_title(f"{setting_name(*setting)}: {level} ({step})", fontsize=10)
             axis.grid(True, which="both", alpha=0.3)
             axis.legend(fontsize=7, loc="upper left")
-        figure.suptitle("GPT-2 geometry (d 512, 8 heads), fp32, batch 1, causal, CPU; solid: fast paths, dashed: "
+        figure.suptitle("GPT-2 geometry (d 512, 8 heads), batch 1, causal, CPU; solid: fast paths, dashed: "
                         "plain paths, dotted: reference code", fontsize=10)
         figure.tight_layout()
         figure.savefig(out / name, dpi=110)
@@ -456,6 +491,10 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=list(SIZES))
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--levels", nargs="+", default=list(LEVELS), choices=LEVELS)
+    parser.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"],
+                        help="fp32, or bf16 autocast over float32 weights")
+    parser.add_argument("--dropouts", nargs="+", default=["stock", "0"], choices=["stock", "0"],
+                        help="stock: GPT2Config's dropouts (0.1); 0: every dropout off")
     parser.add_argument("--repeats", type=int, default=7, help="timed steps for n < 2048 (fewer above)")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--max-reference-n", type=int, default=2048,
@@ -477,6 +516,8 @@ def main() -> None:
     parser.add_argument("--method", help=argparse.SUPPRESS)
     parser.add_argument("--n", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--warmup", type=int, default=1, help=argparse.SUPPRESS)
+    parser.add_argument("--dtype", default="fp32", help=argparse.SUPPRESS)
+    parser.add_argument("--dropout", default="0", help=argparse.SUPPRESS)
     args = parser.parse_args()
 
     if args.worker:
@@ -495,29 +536,30 @@ def main() -> None:
         write_outputs(load_rows(args.out / "results.csv"), args.out, meta)
         print(f"re-wrote {args.out}/results.md, time.png, memory.png from results.csv")
         return
-    planned = {(level, method, n) for level in args.levels for n in args.sizes for method in args.methods
-               if method in (INFERENCE_METHODS if level == "inference" else TRAIN_METHODS)}
+    settings = [(dtype, dropout) for dropout in args.dropouts for dtype in args.dtypes]
+    planned = {(*setting, level, method, n) for setting in settings for level in args.levels for n in args.sizes
+               for method in args.methods if method in (INFERENCE_METHODS if level == "inference" else TRAIN_METHODS)}
     earlier = load_rows(args.out / "results.csv") if args.merge else []
-    rows = [row for row in earlier if (row["level"], row["method"], row["n"]) not in planned]
+    rows = [row for row in earlier if key_of(row) not in planned]
     started = time.time()
-    for level in args.levels:
+    for setting, level in [(setting, level) for setting in settings for level in args.levels]:
         allowed = INFERENCE_METHODS if level == "inference" else TRAIN_METHODS
         for n in sorted(args.sizes):
             for method in [m for m in args.methods if m in allowed]:
-                row = {"level": level, "method": method, "n": n}
+                row = {"dtype": setting[0], "dropout": setting[1], "level": level, "method": method, "n": n}
                 reason = skip_reason(method, level, n, args.max_reference_n)
                 if reason:
                     row["note"] = reason
                 else:
                     row["busy_before"] = round(wait_for_idle(0.10, args.max_wait_s), 3)
-                    result = run_config(level, method, n, repeats_for(n, args.repeats), 1, args.threads,
+                    result = run_config(setting, level, method, n, repeats_for(n, args.repeats), 1, args.threads,
                                         args.budget_s, args.timeout_s)
                     if "error" in result:
                         row["note"] = result["error"]
                     else:
-                        row.update({k: v for k, v in result.items() if k not in ("level", "method", "n")})
+                        row.update({k: v for k, v in result.items() if k not in ("dtype", "dropout", "level", "method", "n")})
                 rows.append(row)
-                print(f"[{time.time() - started:6.0f} s] {level:9s} {method:17s} n={n:5d} "
+                print(f"[{time.time() - started:6.0f} s] {setting[0]} {setting[1]:5s} {level:9s} {method:17s} n={n:5d} "
                       f"time={fmt(row.get('time_s'), 4)} s  peak={fmt(row.get('peak_mib'), 1)} MiB "
                       f"busy={row.get('busy_before', '')} foreign={row.get('foreign_cpu', '')} {row.get('note', '')}",
                       flush=True)
