@@ -27,7 +27,7 @@ from transformers import (
 
 from .configuration_variants import VariantGPT2Config, VariantLlamaConfig, VariantViTConfig
 from .attention_interface import register_variants  # noqa: F401 (importing it registers the variants)
-from .injection import apply_variant
+from .injection import apply_variant, find_attention_modules
 from .variant import AttentionVariant
 
 logger = logging.getLogger(__name__)
@@ -59,6 +59,24 @@ def _initialize_new_variant_parameters(model: nn.Module, new_keys: set[str]) -> 
             keys = {f"{name}.{parameter_name}" for parameter_name, _ in module.named_parameters()}
             if keys & new_keys:
                 module.reset_parameters()
+
+
+def _refuse_missing_variant_weights(model: nn.Module, stored: dict, missing: set[str], source: Any) -> None:
+    """A checkpoint whose config says a layer already holds this variant must hold its weights: re-initialising
+    them would silently load a different model. Retrofitting is for layers the checkpoint has no variant in."""
+    if not missing or stored.get("attention_variant") != model.config.attention_variant:
+        return
+    stored_layers = stored.get("attention_variant_layers")
+    names = [name for name, _ in find_attention_modules(model)]
+    lost = sorted(key for key in missing for index, name in enumerate(names)
+                  if key.startswith(f"{name}.attention_variant.") and (stored_layers is None or index in stored_layers))
+    if lost:
+        raise ValueError(
+            f"The checkpoint at {source} says its attention layers {stored_layers} hold the "
+            f"{model.config.attention_variant!r} variant, but it lacks that variant's weights: {_preview(lost)}. "
+            "The file is incomplete or was saved by other code; re-initialising them would load a different model. "
+            "To retrofit a stock checkpoint, load one without a variant (or pass another attention_variant)."
+        )
 
 
 # Called as hook(model, save_directory, **card_fields) after every save_pretrained. The installed package registers
@@ -107,11 +125,11 @@ class AttentionVariantMixin:
         retrofit a stock checkpoint.
         """
         want_info = kwargs.pop("output_loading_info", False)
+        hub_kwargs = {key: kwargs[key] for key in HUB_KWARGS if key in kwargs}
+        stored, _ = cls.config_class.get_config_dict(pretrained_model_name_or_path, **hub_kwargs)
         if "attention_variant" in kwargs and "attention_variant_layers" not in kwargs and "config" not in kwargs:
             # The checkpoint's layer list was resolved for ITS variant (dot: every layer); a different variant starts
             # from its own paper default instead (neural: the first layer).
-            hub_kwargs = {key: kwargs[key] for key in HUB_KWARGS if key in kwargs}
-            stored, _ = cls.config_class.get_config_dict(pretrained_model_name_or_path, **hub_kwargs)
             if stored.get("attention_variant") != kwargs["attention_variant"]:
                 kwargs["attention_variant_layers"] = None
         model, info = super().from_pretrained(pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs)
@@ -130,6 +148,7 @@ class AttentionVariantMixin:
                 cls.__name__, pretrained_model_name_or_path, _preview(missing),
             )
         new_keys = {key for key in info["missing_keys"] if ".attention_variant." in f".{key}"}
+        _refuse_missing_variant_weights(model, stored, new_keys, pretrained_model_name_or_path)
         if new_keys:  # a retrofit: the stock weights are loaded, the variant's parameters start from their init
             model.config.retrofitted_from = str(pretrained_model_name_or_path)  # the model card's base_model
             _initialize_new_variant_parameters(model, new_keys)

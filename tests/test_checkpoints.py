@@ -4,6 +4,7 @@ cannot be imported, round trips, retrofitting three ways, mismatch errors, model
 from __future__ import annotations
 
 import json
+import shutil
 import logging
 import os
 import subprocess
@@ -411,3 +412,18 @@ def test_llama_without_rotary_embeddings_nope(tmp_path):
                 torch.testing.assert_close(loaded(ids).logits, model(ids).logits, rtol=0, atol=1e-6)
     assert results[True] > 1e-4  # rotary embeddings read the positions
     assert results[False] < 1e-6  # NoPE (+ relative ALiBi bias) does not
+
+
+def test_variant_checkpoint_missing_its_variant_weights_raises(saved_checkpoints, tmp_path):
+    """A checkpoint whose config says it holds a variant must hold its weights; it never loads as a fresh retrofit."""
+    from safetensors.torch import load_file as read, save_file as write
+
+    folder = next(folder for arch, variant, folder, _ in saved_checkpoints if (arch, variant) == ("llama", "cdape"))
+    damaged = tmp_path / "damaged"
+    shutil.copytree(folder, damaged)
+    weights = read(str(damaged / "model.safetensors"))
+    kept = {name: t for name, t in weights.items() if "layers.1.self_attn.attention_variant." not in name}
+    assert len(kept) < len(weights)
+    write(kept, str(damaged / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"lacks that variant's weights: \['model.layers.1.self_attn.attention_var"):
+        AutoModelForCausalLM.from_pretrained(damaged)
