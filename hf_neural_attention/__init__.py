@@ -32,8 +32,9 @@ from .modeling_variants import (
     VariantLlamaModel,
     VariantViTForImageClassification,
     VariantViTModel,
-    convert,
+
 )
+from .conversion import convert, revert
 from .neural import NeuralAttention
 
 __version__ = "0.1.0"
@@ -72,6 +73,7 @@ __all__ = [
     "apply_variant",
     "build_model_card",
     "convert",
+    "revert",
     "fast_paths",
     "find_attention_modules",
     "parse_layer_spec",

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 from torch import nn
@@ -102,6 +102,20 @@ class AttentionVariantMixin:
         )
         self.config.attention_variant_layers = targets
         self.config._attn_implementation_internal = config.attention_variant
+
+    def set_attn_implementation(self, attn_implementation: str | dict, *args: Any, **kwargs: Any) -> None:
+        """Refuses to switch a converted model to another implementation: the config would keep saying the model
+        runs its variant while it ran stock attention (and ran the variant again after a save and reload). Use
+        `hf_neural_attention.revert(model)` for the stock model."""
+        variant = getattr(self.config, "attention_variant", None)
+        if variant is not None and attn_implementation != variant:
+            raise ValueError(
+                f"{type(self).__name__} runs attention variant {variant!r}; switching it to {attn_implementation!r} "
+                "would leave the config and the weights describing a model that no longer runs. Use "
+                "hf_neural_attention.revert(model) to get the stock model back (the variant's weights removed), "
+                "then choose its implementation."
+            )
+        super().set_attn_implementation(attn_implementation, *args, **kwargs)
 
     def _drop_rotary_embeddings(self) -> None:
         replaced = 0
@@ -226,34 +240,3 @@ for _config_class in (VariantGPT2Config, VariantLlamaConfig, VariantViTConfig):
     _config_class.register_for_auto_class("AutoConfig")
 for _, _variant_class, _auto_class in VARIANT_MODEL_CLASSES:
     _variant_class.register_for_auto_class(_auto_class)
-
-
-def convert(model: nn.Module, variant: str, layers: None | str | Iterable[int] = None, **options: Any) -> nn.Module:
-    """Turns a loaded Transformers model into one whose targeted attention layers use `variant`.
-
-    Args:
-        model: GPT-2, Llama or ViT (base or head model), or any model whose attention modules call
-            `ALL_ATTENTION_FUNCTIONS.get_interface(...)`.
-        variant: one of "dot", "expressive", "neural", "cdape".
-        layers: None for the variant's paper default (neural: first layer; others: all), "all", or attention-layer
-            indices. Untouched layers keep the implementation they had.
-        **options: the variant's options (see README).
-
-    Returns the same object, converted in place with every existing weight kept. GPT-2, Llama and ViT models become
-    instances of the Variant* classes (and their configs of the Variant*Config classes), so they save as variant
-    checkpoints that load with `trust_remote_code=True`.
-    """
-    targets = apply_variant(model, variant, layers, **options)
-    if getattr(model.config, "name_or_path", None):
-        model.config.retrofitted_from = model.config.name_or_path
-    variant_model_class = STOCK_TO_VARIANT.get(type(model))
-    if variant_model_class is not None:
-        config = model.config
-        config.__class__ = variant_model_class.config_class  # same fields plus the variant ones
-        model.__class__ = variant_model_class
-    model.config.attention_variant_layers = targets
-    if hasattr(model, "set_attn_implementation"):
-        model.set_attn_implementation(variant)
-    else:
-        model.config._attn_implementation = variant
-    return model

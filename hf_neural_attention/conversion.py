@@ -1,0 +1,88 @@
+"""`convert` a loaded Transformers model to an attention variant, and `revert` it to the stock model.
+
+Installed-package API (a checkpoint's code does not need it): the model classes re-apply a saved variant themselves.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+from torch import nn
+
+from .injection import FALLBACK_ATTRIBUTE, VARIANT_ATTRIBUTE, apply_variant, find_attention_modules
+from .modeling_variants import STOCK_TO_VARIANT
+
+VARIANT_TO_STOCK = {variant: stock for stock, variant in STOCK_TO_VARIANT.items()}
+VARIANT_CONFIG_FIELDS = ("attention_variant", "attention_variant_options", "attention_variant_layers",
+                         "retrofitted_from", "use_rotary_embeddings")
+BASE_ATTRIBUTE = "_attention_variant_base"  # the stock implementation the model ran before convert (not saved)
+
+
+def convert(model: nn.Module, variant: str, layers: None | str | Iterable[int] = None, **options: Any) -> nn.Module:
+    """Turns a loaded Transformers model into one whose targeted attention layers use `variant`.
+
+    Args:
+        model: GPT-2, Llama or ViT (base or head model), or any model whose attention modules call
+            `ALL_ATTENTION_FUNCTIONS.get_interface(...)`.
+        variant: one of "dot", "expressive", "neural", "cdape".
+        layers: None for the variant's paper default (neural: first layer; others: all), "all", or attention-layer
+            indices. Untouched layers keep the implementation they had.
+        **options: the variant's options (see README).
+
+    Returns the same object, converted in place with every existing weight kept. GPT-2, Llama and ViT models become
+    instances of the Variant* classes (and their configs of the Variant*Config classes), so they save as variant
+    checkpoints that load with `trust_remote_code=True`.
+    """
+    base = getattr(getattr(model, "config", None), "_attn_implementation", None)
+    targets = apply_variant(model, variant, layers, **options)
+    setattr(model, BASE_ATTRIBUTE, base if base in ("eager", "sdpa") else "sdpa")
+    if getattr(model.config, "name_or_path", None):
+        model.config.retrofitted_from = model.config.name_or_path
+    variant_model_class = STOCK_TO_VARIANT.get(type(model))
+    if variant_model_class is not None:
+        config = model.config
+        config.__class__ = variant_model_class.config_class  # same fields plus the variant ones
+        model.__class__ = variant_model_class
+    model.config.attention_variant_layers = targets
+    if hasattr(model, "set_attn_implementation"):
+        model.set_attn_implementation(variant)
+    else:
+        model.config._attn_implementation = variant
+    return model
+
+
+def revert(model: nn.Module) -> nn.Module:
+    """The stock model back, in place: every variant module (and its weights) removed, the stock model and config
+    classes restored, the variant fields dropped from the config, and the stock implementation selected (the one the
+    model ran before `convert`, else SDPA). Outputs then equal the stock model's with the same weights.
+
+    A Llama converted without rotary embeddings (use_rotary_embeddings=False) cannot be reverted: its rotary module
+    was replaced.
+    """
+    config = getattr(model, "config", None)
+    if getattr(config, "use_rotary_embeddings", True) is False:
+        raise ValueError("this model was built without rotary embeddings (use_rotary_embeddings=False); its stock "
+                         "counterpart has them, so it cannot be reverted")
+    modules = [module for _, module in find_attention_modules(model)
+               if hasattr(module, VARIANT_ATTRIBUTE) or hasattr(module, FALLBACK_ATTRIBUTE)]
+    if not modules:
+        raise ValueError(f"{type(model).__name__} is not converted to an attention variant; nothing to revert")
+    for module in modules:
+        if hasattr(module, VARIANT_ATTRIBUTE):
+            delattr(module, VARIANT_ATTRIBUTE)
+        if hasattr(module, FALLBACK_ATTRIBUTE):
+            delattr(module, FALLBACK_ATTRIBUTE)
+    base = getattr(model, BASE_ATTRIBUTE, None) or "sdpa"
+    stock_class = VARIANT_TO_STOCK.get(type(model))
+    if stock_class is not None:
+        model.__class__ = stock_class
+        config.__class__ = stock_class.config_class
+    if config is not None:
+        for field in VARIANT_CONFIG_FIELDS:
+            config.__dict__.pop(field, None)
+        config.__dict__.pop("auto_map", None)  # it pointed at the variant classes' code
+    if hasattr(model, BASE_ATTRIBUTE):
+        delattr(model, BASE_ATTRIBUTE)
+    if hasattr(model, "set_attn_implementation"):
+        model.set_attn_implementation(base)
+    return model
