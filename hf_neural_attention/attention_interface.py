@@ -20,12 +20,12 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from .injection import FALLBACK_ATTRIBUTE, VARIANT_ATTRIBUTE
-from .masks import split_attention_mask
+from .masks import restrict_to_window, split_attention_mask
 from .registry import VARIANT_CLASSES, VARIANTS
 
 # Keyword arguments some models pass to attention functions that change the weights; none of the variants implements
 # them, so they are refused rather than dropped.
-UNSUPPORTED_KWARGS = ("softcap", "sliding_window", "position_bias", "s_aux", "sinks")
+UNSUPPORTED_KWARGS = ("softcap", "position_bias", "s_aux", "sinks")
 
 # Parameter-free variants run on modules that were never converted (set_attn_implementation("expressive")).
 _PARAMETER_FREE = {name: cls(0, 0) for name, cls in VARIANT_CLASSES.items() if not cls.has_parameters}
@@ -105,6 +105,11 @@ def variant_attention_forward(
     is_causal = kwargs.get("is_causal")
     is_causal = getattr(module, "is_causal", False) if is_causal is None else is_causal
     mask = split_attention_mask(attention_mask, q_len, k_len, bool(is_causal), query.device)
+    window = kwargs.get("sliding_window")
+    if window is not None:  # Mistral, Qwen2, Gemma 2/3 sliding layers: a banded causal mask
+        if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+            raise ValueError(f"sliding_window must be a positive integer; got {window!r}")
+        mask = restrict_to_window(mask, q_len, k_len, window, query.device)
 
     # The variant's fast path (chunked or compiled; same numbers) runs unless the caller records the weights.
     if not attention_weights_requested(kwargs):

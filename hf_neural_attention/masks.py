@@ -83,6 +83,16 @@ def query_key_slots(mask: KeyMask, q_len: int, k_len: int, device: torch.device)
     return query_slots, key_slots[None, None, None, :]
 
 
+def restrict_to_window(mask: KeyMask, q_len: int, k_len: int, window: int, device: torch.device) -> KeyMask:
+    """The mask with sliding-window attention applied: a query sees only keys less than `window` slots behind it
+    (Transformers' rule, kv_idx > q_idx - window), with slots as in query_key_slots, so cached decoding, padding and
+    a mask that is already banded all come out the same."""
+    query_slots, key_slots = query_key_slots(mask, q_len, k_len, device)
+    band = (query_slots - key_slots) < window  # [B or 1, 1, Lq, Lk]
+    keep = band if mask.keep is None else mask.keep & band
+    return KeyMask(keep, mask.bias, mask.causal)
+
+
 class Chunk:
     """Query rows start:end against keys :key_end. Columns before mask_from are visible to every row of the chunk;
     keep is the boolean pattern of the columns mask_from:key_end (None when every column is visible) and bias the
