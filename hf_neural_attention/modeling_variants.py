@@ -148,6 +148,15 @@ class AttentionVariantMixin:
                 kwargs["attention_variant_layers"] = None
         model, info = super().from_pretrained(pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs)
         unexpected = sorted(info["unexpected_keys"])
+        if getattr(model, "base_model", None) is model:
+            # A base model loaded from a checkpoint with a head ignores the head's weights, as Transformers does
+            # (feature extraction, embeddings); a key under one of the base model's own modules still counts.
+            children = dict(model.named_children())
+            head = [key for key in unexpected if key.split(".", 1)[0] not in children]
+            if head:
+                logger.info("%s: ignoring the head weights of %s: %s", cls.__name__, pretrained_model_name_or_path,
+                            _preview(head))
+            unexpected = [key for key in unexpected if key not in head]
         if unexpected:
             raise ValueError(
                 f"The checkpoint at {pretrained_model_name_or_path} does not fit {cls.__name__} (attention variant "

@@ -427,3 +427,16 @@ def test_variant_checkpoint_missing_its_variant_weights_raises(saved_checkpoints
     write(kept, str(damaged / "model.safetensors"), metadata={"format": "pt"})
     with pytest.raises(ValueError, match=r"lacks that variant's weights: \['model.layers.1.self_attn.attention_var"):
         AutoModelForCausalLM.from_pretrained(damaged)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_base_auto_model_loads_from_a_checkpoint_with_a_head(arch, tmp_path):
+    """As in Transformers, AutoModel on a causal-LM checkpoint ignores the head (Llama's lm_head is not tied)."""
+    model = converted(ALL_BUILDERS[arch], "cdape")
+    model.save_pretrained(tmp_path)
+    base = AutoModel.from_pretrained(tmp_path)
+    assert type(base) is {"llama": hfna.VariantLlamaModel, "gpt2": hfna.VariantGPT2Model}[arch]
+    ids = torch.randint(1, VOCAB, (2, 8), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        expected = model.base_model(input_ids=ids).last_hidden_state
+        torch.testing.assert_close(base(input_ids=ids).last_hidden_state, expected, rtol=0, atol=1e-6)
