@@ -9,7 +9,7 @@ from typing import Any, Iterable
 
 from torch import nn
 
-from .injection import FALLBACK_ATTRIBUTE, VARIANT_ATTRIBUTE, apply_variant, find_attention_modules
+from .injection import FALLBACK_ATTRIBUTE, HOOK_ATTRIBUTE, VARIANT_ATTRIBUTE, apply_variant, find_attention_modules
 from .modeling_variants import STOCK_TO_VARIANT
 
 VARIANT_TO_STOCK = {variant: stock for stock, variant in STOCK_TO_VARIANT.items()}
@@ -83,6 +83,9 @@ def revert(model: nn.Module) -> nn.Module:
         config.__dict__.pop("auto_map", None)  # it pointed at the variant classes' code
     if hasattr(model, BASE_ATTRIBUTE):
         delattr(model, BASE_ATTRIBUTE)
+    hook = model.__dict__.pop(HOOK_ATTRIBUTE, None)
+    if hook is not None:
+        hook.remove()
     if hasattr(model, "set_attn_implementation"):
         model.set_attn_implementation(base)
     return model

@@ -41,6 +41,7 @@ class NeuralAttention(AttentionVariant):
     default_layers = "first"
     normalisation = "softmax"
     has_parameters = True
+    shift_invariant = False  # the MLP sees RoPE-rotated q, k, not only their dot product
     options_spec = {
         "proj_dim": Option(None, positive_int, "d', the width q and k are projected to (default max(1, d_h // 32))"),
         "hidden_dims": Option(None, positive_int_list, "hidden widths of the MLP (default [d', max(1, d' // 2)])"),

@@ -82,6 +82,9 @@ class AttentionVariant(nn.Module):
     options_spec: ClassVar[dict[str, Option]] = {}
     has_parameters: ClassVar[bool] = False  # False: runs on unconverted modules (set_attn_implementation(name))
     has_chunked_path: ClassVar[bool] = True
+    # Whether scores depend only on relative positions under RoPE (a function of q.k); False: left padding without
+    # position_ids changes a padded row's output, and the model warns (injection.warn_left_padding_without_positions).
+    shift_invariant: ClassVar[bool] = True
     flex_fully_masked: ClassVar[str] = "zero"  # what FlexAttention must give a fully masked row: "zero" or "uniform"
 
     def __init__(self, num_heads: int, head_dim: int, **options: Any) -> None:

@@ -103,3 +103,33 @@ def test_untouched_layers_keep_stock_attention_in_decoding(arch):
         prefill = model(ids[:, :11], use_cache=True)
         step = model(ids[:, 11:], past_key_values=prefill.past_key_values, use_cache=True).logits
     torch.testing.assert_close(step, full[:, 11:], rtol=0, atol=1e-5)
+
+
+def test_neural_warns_on_left_padding_without_position_ids(caplog):
+    """neural's learned score is not shift-invariant: a left-padded batch without position_ids differs from the rows
+    alone, so the model says so (once); with position_ids, and for shift-invariant variants, it stays quiet."""
+    from hf_neural_attention import injection
+
+    ids = torch.randint(1, VOCAB, (2, 8), generator=torch.Generator().manual_seed(2))
+    attention_mask = torch.ones_like(ids)
+    attention_mask[1, :3] = 0
+    positions = (attention_mask.cumsum(-1) - 1).clamp_min(0)
+    for variant, warns in (("cdape", False), ("neural", True)):
+        injection._LEFT_PADDING_WARNED.clear()
+        model = converted(CAUSAL_BUILDERS["llama"], variant)
+        with caplog.at_level("WARNING", logger="hf_neural_attention.injection"):
+            caplog.clear()
+            with torch.no_grad():
+                model(input_ids=ids, attention_mask=attention_mask, position_ids=positions)
+            assert not caplog.records
+            with torch.no_grad():
+                model(input_ids=ids, attention_mask=attention_mask)
+            assert bool(caplog.records) == warns, variant
+            if warns:
+                assert "position_ids" in caplog.records[0].getMessage()
+        hfna.revert(model)
+        caplog.clear()
+        injection._LEFT_PADDING_WARNED.clear()
+        with caplog.at_level("WARNING", logger="hf_neural_attention.injection"), torch.no_grad():
+            model(input_ids=ids, attention_mask=attention_mask)
+        assert not caplog.records, "revert removes the hook"
