@@ -240,3 +240,61 @@ def test_expressive_fp32_large_scores_do_not_overflow():
     output, weights = run_registered("expressive", module, q, k, v, as_additive(keep, torch.float32, "min"))
     assert torch.isfinite(output).all()
     torch.testing.assert_close(weights.sum(-1), torch.ones_like(weights.sum(-1)))
+
+
+@pytest.mark.parametrize("variant", hfna.VARIANTS)
+def test_attention_function_without_scaling_uses_head_dim_to_the_minus_half(variant):
+    """Models that pass no `scaling` get 1/sqrt(d_h), as Transformers' own attention functions do."""
+    q, k, v, keep = random_inputs(q_len=5, k_len=7)
+    options = {"scale": True} if variant == "expressive" else dict(CASES).get(variant, {})
+    module = make_module(variant, options)
+    function = ALL_ATTENTION_FUNCTIONS[variant]
+    with torch.no_grad():
+        implicit, _ = function(Holder(module), q, k, v, keep)
+        explicit, _ = function(Holder(module), q, k, v, keep, scaling=D**-0.5)
+        other, _ = function(Holder(module), q, k, v, keep, scaling=1.0)
+    torch.testing.assert_close(implicit, explicit, rtol=0, atol=0)
+    if variant != "neural":  # the paper's neural score has no scaling at all
+        assert (implicit - other).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("fast", [False, True], ids=["plain", "chunked"])
+def test_softmax_square_with_the_largest_score_on_a_masked_key(fast):
+    """exp(s^2 - row max) must take the max over visible keys only: with the largest |s| on a masked key, a max over
+    all keys underflows every visible weight."""
+    from hf_neural_attention.runtime import fast_paths
+
+    q, k, v, keep = random_inputs(q_len=5, k_len=7, scale=0.5)
+    direction = torch.zeros(D, dtype=torch.float64)
+    direction[0] = 1.0
+    q = q + 3.0 * direction  # every query shares a component ...
+    k = k.clone()
+    k[:, :, 2] = 200.0 * direction  # ... that key 2 holds at scale: s^2 above 1000 there, about 1 elsewhere
+    keep = keep.clone()
+    keep[:, :, :, 2] = False
+    keep[..., -1] = True
+    module = build_variant("expressive", H, D, form="softmax_square", scale=True).double()
+    with torch.no_grad(), fast_paths(fast, **({"min_size": 0, "chunk_size": 2} if fast else {})):
+        output, _ = run_registered("expressive", module, q, k, v, keep)
+    scores = (q @ repeat_heads(k).transpose(-1, -2)) / math.sqrt(D)
+    assert (scores.abs().amax(-1) == scores.abs()[..., 2]).all(), "the masked key must hold every row's largest |s|"
+    assert (scores[..., 2].square() - scores.square().masked_fill(~keep, 0).amax(-1)).min() > 745  # exp(-that) underflows even in float64
+    expected, _ = reference_output("expressive", module, q, k, v, keep, torch.zeros(keep.shape, dtype=torch.float64))
+    assert torch.isfinite(output).all()
+    torch.testing.assert_close(output, expected, rtol=1e-7, atol=1e-9)
+
+
+@pytest.mark.parametrize("fast", [False, True], ids=["plain", "chunked"])
+def test_kerple_parameters_below_their_clamp(fast):
+    """Kerple's r1, r2 are clamped to >= 1e-2 (the reference's rule), also when training pushed them negative."""
+    from hf_neural_attention.runtime import fast_paths
+
+    q, k, v, keep = random_inputs(scale=0.3)
+    module = make_module("cdape", {"zero_init": False, "bias": "kerple", "hidden_size": 8})
+    with torch.no_grad():
+        module.kerple_r1.copy_(torch.tensor([-1.0, 0.005, 0.5, -0.2]))
+        module.kerple_r2.copy_(torch.tensor([0.3, -2.0, 0.001, 0.8]))
+        with fast_paths(fast, **({"min_size": 0, "chunk_size": 2} if fast else {})):
+            output, _ = run_registered("cdape", module, q, k, v, keep)
+    expected, _ = reference_output("cdape", module, q, k, v, keep, torch.zeros(keep.shape, dtype=torch.float64))
+    torch.testing.assert_close(output, expected, rtol=1e-9, atol=1e-11)
