@@ -440,3 +440,26 @@ def test_base_auto_model_loads_from_a_checkpoint_with_a_head(arch, tmp_path):
     with torch.no_grad():
         expected = model.base_model(input_ids=ids).last_hidden_state
         torch.testing.assert_close(base(input_ids=ids).last_hidden_state, expected, rtol=0, atol=1e-6)
+
+
+NON_DEFAULT_OPTIONS = {
+    "expressive": {"form": "softmax_square", "scale": True},
+    "neural": {"proj_dim": 3, "hidden_dims": [5, 2, 2], "per_head": True, "combine": "add"},
+    "cdape": {"kernel_size": 5, "hidden_size": 6, "bias": "alibi", "zero_init": False},
+}
+
+
+@pytest.mark.parametrize("variant", list(NON_DEFAULT_OPTIONS))
+def test_every_non_default_option_survives_the_round_trip(variant, tmp_path):
+    options = NON_DEFAULT_OPTIONS[variant]
+    spec = hfna.VARIANT_CLASSES[variant].options_spec
+    assert set(options) == set(spec), "every option of the variant is exercised"
+    assert all(options[name] != spec[name].default for name in options)
+    model = converted(ALL_BUILDERS["gpt2"], variant, **options)
+    model.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    for module in (m for m in loaded.modules() if isinstance(m, hfna.AttentionVariant)):
+        assert module.options == options
+    ids = torch.randint(1, VOCAB, (2, 8), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids).logits, model(input_ids=ids).logits, rtol=0, atol=1e-6)
