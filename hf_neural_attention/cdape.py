@@ -44,6 +44,37 @@ def alibi_slopes(num_heads: int) -> tuple[float, ...]:
     return tuple(slopes)
 
 
+def conv_tensors(conv: nn.Module, training: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A convolution's weight and bias as tensors (the engine recomputes the convolutions per chunk, so it needs the
+    tensors, not the module). A plain Conv2d gives its own. A wrapper with a `base_layer` Conv2d and
+    `get_delta_weight(adapter)` (PEFT's LoRA) gives the base weight plus its active adapters' deltas: the same map as
+    running the wrapper when its dropout is off. Any other wrapper is refused, so an adapter can never be skipped."""
+    if type(conv) is nn.Conv2d:
+        return conv.weight, conv.bias
+    base, delta = getattr(conv, "base_layer", None), getattr(conv, "get_delta_weight", None)
+    if not (isinstance(base, nn.Conv2d) and callable(delta)):
+        raise ValueError(
+            f"cdape reads its convolutions' weights directly, and {type(conv).__name__} wraps one in a way it cannot "
+            "read (supported: nn.Conv2d, and LoRA adapters that expose base_layer and get_delta_weight, as PEFT's do)"
+        )
+    weight = base.weight
+    if getattr(conv, "merged", False) or getattr(conv, "disable_adapters", False):
+        return weight, base.bias  # merged: the deltas are in the base weight already
+    for adapter in conv.active_adapters:
+        if adapter not in getattr(conv, "lora_A", {}):
+            continue
+        if getattr(conv, "use_dora", {}).get(adapter, False):
+            raise ValueError(f"cdape supports LoRA on its convolutions, not DoRA (adapter {adapter!r})")
+        dropout = conv.lora_dropout[adapter]
+        if training and isinstance(dropout, nn.Dropout) and dropout.p > 0:
+            raise ValueError(
+                f"LoRA adapter {adapter!r} on a cdape convolution has lora_dropout={dropout.p}; cdape applies adapters "
+                "as weight deltas, which equals the adapter only without dropout: use lora_dropout=0 for these modules"
+            )
+        weight = weight + delta(adapter)
+    return weight, base.bias
+
+
 class CDAPEAttention(AttentionVariant):
     name = "cdape"
     normalisation = "softmax"
@@ -88,8 +119,10 @@ class CDAPEAttention(AttentionVariant):
                 f"channel of its convolution is not a head); got shape {tuple(mask.keep.shape)}"
             )
         # The convolutions run in the weights' dtype, or autocast's (float16: float32, for range).
-        dtype = operand_dtype(autocast_or(query, self.conv_in.weight.dtype))
-        convs = [t.to(dtype) for t in (self.conv_in.weight, self.conv_in.bias, self.conv_out.weight, self.conv_out.bias)]
+        weight_in, bias_in = conv_tensors(self.conv_in, self.training)
+        weight_out, bias_out = conv_tensors(self.conv_out, self.training)
+        dtype = operand_dtype(autocast_or(query, weight_in.dtype))
+        convs = [t.to(dtype) for t in (weight_in, bias_in, weight_out, bias_out)]
         if self.bias == "none":
             return [query], [key, *convs]
         query_slots, key_slots = query_key_slots(mask, query.shape[2], key.shape[2], query.device)
