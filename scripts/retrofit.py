@@ -44,12 +44,10 @@ def parse_option(text: str) -> tuple[str, Any]:
 
 
 def parse_layers(text: str | None) -> None | str | list[int]:
-    if text is None or text == "all":
-        return text
     try:
-        return [int(part) for part in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f'--layers expects "all" or comma-separated integers, got {text!r}') from None
+        return hfna.parse_layer_spec(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(f"--layers: {error}") from None
 
 
 def auto_class_for(checkpoint: str):

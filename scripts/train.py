@@ -19,7 +19,7 @@ import yaml
 from huggingface_hub.errors import StrictDataclassClassValidationError
 from transformers import HfArgumentParser, TrainingArguments
 
-from hf_neural_attention.experiments.training import DataArguments, ModelArguments, run
+from hf_neural_attention.experiments.training import DataArguments, ModelArguments, check_recipe_types, run
 
 
 class RecipeLoader(yaml.SafeLoader):
@@ -78,6 +78,7 @@ def parse(argv: list[str]) -> tuple[ModelArguments, DataArguments, TrainingArgum
 
 def parse_dict_recipe(recipe: dict) -> tuple[ModelArguments, DataArguments, TrainingArguments]:
     recipe = {"output_dir": "outputs/run", **recipe}
+    check_recipe_types(recipe)
     parser = HfArgumentParser((ModelArguments, DataArguments, TrainingArguments))
     try:
         return parser.parse_dict(recipe, allow_extra_keys=False)

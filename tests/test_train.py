@@ -133,6 +133,21 @@ def test_two_process_data_parallel_with_accelerate(variant, tmp_path, data_cache
         ({"architecture": "vit", "dataset": "imagefolder", "data_dir": "/nonexistent"},
          "needs an existing data_dir"),
         ({"architecture": "vit", "dataset": "stdlib-prose"}, "does not fit architecture 'vit'"),
+        # yes/no and other strings are never read as booleans (YAML 1.2 keeps them strings)
+        ({"bf16": "no"}, r"recipe field 'bf16' must be bool \(write true or false\); got 'no'"),
+        ({"architecture": "llama", "use_rotary_embeddings": "no"}, r"'use_rotary_embeddings' must be bool"),
+        ({"activation_checkpointing": "no"}, r"'activation_checkpointing' must be bool or null"),
+        ({"hidden_size": "64"}, r"'hidden_size' must be int; got '64'"),
+        ({"learning_rate": "fast"}, r"'learning_rate' must be float"),
+        ({"attention_options": "kernel_size=3"}, r"'attention_options' must be dict or null"),
+        # ranges, named by field
+        ({"block_size": 0}, r"block_size must be an integer >= 2; got 0"),
+        ({"hidden_size": -64}, r"hidden_size must be an integer >= 1; got -64"),
+        ({"num_heads": 3}, r"hidden_size \(32\) must be a multiple of num_heads \(3\)"),
+        ({"dropout": 1.5}, r"dropout must be in \[0, 1\); got 1.5"),
+        ({"eval_stride": 32}, r"eval_stride must be in \[1, block_size - 1\]"),
+        ({"attention_layers": "first"}, r"layers must be None, \"all\" or comma-separated"),
+        ({"attention_variant": "cdape", "attention_options": {"kernel_size": 4}}, "kernel_size must be odd"),
     ],
 )
 def test_bad_recipes_stop_with_a_message(overrides, message, tmp_path, data_cache, capsys):

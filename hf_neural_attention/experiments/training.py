@@ -14,6 +14,8 @@ import math
 import os
 import resource
 import time
+import types
+import typing
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,7 +32,8 @@ from .. import (
     VariantLlamaForCausalLM,
     VariantViTConfig,
     VariantViTForImageClassification,
-    variant_option_names,
+    parse_layer_spec,
+    validate_variant_options,
 )
 from ..hub import write_model_card
 from .metrics import compute_accuracy_from_eval_prediction, sliding_window_perplexity
@@ -92,6 +95,53 @@ class PreparedData:
     validation_tokens: Any = None
 
 
+def _simple_types(annotation: Any) -> tuple[set[type], bool] | None:
+    """({bool, int, float, str, dict}-subset, None allowed) of a field annotation, or None for anything richer
+    (enums, lists, unions with other types), which HfArgumentParser and TrainingArguments check themselves."""
+    allowed, optional = set(), False
+    for member in typing.get_args(annotation) if typing.get_origin(annotation) in (typing.Union, types.UnionType) \
+            else (annotation,):
+        if member is type(None):
+            optional = True
+        elif member in (bool, int, float, str, dict):
+            allowed.add(member)
+        else:
+            return None
+    return allowed, optional
+
+
+def check_recipe_types(recipe: dict) -> None:
+    """Every recipe value of a boolean, integer, float, string or mapping field must have that type: YAML's yes/no
+    and quoted numbers stay strings in a recipe, and a string is never silently read as a boolean."""
+    hints = {}
+    for cls in (ModelArguments, DataArguments, TrainingArguments):
+        hints.update(typing.get_type_hints(cls))
+    for key, value in recipe.items():
+        kinds = _simple_types(hints[key]) if key in hints else None
+        if kinds is None:
+            continue
+        allowed, optional = kinds
+        if value is None and optional:
+            continue
+        ok = (
+            (bool in allowed and isinstance(value, bool))
+            or (int in allowed and isinstance(value, int) and not isinstance(value, bool))
+            or (float in allowed and isinstance(value, (int, float)) and not isinstance(value, bool))
+            or (str in allowed and isinstance(value, str))
+            or (dict in allowed and isinstance(value, dict))
+        )
+        if not ok:
+            names = sorted(t.__name__ for t in allowed) + (["null"] if optional else [])
+            hint = " (write true or false)" if allowed == {bool} else ""
+            raise ValueError(f"recipe field {key!r} must be {' or '.join(names)}{hint}; got {value!r}")
+
+
+# (field, smallest valid value) of the integer fields; None values keep their defaults.
+_AT_LEAST = {"hidden_size": 1, "num_layers": 1, "num_heads": 1, "num_kv_heads": 1, "intermediate_size": 1,
+             "max_position_embeddings": 2, "image_size": 1, "patch_size": 1, "block_size": 2, "vocab_size": 260,
+             "max_train_samples": 1, "max_eval_samples": 1, "eval_stride": 1}
+
+
 def validate_arguments(model_args: ModelArguments, data_args: DataArguments) -> None:
     """Clear errors for recipe values that would otherwise fail deep inside training."""
     if model_args.architecture not in ARCHITECTURES:
@@ -99,13 +149,26 @@ def validate_arguments(model_args: ModelArguments, data_args: DataArguments) -> 
     if model_args.attention_variant not in VARIANTS:
         raise ValueError(f"attention_variant={model_args.attention_variant!r} is not valid; choose one of "
                          f"{list(VARIANTS)}")
-    if model_args.attention_options is not None and not isinstance(model_args.attention_options, dict):
-        raise ValueError(f"attention_options must be a mapping; got {model_args.attention_options!r}")
-    valid_options = variant_option_names(model_args.attention_variant)
-    unknown = sorted(set(model_args.attention_options or {}) - set(valid_options))
-    if unknown:
-        raise ValueError(f"Unknown option(s) {unknown} for attention variant {model_args.attention_variant!r}; "
-                         f"valid options are {valid_options or 'none'}")
+    try:
+        validate_variant_options(model_args.attention_variant, model_args.attention_options)
+        parse_layer_spec(model_args.attention_layers)
+    except ValueError as error:
+        raise ValueError(f"attention_options/attention_layers: {error}") from None
+    for args in (model_args, data_args):
+        for name, value in vars(args).items():
+            if name in _AT_LEAST and value is not None and value < _AT_LEAST[name]:
+                raise ValueError(f"{name} must be an integer >= {_AT_LEAST[name]}; got {value}")
+    if not 0.0 <= model_args.dropout < 1.0:
+        raise ValueError(f"dropout must be in [0, 1); got {model_args.dropout}")
+    if model_args.hidden_size % model_args.num_heads:
+        raise ValueError(f"hidden_size ({model_args.hidden_size}) must be a multiple of num_heads "
+                         f"({model_args.num_heads})")
+    if model_args.num_kv_heads is not None and model_args.num_heads % model_args.num_kv_heads:
+        raise ValueError(f"num_heads ({model_args.num_heads}) must be a multiple of num_kv_heads "
+                         f"({model_args.num_kv_heads})")
+    if data_args.eval_stride is not None and data_args.eval_stride >= data_args.block_size:
+        raise ValueError(f"eval_stride must be in [1, block_size - 1] = [1, {data_args.block_size - 1}]; "
+                         f"got {data_args.eval_stride}")
     dataset = dataset_name(model_args, data_args)
     valid = data_lib.IMAGE_DATASETS if model_args.architecture == "vit" else data_lib.TEXT_DATASETS
     if dataset not in valid:
@@ -119,17 +182,6 @@ def dataset_name(model_args: ModelArguments, data_args: DataArguments) -> str:
     if data_args.dataset is not None:
         return data_args.dataset
     return "digits" if model_args.architecture == "vit" else "stdlib-prose"
-
-
-def parse_layers(text: str | None):
-    if text is None or text == "all":
-        return text
-    if isinstance(text, (list, tuple)):
-        return list(text)
-    try:
-        return [int(part) for part in str(text).split(",")]
-    except ValueError:
-        raise ValueError(f'attention_layers must be "all" or comma-separated integers; got {text!r}') from None
 
 
 def prepare_data(model_args: ModelArguments, data_args: DataArguments) -> PreparedData:
@@ -174,7 +226,7 @@ def build_model(model_args: ModelArguments, data_args: DataArguments, prepared: 
     variant_fields = dict(
         attention_variant=model_args.attention_variant,
         attention_variant_options=dict(model_args.attention_options or {}),
-        attention_variant_layers=parse_layers(model_args.attention_layers),
+        attention_variant_layers=parse_layer_spec(model_args.attention_layers),
     )
     model_class = {"gpt2": VariantGPT2LMHeadModel, "llama": VariantLlamaForCausalLM,
                    "vit": VariantViTForImageClassification}[model_args.architecture]
