@@ -179,3 +179,21 @@ def test_shipped_recipes_parse(recipe):
 
     validate_arguments(model_args, data_args)
     assert training_args.output_dir.startswith("outputs/")
+
+
+def test_help_lists_every_recipe_field_with_its_help(capsys):
+    assert train_script.main(["--help"]) == 0
+    text = capsys.readouterr().out
+    for option in ("--attention_variant", "--attention_options", "--block_size", "--learning_rate", "--bf16"):
+        assert option in text, option
+    assert "one of ('dot', 'expressive', 'neural', 'cdape')" in text
+
+
+@pytest.mark.parametrize("command", ["hfna-train", "hfna-retrofit"])
+def test_console_scripts_are_installed(command):
+    executable = Path(sys.executable).parent / command
+    assert executable.exists(), f"{command} is not installed next to {sys.executable}"
+    result = subprocess.run([str(executable), "--help"], capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "usage" in result.stdout.lower()

@@ -1,0 +1,116 @@
+"""Retrofit an existing GPT-2, Llama or ViT checkpoint with an attention variant and save it as a variant checkpoint.
+
+    hfna-retrofit CHECKPOINT VARIANT OUTPUT_DIR [--layers all|0,3,5] [--option KEY=VALUE ...]
+                               [--push-to-hub REPO_ID] [--private]
+
+CHECKPOINT is a local folder or a Hub id. Every existing weight is kept; only the variant's parameters are new.
+The output folder holds safetensors weights, the config with `auto_map`, the modeling code and a model card, so it
+loads with `from_pretrained(OUTPUT_DIR, trust_remote_code=True)` without this package. `--push-to-hub` uploads that
+folder through the model's own `push_to_hub`. A tokenizer or image processor found next to the checkpoint is copied.
+
+Examples:
+    python scripts/retrofit.py openai-community/gpt2 cdape gpt2-cdape --option kernel_size=3
+    python scripts/retrofit.py ./my-llama neural ./my-llama-neural --layers all --option combine=add
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForImageClassification
+
+import hf_neural_attention as hfna
+
+AUTO_FOR_ARCHITECTURE_SUFFIX = {
+    "ForCausalLM": AutoModelForCausalLM,
+    "LMHeadModel": AutoModelForCausalLM,
+    "ForImageClassification": AutoModelForImageClassification,
+}
+
+
+def parse_option(text: str) -> tuple[str, Any]:
+    if "=" not in text:
+        raise argparse.ArgumentTypeError(f"--option expects KEY=VALUE, got {text!r}")
+    key, raw = text.split("=", 1)
+    try:
+        value = json.loads(raw)  # numbers, true/false, lists
+    except json.JSONDecodeError:
+        value = raw  # plain strings such as alibi or add
+    return key.strip(), value
+
+
+def parse_layers(text: str | None) -> None | str | list[int]:
+    try:
+        return hfna.parse_layer_spec(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(f"--layers: {error}") from None
+
+
+def auto_class_for(checkpoint: str):
+    architectures = getattr(AutoConfig.from_pretrained(checkpoint), "architectures", None) or []
+    for architecture in architectures:
+        for suffix, auto_class in AUTO_FOR_ARCHITECTURE_SUFFIX.items():
+            if architecture.endswith(suffix):
+                return auto_class
+    return AutoModel
+
+
+def copy_preprocessor(checkpoint: str, output_dir: str) -> str | None:
+    for loader in (AutoTokenizer, AutoImageProcessor):
+        try:
+            preprocessor = loader.from_pretrained(checkpoint)
+        except (OSError, ValueError, KeyError):
+            continue  # none of this kind next to the checkpoint
+        except ImportError as error:  # e.g. an image processor without Pillow installed
+            print(f"warning: could not copy the {loader.__name__[4:]}: {error}".strip(), file=sys.stderr)
+            continue
+        preprocessor.save_pretrained(output_dir)
+        return type(preprocessor).__name__
+    return None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("checkpoint", help="stock checkpoint: local folder or Hub id")
+    parser.add_argument("variant", choices=hfna.VARIANTS)
+    parser.add_argument("output_dir")
+    parser.add_argument("--layers", type=parse_layers, default=None,
+                        help='"all" or comma-separated attention-layer indices (default: the paper default)')
+    parser.add_argument("--option", type=parse_option, action="append", default=[], metavar="KEY=VALUE",
+                        help="a variant option, repeatable (values parsed as JSON when possible)")
+    parser.add_argument("--push-to-hub", metavar="REPO_ID", default=None)
+    parser.add_argument("--private", action="store_true", help="with --push-to-hub: create a private repository")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    options = dict(args.option)
+    auto_class = auto_class_for(args.checkpoint)
+    model = auto_class.from_pretrained(args.checkpoint)
+    supported = [stock.__name__ for stock, _, _ in hfna.VARIANT_MODEL_CLASSES]
+    if type(model).__name__ not in supported:
+        print(f"error: {type(model).__name__} has no variant checkpoint class; supported: {supported}", file=sys.stderr)
+        return 2
+    try:
+        model = hfna.convert(model, args.variant, layers=args.layers, **options)  # records retrofitted_from
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    model.save_pretrained(args.output_dir)
+    preprocessor = copy_preprocessor(args.checkpoint, args.output_dir)
+    print(f"saved {type(model).__name__} ({args.variant}, layers {model.config.attention_variant_layers}, "
+          f"options {model.config.attention_variant_options}) to {args.output_dir}"
+          + (f" with its {preprocessor}" if preprocessor else " (no tokenizer or image processor found to copy)"))
+    if args.push_to_hub:
+        url = model.push_to_hub(args.push_to_hub, private=args.private)
+        print(f"pushed to {args.push_to_hub}: {url}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,113 @@
+"""Train one model with the stock Trainer from a YAML/JSON recipe, with command-line overrides.
+
+    hfna-train configs/gpt2_stdlib.yaml [--attention_variant cdape] [--max_steps 100] ...   (or scripts/train.py)
+    accelerate launch --num_processes 2 --cpu scripts/train.py configs/gpt2_stdlib.yaml   # data-parallel
+
+A recipe holds the fields of ModelArguments, DataArguments (hf_neural_attention/experiments/training.py) and
+transformers.TrainingArguments in one mapping. Overrides are `--key value` or `--key=value`; values are read as
+YAML (numbers, true/false, mappings such as --attention_options '{kernel_size: 5}'). Unknown keys are errors.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from pathlib import Path
+
+import yaml
+from huggingface_hub.errors import StrictDataclassClassValidationError
+from transformers import HfArgumentParser, TrainingArguments
+
+from hf_neural_attention.experiments.training import DataArguments, ModelArguments, check_recipe_types, run
+
+
+class RecipeLoader(yaml.SafeLoader):
+    """YAML 1.2 booleans: only true/false, so `eval_strategy: no` stays the string "no"."""
+
+
+RecipeLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+RecipeLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
+
+
+def load_yaml(text: str):
+    return yaml.load(text, Loader=RecipeLoader)
+
+
+def read_recipe(path: str) -> dict:
+    file = Path(path)
+    if not file.is_file():
+        raise FileNotFoundError(f"recipe {path!r} does not exist")
+    text = file.read_text()
+    recipe = json.loads(text) if file.suffix == ".json" else load_yaml(text)
+    if not isinstance(recipe, dict):
+        raise ValueError(f"recipe {path!r} must be a mapping of argument names to values")
+    return recipe
+
+
+def parse_overrides(arguments: list[str]) -> dict:
+    overrides, index = {}, 0
+    while index < len(arguments):
+        item = arguments[index]
+        if not item.startswith("--"):
+            raise ValueError(f"expected --key value, got {item!r}")
+        if "=" in item:
+            key, raw = item[2:].split("=", 1)
+            index += 1
+        else:
+            if index + 1 >= len(arguments):
+                raise ValueError(f"{item} needs a value")
+            key, raw = item[2:], arguments[index + 1]
+            index += 2
+        overrides[key] = load_yaml(raw)
+    return overrides
+
+
+def parse(argv: list[str]) -> tuple[ModelArguments, DataArguments, TrainingArguments]:
+    recipe = {}
+    if argv and not argv[0].startswith("--"):
+        recipe = read_recipe(argv[0])
+        argv = argv[1:]
+    recipe.update(parse_overrides(argv))
+    return parse_dict_recipe(recipe)
+
+
+def parse_dict_recipe(recipe: dict) -> tuple[ModelArguments, DataArguments, TrainingArguments]:
+    recipe = {"output_dir": "outputs/run", **recipe}
+    check_recipe_types(recipe)
+    parser = HfArgumentParser((ModelArguments, DataArguments, TrainingArguments))
+    try:
+        return parser.parse_dict(recipe, allow_extra_keys=False)
+    except ValueError as error:
+        if "not used by the HfArgumentParser" in str(error):
+            raise ValueError(f"unknown recipe key(s): {str(error).split(':', 1)[1].strip()}") from None
+        raise
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if "-h" in argv or "--help" in argv:  # every recipe field, with its help text and default
+        parser = HfArgumentParser((ModelArguments, DataArguments, TrainingArguments))
+        parser.usage = "hfna-train [RECIPE.yaml] [--key value ...]"
+        print(__doc__.strip() + "\n\n" + parser.format_help())
+        return 0
+    try:
+        model_args, data_args, training_args = parse(argv)
+        results = run(model_args, data_args, training_args)
+    except (ValueError, FileNotFoundError, StrictDataclassClassValidationError) as error:
+        # Config validation wraps our ValueError; show the message that names the problem.
+        cause = error.__cause__ if isinstance(error, StrictDataclassClassValidationError) else error
+        print(f"error: {cause}", file=sys.stderr)
+        return 2
+    if training_args.process_index == 0:
+        headline = {k: v for k, v in results.items() if k.startswith(("validation_", "test_"))}
+        print(json.dumps({"output_dir": training_args.output_dir, **headline}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
