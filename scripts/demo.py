@@ -17,7 +17,6 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 from hf_neural_attention import VARIANTS  # noqa: E402
 from hf_neural_attention.experiments.training import plot_loss_curves  # noqa: E402

@@ -25,24 +25,23 @@ Writes results/reproduce_cdape/{results.json, results.md, perplexity.png, cards/
 
 from __future__ import annotations
 
-import argparse
 import json
-import math
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
-from transformers import Trainer, TrainingArguments, default_data_collator, set_seed
+from transformers import set_seed
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 from hf_neural_attention import VariantLlamaConfig, VariantLlamaForCausalLM  # noqa: E402
 from hf_neural_attention.hub import build_model_card  # noqa: E402
-from hf_neural_attention.experiments.harness import BLOW_UP_GROWTH, FLAT_GROWTH, extrapolation_verdict, mean_sd  # noqa: E402
-from hf_neural_attention.experiments.training import DataArguments, ModelArguments, prepare_data  # noqa: E402
+from hf_neural_attention.experiments.harness import (  # noqa: E402
+    BLOW_UP_GROWTH, FLAT_GROWTH, extrapolation_verdict, mean_sd, parse_reproduction_args, pyplot, reproduction_parser,
+    schedule, training_arguments)
+from hf_neural_attention.experiments.metrics import block_perplexity  # noqa: E402
+from hf_neural_attention.experiments.training import DataArguments, ModelArguments, prepare_data, train_model  # noqa: E402
 
 ARMS = {  # name: (rotary embeddings, variant, options, freeze the convolutions)
     "rope": (True, "dot", {}, False),
@@ -54,17 +53,10 @@ ARMS = {  # name: (rotary embeddings, variant, options, freeze the convolutions)
 }
 
 
-@torch.no_grad()
 def perplexity_at(model, tokens: torch.Tensor, length: int, max_windows: int) -> float:
-    """exp(mean token loss) over non-overlapping windows of `length` tokens (at most max_windows of them)."""
-    model.eval()
-    total, count = 0.0, 0
-    for start in range(0, min(len(tokens) - length, max_windows * length), length):
-        window = tokens[start : start + length][None]
-        loss = model(input_ids=window, labels=window).loss
-        total += float(loss) * (length - 1)
-        count += length - 1
-    return math.exp(total / count)
+    """Perplexity over non-overlapping windows of `length` tokens (at most max_windows of them)."""
+    starts = range(0, min(len(tokens) - length, max_windows * length), length)
+    return block_perplexity(model, torch.stack([tokens[start : start + length] for start in starts]))
 
 
 def train_arm(arm: str, seed: int, args, prepared, output: Path) -> dict:
@@ -85,15 +77,9 @@ def train_arm(arm: str, seed: int, args, prepared, output: Path) -> dict:
         for name, parameter in model.named_parameters():
             if ".conv_" in name:
                 parameter.requires_grad_(False)
-    training_args = TrainingArguments(
-        output_dir=str(Path(args.runs_dir) / f"{arm}-s{seed}"), max_steps=args.steps,
-        per_device_train_batch_size=args.batch_size, learning_rate=args.learning_rate, lr_scheduler_type="cosine",
-        warmup_steps=args.steps // 20, weight_decay=0.1, adam_beta2=0.95, max_grad_norm=1.0, seed=seed,
-        logging_steps=max(1, args.steps // 20), save_strategy="no", report_to="none", disable_tqdm=True,
-        use_cpu=not torch.cuda.is_available())
-    started = time.perf_counter()
-    Trainer(model=model, args=training_args, train_dataset=prepared.train, data_collator=default_data_collator).train()
-    train_seconds = time.perf_counter() - started
+    training_args = training_arguments(Path(args.runs_dir) / f"{arm}-s{seed}", seed,
+                                       **schedule(args.steps, args.batch_size, args.learning_rate))
+    _, _, train_seconds = train_model(model, training_args, prepared.train)
     tokens = torch.as_tensor(prepared.validation_tokens)
     perplexities = {length: perplexity_at(model, tokens, length, args.eval_tokens // length)
                     for length in args.eval_lengths}
@@ -145,10 +131,7 @@ def verdicts(summary: dict) -> dict[str, str]:
 
 
 def plot(summary: dict, lengths: list[int], train_length: int, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     figure, axis = plt.subplots(figsize=(6.5, 4.2))
     for index, (arm, by_length) in enumerate(summary.items()):
@@ -169,9 +152,8 @@ def plot(summary: dict, lengths: list[int], train_length: int, path: Path) -> No
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = reproduction_parser(__doc__, "reproduce_cdape", REPO)
     parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--steps", type=int, default=250)
     parser.add_argument("--train-length", type=int, default=128)
     parser.add_argument("--eval-lengths", type=int, nargs="+", default=[128, 256, 512, 1024, 2048])
@@ -185,12 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cdape-init", choices=["reference", "zero"], default="reference",
                         help="output convolution of the trained cdape arms: PyTorch's default init as in the reference "
                              "code, or zero (the library default, meant for retrofits)")
-    parser.add_argument("--output", default=str(REPO / "results" / "reproduce_cdape"))
-    parser.add_argument("--runs-dir", default=str(REPO / "outputs" / "reproduce_cdape"), help="Trainer output folders")
-    parser.add_argument("--cache-dir", default=DataArguments.cache_dir, help="data set and tokenizer cache")
-    args = parser.parse_args(argv)
-    if len(args.seeds) < 3:
-        parser.error("use at least 3 seeds per arm")
+    args = parse_reproduction_args(parser, argv)
 
     output = Path(args.output)
     (output / "cards").mkdir(parents=True, exist_ok=True)

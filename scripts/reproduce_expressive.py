@@ -23,7 +23,6 @@ Writes results/reproduce_expressive/{results.json, results.md, accuracy.png, car
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import sys
@@ -33,13 +32,15 @@ from pathlib import Path
 import numpy as np
 import torch
 from datasets import Dataset
-from transformers import Trainer, TrainingArguments, set_seed
+from transformers import set_seed
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 from hf_neural_attention import VariantGPT2Config, VariantGPT2LMHeadModel  # noqa: E402
 from hf_neural_attention.hub import build_model_card  # noqa: E402
+from hf_neural_attention.experiments.harness import (  # noqa: E402
+    parse_reproduction_args, pyplot, reproduction_parser, schedule, training_arguments)
+from hf_neural_attention.experiments.training import train_model  # noqa: E402
 
 ARMS = {"dot": ("dot", {}), "expressive": ("expressive", {"form": "rational", "scale": True})}
 
@@ -88,14 +89,12 @@ def train_arm(arm: str, level: int, seed: int, args, output: Path) -> dict:
         n_head=args.heads, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0,
         attention_variant=variant, attention_variant_options=options, attention_variant_layers="all")
     model = VariantGPT2LMHeadModel(config)
-    training_args = TrainingArguments(
-        output_dir=str(REPO / "outputs" / "reproduce_expressive" / f"{arm}-L{level}-s{seed}"), max_steps=args.steps,
-        per_device_train_batch_size=args.batch_size, learning_rate=args.learning_rate, lr_scheduler_type="cosine",
-        warmup_steps=args.steps // 20, weight_decay=0.0, seed=seed, logging_steps=max(1, args.steps // 20),
-        save_strategy="no", report_to="none", disable_tqdm=True, use_cpu=not torch.cuda.is_available(),
-    )
+    # The first runs used AdamW's defaults here (beta2 0.999) and no weight decay; kept so results stay comparable.
+    training_args = training_arguments(
+        Path(args.runs_dir) / f"{arm}-L{level}-s{seed}", seed,
+        **schedule(args.steps, args.batch_size, args.learning_rate, weight_decay=0.0, adam_beta2=0.999))
     started = time.perf_counter()
-    Trainer(model=model, args=training_args, train_dataset=train).train()
+    train_model(model, training_args, train, data_collator=None)
     row = {"arm": arm, "level": level, "alphabet": alphabet, "delay": level_settings(level)[1], "seed": seed,
            "accuracy": accuracy(model, test), "parameters": sum(p.numel() for p in model.parameters()),
            "seconds": time.perf_counter() - started}
@@ -130,10 +129,7 @@ def summarize(rows: list[dict], levels: list[int]) -> tuple[str, list[dict]]:
 
 
 def plot(summary: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     figure, axis = plt.subplots(figsize=(6, 4))
     levels = [entry["level"] for entry in summary]
@@ -155,9 +151,8 @@ def plot(summary: list[dict], path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = reproduction_parser(__doc__, "reproduce_expressive", REPO)
     parser.add_argument("--levels", type=int, nargs="+", default=[1, 2, 3, 4])
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--steps", type=int, default=400)
     parser.add_argument("--length", type=int, default=48)
     parser.add_argument("--train-sequences", type=int, default=4096)
@@ -167,10 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--hidden-size", type=int, default=64)
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--heads", type=int, default=4)
-    parser.add_argument("--output", default=str(REPO / "results" / "reproduce_expressive"))
-    args = parser.parse_args(argv)
-    if len(args.seeds) < 3:
-        parser.error("use at least 3 seeds per arm")
+    args = parse_reproduction_args(parser, argv)
 
     output = Path(args.output)
     (output / "cards").mkdir(parents=True, exist_ok=True)

@@ -21,7 +21,6 @@ Writes results/reproduce_neural/{results.json, results.md, results.png, cards/*.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
@@ -30,10 +29,10 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 from hf_neural_attention import VariantGPT2LMHeadModel, VariantViTForImageClassification  # noqa: E402
-from hf_neural_attention.experiments.harness import copy_model_card, mean_sd, train_arm, verdict  # noqa: E402
+from hf_neural_attention.experiments.harness import (  # noqa: E402
+    copy_model_card, mean_sd, parse_reproduction_args, pyplot, reproduction_parser, schedule, train_arm, verdict)
 from hf_neural_attention.experiments.training import DataArguments, ModelArguments  # noqa: E402
 
 TEXT_ARMS = {"dot": ("dot", None), "neural-first": ("neural", None), "neural-all": ("neural", "all")}
@@ -76,11 +75,8 @@ def run_task(task: str, args, output: Path) -> list[dict]:
                                         **model_fields)
             run_dir = Path(args.runs_dir) / f"{task}-{arm}-s{seed}"
             started = time.perf_counter()
-            results = train_arm(model_args, data_args, run_dir, seed, max_steps=steps,
-                                per_device_train_batch_size=batch, per_device_eval_batch_size=64,
-                                learning_rate=args.learning_rate, lr_scheduler_type="cosine",
-                                warmup_steps=steps // 20, weight_decay=0.1, adam_beta2=0.95, max_grad_norm=1.0,
-                                logging_steps=max(1, steps // 20), eval_strategy="no")
+            results = train_arm(model_args, data_args, run_dir, seed, per_device_eval_batch_size=64,
+                                eval_strategy="no", **schedule(steps, batch, args.learning_rate))
             row = {"task": task, "arm": arm, "seed": seed, "variant": variant, "layers": layers or "paper default",
                    "parameters": results["parameters"], "variant_parameters": results["variant_parameters"],
                    "seconds": time.perf_counter() - started, "train_loss": results["train_loss"]}
@@ -147,10 +143,7 @@ def summarize(rows: list[dict]) -> tuple[str, dict]:
 
 
 def plot(summary: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     tasks = [task for task in ("text", "image") if task in summary]
     figure, axes = plt.subplots(1, len(tasks), figsize=(5 * len(tasks), 3.8), squeeze=False)
@@ -189,9 +182,8 @@ def image_sample(args) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = reproduction_parser(__doc__, "reproduce_neural", REPO)
     parser.add_argument("--tasks", nargs="+", default=["text", "image"], choices=["text", "image"])
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--hidden-size", type=int, default=128)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--heads", type=int, default=2, help="d_h = hidden_size / heads; 64 gives the paper's d' = 2")
@@ -206,12 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--patch-size", type=int, default=2)
     parser.add_argument("--image-batch-size", type=int, default=64)
     parser.add_argument("--image-steps", type=int, default=300)
-    parser.add_argument("--output", default=str(REPO / "results" / "reproduce_neural"))
-    parser.add_argument("--runs-dir", default=str(REPO / "outputs" / "reproduce_neural"), help="the trained models")
-    parser.add_argument("--cache-dir", default=DataArguments.cache_dir, help="data set and tokenizer cache")
-    args = parser.parse_args(argv)
-    if len(args.seeds) < 3:
-        parser.error("use at least 3 seeds per arm")
+    args = parse_reproduction_args(parser, argv)
     if args.hidden_size % args.heads:
         parser.error(f"--hidden-size {args.hidden_size} is not divisible by --heads {args.heads}")
 

@@ -19,7 +19,6 @@ Writes results/reproduce_retrofit/{results.json, results.md, results.png, cards/
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import sys
@@ -29,30 +28,19 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 from hf_neural_attention import VariantGPT2LMHeadModel  # noqa: E402
-from hf_neural_attention.experiments.harness import copy_model_card, mean_sd, train_arm  # noqa: E402
+from hf_neural_attention.experiments.harness import (  # noqa: E402
+    copy_model_card, mean_sd, parse_reproduction_args, pyplot, reproduction_parser, schedule, train_arm)
+from hf_neural_attention.experiments.metrics import block_perplexity  # noqa: E402
 from hf_neural_attention.experiments.training import DataArguments, ModelArguments, prepare_data  # noqa: E402
 
 VARIANTS = ("expressive", "neural", "cdape")
 
 
-@torch.no_grad()
-def test_perplexity(model, blocks) -> float:
-    """exp(mean token loss) over the test blocks, 32 at a time."""
-    model.eval()
-    losses = []
-    for start in range(0, len(blocks), 32):
-        ids = blocks[start : start + 32]["input_ids"]
-        losses.append(float(model(input_ids=ids, labels=ids).loss) * len(ids))
-    return math.exp(sum(losses) / len(blocks))
-
-
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = reproduction_parser(__doc__, "reproduce_retrofit", REPO)
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--pretrain-steps", type=int, default=200)
     parser.add_argument("--finetune-steps", type=int, default=50)
     parser.add_argument("--learning-rate", type=float, default=1e-3)
@@ -65,12 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--vocab-size", type=int, default=4096)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--max-eval-samples", type=int, default=256, help="validation/test blocks scored")
-    parser.add_argument("--output", default=str(REPO / "results" / "reproduce_retrofit"))
-    parser.add_argument("--runs-dir", default=str(REPO / "outputs" / "reproduce_retrofit"), help="the trained models")
-    parser.add_argument("--cache-dir", default=DataArguments.cache_dir, help="data set and tokenizer cache")
-    args = parser.parse_args(argv)
-    if len(args.seeds) < 3:
-        parser.error("use at least 3 seeds per arm")
+    args = parse_reproduction_args(parser, argv)
 
     output = Path(args.output)
     output.mkdir(parents=True, exist_ok=True)
@@ -87,10 +70,8 @@ def main(argv: list[str] | None = None) -> int:
     def train(name: str, seed: int, arguments: ModelArguments, steps: int, learning_rate: float) -> dict:
         started = time.perf_counter()
         results = train_arm(arguments, data_args, Path(args.runs_dir) / f"{name}-s{seed}", seed,
-                            max_steps=steps, per_device_train_batch_size=args.batch_size,
-                            per_device_eval_batch_size=64, learning_rate=learning_rate, lr_scheduler_type="cosine",
-                            warmup_steps=max(1, steps // 20), weight_decay=0.1, adam_beta2=0.95, max_grad_norm=1.0,
-                            logging_steps=max(1, steps // 10), eval_strategy="no")
+                            per_device_eval_batch_size=64, eval_strategy="no",
+                            **schedule(steps, args.batch_size, learning_rate, logging_steps=max(1, steps // 10)))
         row = {"arm": name, "seed": seed, "steps": steps, "parameters": results["parameters"],
                "test_perplexity": results["test_perplexity"], "seconds": time.perf_counter() - started}
         if seed == args.seeds[0]:
@@ -111,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
             converted = VariantGPT2LMHeadModel.from_pretrained(pretrained_dir, attention_variant=variant)
             rows.append({"arm": f"{variant}-converted", "seed": seed, "steps": args.pretrain_steps,
                          "parameters": sum(p.numel() for p in converted.parameters()),
-                         "test_perplexity": test_perplexity(converted, test_blocks)})
+                         "test_perplexity": block_perplexity(converted, test_blocks[:]["input_ids"])})
             train(f"{variant}-retrofit", seed, model_args(variant, init_from=pretrained_dir), args.finetune_steps,
                   args.finetune_learning_rate)
             train(f"{variant}-scratch", seed, model_args(variant), total, args.learning_rate)
@@ -156,10 +137,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def plot(summary: dict, variants: list[str], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     figure, axis = plt.subplots(figsize=(7, 4))
     kinds = (("converted", "C7"), ("retrofit", "C1"), ("scratch", "C0"))

@@ -89,3 +89,25 @@ def test_trainer_eval_loss_is_the_models_mean_token_loss(model_class, config_cla
     with torch.no_grad():
         expected = float(model(input_ids=ids, labels=ids).loss)
     assert trainer.evaluate(blocks)["eval_loss"] == pytest.approx(expected, rel=1e-5)
+
+
+class BigramLM(BigramModel):
+    """BigramModel with the causal-LM interface block_perplexity uses (labels -> mean next-token loss)."""
+
+    def forward(self, input_ids, labels=None):
+        logits = self.table[input_ids]
+        loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1))
+        return type("Out", (), {"logits": logits, "loss": loss})()
+
+
+def test_block_perplexity_is_the_closed_form_and_independent_of_batching():
+    from hf_neural_attention.experiments.metrics import block_perplexity
+
+    model = BigramLM()
+    blocks = torch.randint(0, 5, (7, 6), generator=torch.Generator().manual_seed(2))
+    log_probs = torch.log_softmax(model.table, dim=-1)
+    expected = math.exp(-log_probs[blocks[:, :-1], blocks[:, 1:]].mean().item())
+    for batch_size in (1, 3, 32):
+        assert block_perplexity(model, blocks, batch_size=batch_size) == pytest.approx(expected, rel=1e-6)
+    with pytest.raises(ValueError, match="blocks must be"):
+        block_perplexity(model, blocks[:, :1])

@@ -4,25 +4,68 @@
 
 from __future__ import annotations
 
+import argparse
 import math
 import shutil
 import statistics
 from pathlib import Path
 from typing import Any
 
+import torch
 from transformers import TrainingArguments
 
 from .training import DataArguments, ModelArguments, run
+
+
+def reproduction_parser(doc: str, name: str, repo: Path) -> argparse.ArgumentParser:
+    """The options every reproduction has: --seeds (at least 3, see parse_reproduction_args), --output (tables,
+    plots, cards: results/<name>), --runs-dir (Trainer folders: outputs/<name>) and --cache-dir (data, tokenizer)."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="at least 3: the spread needs them")
+    parser.add_argument("--output", default=str(repo / "results" / name), help="tables, plots and model cards")
+    parser.add_argument("--runs-dir", default=str(repo / "outputs" / name), help="Trainer output folders")
+    parser.add_argument("--cache-dir", default=DataArguments.cache_dir, help="data set and tokenizer cache")
+    return parser
+
+
+def parse_reproduction_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    args = parser.parse_args(argv)
+    if len(args.seeds) < 3:
+        parser.error("use at least 3 seeds per arm")
+    return args
+
+
+def pyplot():
+    """matplotlib.pyplot on the file-only Agg backend (no display needed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def schedule(steps: int, batch_size: int, learning_rate: float, **overrides: Any) -> dict[str, Any]:
+    """The optimizer and schedule of every reproduction, written once: AdamW with beta2 0.95, weight decay 0.1 and
+    gradient clipping at 1.0; cosine decay after a 5 % warm-up; a log line every 5 % of the steps. A script passes
+    overrides only where its paper's setting differs."""
+    return {"max_steps": steps, "per_device_train_batch_size": batch_size, "learning_rate": learning_rate,
+            "lr_scheduler_type": "cosine", "warmup_steps": max(1, steps // 20), "weight_decay": 0.1,
+            "adam_beta2": 0.95, "max_grad_norm": 1.0, "logging_steps": max(1, steps // 20), **overrides}
+
+
+def training_arguments(output_dir: str | Path, seed: int, **training: Any) -> TrainingArguments:
+    """TrainingArguments of one reproduction run: no checkpoints, no reporting, CPU unless CUDA is there."""
+    return TrainingArguments(
+        output_dir=str(output_dir), seed=seed, save_strategy="no", report_to="none", disable_tqdm=True,
+        dataloader_num_workers=0, use_cpu=not torch.cuda.is_available(), **training)
 
 
 def train_arm(model_args: ModelArguments, data_args: DataArguments, output_dir: Path, seed: int,
               **training: Any) -> dict:
     """One stock-Trainer run (from scratch, or retrofitted when model_args.init_from is set); training.run's
     results dict plus the run folder (its `model/` holds the weights, code and model card)."""
-    training_args = TrainingArguments(
-        output_dir=str(output_dir), seed=seed, save_strategy="no", report_to="none", disable_tqdm=True,
-        dataloader_num_workers=0, **training)
-    results = run(model_args, data_args, training_args)
+    results = run(model_args, data_args, training_arguments(output_dir, seed, **training))
     results["run_dir"] = str(output_dir)
     return results
 

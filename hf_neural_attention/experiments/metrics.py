@@ -104,3 +104,22 @@ def sliding_window_perplexity(model, tokens: np.ndarray | torch.Tensor, block_si
     result = metric.compute()
     result["tokens_scored"] = len(tokens) - 1
     return result
+
+
+@torch.no_grad()
+def block_perplexity(model, blocks: torch.Tensor, batch_size: int = 32) -> float:
+    """exp(mean token loss) over independent blocks [N, L] of token ids (every block scores its L - 1 next-token
+    predictions; no context crosses blocks), `batch_size` blocks at a time. The evaluation of the reproductions that
+    score fixed-length windows (extrapolation lengths, test blocks)."""
+    blocks = torch.as_tensor(blocks, dtype=torch.long)
+    if blocks.dim() != 2 or blocks.shape[1] < 2 or len(blocks) == 0:
+        raise ValueError(f"blocks must be [N >= 1, L >= 2] token ids; got shape {tuple(blocks.shape)}")
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    total = 0.0
+    for start in range(0, len(blocks), batch_size):
+        ids = blocks[start : start + batch_size].to(device)
+        total += float(model(input_ids=ids, labels=ids).loss) * len(ids)
+    model.train(was_training)
+    return math.exp(total / len(blocks))

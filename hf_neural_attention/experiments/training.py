@@ -20,7 +20,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
 from transformers import Trainer, TrainingArguments, default_data_collator, set_seed
 
 from . import data as data_lib
@@ -299,6 +298,17 @@ def loss_curve(log_history: list[dict]) -> dict[str, list]:
             "eval_steps": [s for s, _ in evaluation], "eval_loss": [l for _, l in evaluation]}
 
 
+def train_model(model, training_args: TrainingArguments, train_dataset, eval_dataset=None, *,
+                data_collator=default_data_collator, compute_metrics=None, processing_class=None):
+    """The one training entry point: the stock Trainer on a ready model; returns (trainer, train output, seconds).
+    `run` builds model and data from a recipe and calls it; the reproductions call it with their own models."""
+    trainer = Trainer(model=model, args=training_args, train_dataset=train_dataset, eval_dataset=eval_dataset,
+                      data_collator=data_collator, compute_metrics=compute_metrics, processing_class=processing_class)
+    started = time.perf_counter()
+    train_output = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    return trainer, train_output, time.perf_counter() - started
+
+
 def run(model_args: ModelArguments, data_args: DataArguments, training_args: TrainingArguments) -> dict:
     validate_arguments(model_args, data_args)
     set_seed(training_args.seed)
@@ -308,18 +318,10 @@ def run(model_args: ModelArguments, data_args: DataArguments, training_args: Tra
     model = build_model(model_args, data_args, prepared)
     is_image = model_args.architecture == "vit"
 
-    trainer = Trainer(
-        model=model,
-        args=training_args,
-        train_dataset=prepared.train,
-        eval_dataset=prepared.validation,
-        data_collator=default_data_collator,
+    trainer, train_output, train_seconds = train_model(
+        model, training_args, prepared.train, prepared.validation,
         compute_metrics=compute_accuracy_from_eval_prediction if is_image else None,
-        processing_class=prepared.tokenizer,
-    )
-    started = time.perf_counter()
-    train_output = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
-    train_seconds = time.perf_counter() - started
+        processing_class=prepared.tokenizer)
     evaluation = trainer.evaluate()
     test = trainer.evaluate(prepared.test, metric_key_prefix="test")
 
