@@ -101,6 +101,24 @@ def test_resume_continues_the_same_run(variant, tmp_path, data_cache):
     assert resumed_curve["train_loss"] == pytest.approx(full_curve["train_loss"], rel=1e-5, abs=1e-6)
     assert len(set(full_curve["train_loss"][3:])) == 3  # the losses do move, so equality means something
     assert resumed["eval_loss"] == pytest.approx(full["eval_loss"], rel=1e-5)
+    # train_loss is the mean over all six steps, not over the three the resumed session ran
+    assert resumed["train_loss"] == pytest.approx(full["train_loss"], rel=1e-5)
+    assert resumed["train_loss"] != pytest.approx(sum(full_curve["train_loss"][3:]) / 3, rel=1e-3)
+
+
+def test_resume_refuses_a_checkpoint_of_another_model(tmp_path, data_cache, capsys):
+    common = dict(max_steps=3, save_strategy="steps", save_steps=3)
+    train(tiny_recipe(tmp_path / "dot", data_cache, "gpt2", "dot", **common))
+    checkpoint = str(tmp_path / "dot" / "checkpoint-3")
+    for variant, options in (("expressive", None), ("cdape", {"bias": "kerple"})):
+        recipe_file = tmp_path / f"{variant}.yaml"
+        recipe_file.write_text(yaml.safe_dump(tiny_recipe(
+            tmp_path / variant, data_cache, "gpt2", variant, attention_options=options, max_steps=6,
+            resume_from_checkpoint=checkpoint)))
+        assert train_script.main([str(recipe_file)]) == 2
+        error = capsys.readouterr().err
+        assert f"attention_variant: checkpoint 'dot', recipe '{variant}'" in error, error
+        assert not (tmp_path / variant / "results.json").exists()
 
 
 @pytest.mark.parametrize("variant", hfna.VARIANTS)
