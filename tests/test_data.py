@@ -102,3 +102,35 @@ def test_missing_paths_and_unknown_names_are_clear_errors(tmp_path):
         data_lib.load_text_dataset("wiki")
     with pytest.raises(ValueError, match=r"Unknown image dataset 'mnist'"):
         data_lib.load_image_dataset("mnist")
+
+
+def test_own_text_from_a_single_file_and_from_split_files(tmp_path, data_cache, caplog):
+    """One file is one document: the splits then come from paragraphs (or lines), and the log says so; separate
+    split files are used as given."""
+    from hf_neural_attention.experiments.data import load_text_dataset, parse_data_files
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n\n".join(f"Paragraph {i} talks about topic {i % 7} in a few plain words." for i in range(60)))
+    with caplog.at_level("WARNING"):
+        raw = load_text_dataset("text", str(corpus), cache_dir=data_cache)
+    assert "split by paragraph" in caplog.text
+    assert len(raw["train"]) + len(raw["validation"]) + len(raw["test"]) == 60
+    assert len(raw["validation"]) >= 1 and len(raw["test"]) >= 1
+
+    lines = tmp_path / "lines.txt"
+    lines.write_text("\n".join(f"line {i} of a file with no blank lines" for i in range(40)))
+    raw = load_text_dataset("text", str(lines), cache_dir=data_cache)
+    assert sum(len(raw[split]) for split in raw) == 40
+
+    valid = tmp_path / "valid.txt"
+    valid.write_text("a held-out document written by hand\n")
+    raw = load_text_dataset("text", f"train={lines},validation={valid}", cache_dir=data_cache)
+    assert len(raw["validation"]) == 1 and "held-out document" in raw["validation"][0]["text"]
+    assert len(raw["test"]) >= 1
+
+    tiny = tmp_path / "tiny.txt"
+    tiny.write_text("just one line\n")
+    with pytest.raises(ValueError, match="at least 20 are needed"):
+        load_text_dataset("text", str(tiny), cache_dir=data_cache)
+    with pytest.raises(ValueError, match="each entry must be split=path"):
+        parse_data_files("training=a.txt")

@@ -215,3 +215,13 @@ def test_console_scripts_are_installed(command):
                             env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert result.returncode == 0, result.stderr[-2000:]
     assert "usage" in result.stdout.lower()
+
+
+def test_training_on_ones_own_single_text_file(tmp_path, data_cache):
+    """The most common first step: one's own text in one file (one document) trains end to end."""
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n\n".join(f"Paragraph {i} is about subject {i % 5}; it has a handful of words in it."
+                                    for i in range(80)))
+    results = train(tiny_recipe(tmp_path / "out", data_cache, dataset="text", data_files=str(corpus),
+                                max_train_samples=None, max_eval_samples=None))
+    assert math.isfinite(results["validation_perplexity"]) and math.isfinite(results["test_perplexity"])

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import ast
 import glob
+import logging
 import hashlib
 import os
 import sysconfig
@@ -28,6 +29,7 @@ from datasets import Dataset, DatasetDict, load_dataset
 
 TEXT_DATASETS = ("stdlib-prose", "stdlib-code", "wikitext-103", "wikitext-2", "text")
 IMAGE_DATASETS = ("digits", "cifar10", "cifar100", "imagefolder")
+logger = logging.getLogger(__name__)
 SPLITS = ("train", "validation", "test")
 
 
@@ -103,10 +105,40 @@ def load_text_dataset(name: str, data_files: dict | str | None = None, cache_dir
         raw = load_dataset("wikitext", f"{name}-raw-v1", cache_dir=cache_dir)
         return raw.filter(lambda row: bool(row["text"].strip()))
     if name == "text":
-        files = _check_local_files(data_files)
-        raw = load_dataset("text", data_files=files, cache_dir=cache_dir, sample_by="document")
+        files = _check_local_files(parse_data_files(data_files))
+        for unit in ("document", "paragraph", "line"):
+            raw = load_dataset("text", data_files=files, cache_dir=cache_dir, sample_by=unit)
+            raw = raw.filter(lambda row: bool(row["text"].strip()))
+            if ("validation" in raw and "test" in raw) or len(raw["train"]) >= MIN_SPLIT_UNITS:
+                break
+        if unit != "document":
+            logger.warning("dataset 'text': fewer than %d documents, so train/validation/test are split by %s "
+                           "(%d %ss)", MIN_SPLIT_UNITS, unit, len(raw["train"]), unit)
+        if len(raw["train"]) < MIN_SPLIT_UNITS and not ("validation" in raw and "test" in raw):
+            raise ValueError(f"dataset 'text': {files} holds only {len(raw['train'])} non-empty lines; at least "
+                             f"{MIN_SPLIT_UNITS} are needed to carve validation and test splits (or give "
+                             "data_files as train=...,validation=...,test=...)")
         return _ensure_splits(raw)
     raise ValueError(f"Unknown text dataset {name!r}; valid text datasets are {list(TEXT_DATASETS)}")
+
+
+MIN_SPLIT_UNITS = 20  # documents (else paragraphs, else lines) needed to carve 5 % validation and 5 % test splits
+
+
+def parse_data_files(data_files: dict | str | list | None) -> dict | str | list | None:
+    """data_files as a path or glob, a list, a {split: paths} mapping, or "train=a.txt,validation=b.txt"."""
+    if isinstance(data_files, str) and "=" in data_files:
+        mapping = {}
+        for part in data_files.split(","):
+            split, _, path = part.partition("=")
+            if split.strip() not in SPLITS or not path.strip():
+                raise ValueError(f"data_files {data_files!r}: each entry must be split=path with split one of "
+                                 f"{list(SPLITS)}; got {part!r}")
+            mapping[split.strip()] = path.strip()
+        if "train" not in mapping:
+            raise ValueError(f"data_files {data_files!r} names no train file")
+        return mapping
+    return data_files
 
 
 def _check_local_files(data_files: dict | str | list | None) -> dict | str | list:
@@ -121,10 +153,14 @@ def _check_local_files(data_files: dict | str | list | None) -> dict | str | lis
 
 
 def _ensure_splits(raw: DatasetDict, seed: int = 0) -> DatasetDict:
-    """Adds validation/test splits (5% each) carved from train when a local data set has only train."""
+    """Adds the validation/test splits a local data set lacks, 5 % each, carved from train."""
     if "validation" in raw and "test" in raw:
         return raw
     train = raw["train"]
+    for given, missing in (("validation", "test"), ("test", "validation")):
+        if given in raw:  # one held-out split given: carve only the other (5 %) from train
+            carved = train.train_test_split(test_size=0.05, seed=seed)
+            return DatasetDict({"train": carved["train"], given: raw[given], missing: carved["test"]})
     held_out = train.train_test_split(test_size=0.1, seed=seed)
     halves = held_out["test"].train_test_split(test_size=0.5, seed=seed)
     return DatasetDict({"train": held_out["train"], "validation": halves["train"], "test": halves["test"]})
