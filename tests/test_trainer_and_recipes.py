@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 import hf_neural_attention as hfna
@@ -225,3 +226,28 @@ def test_training_on_ones_own_single_text_file(tmp_path, data_cache):
     results = train(tiny_recipe(tmp_path / "out", data_cache, dataset="text", data_files=str(corpus),
                                 max_train_samples=None, max_eval_samples=None))
     assert math.isfinite(results["validation_perplexity"]) and math.isfinite(results["test_perplexity"])
+
+
+def test_vit_runs_save_an_image_processor_and_work_in_pipeline(tmp_path, data_cache):
+    """An imagefolder of RGB images trains, and pipeline("image-classification") runs on the saved model folder."""
+    from PIL import Image
+    from transformers import AutoImageProcessor, pipeline
+
+    generator = torch.Generator().manual_seed(0)
+    for label, colour in (("red", 0), ("blue", 2)):
+        (tmp_path / "images" / label).mkdir(parents=True)
+        for index in range(12):
+            pixels = (torch.rand(12, 12, 3, generator=generator) * 80).to(torch.uint8)
+            pixels[..., colour] += 150
+            Image.fromarray(pixels.numpy(), mode="RGB").save(tmp_path / "images" / label / f"{index}.png")
+    recipe = tiny_recipe(tmp_path / "out", data_cache, "vit", "expressive", dataset="imagefolder",
+                         data_dir=str(tmp_path / "images"), image_size=8, patch_size=4)
+    for key in ("block_size", "vocab_size"):
+        recipe.pop(key)
+    train(recipe)
+    model_dir = tmp_path / "out" / "model"
+    processor = AutoImageProcessor.from_pretrained(model_dir)
+    assert processor.size == {"height": 8, "width": 8} and list(processor.image_mean) == [0.5, 0.5, 0.5]
+    classify = pipeline("image-classification", model=str(model_dir))
+    predictions = classify(Image.open(tmp_path / "images" / "red" / "0.png"))
+    assert {p["label"] for p in predictions} <= {"LABEL_0", "LABEL_1", "red", "blue"} and len(predictions) == 2

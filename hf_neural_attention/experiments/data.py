@@ -232,6 +232,18 @@ def _digits_rows(split: str) -> Iterator[dict]:
         yield {"pixel_values": image[None].astype(np.float32).tolist(), "labels": int(digits.target[index])}
 
 
+def image_processor(image_size: int, channels: int):
+    """The ViTImageProcessor that does what training did to an 8-bit image: resize to image_size, scale to [0, 1],
+    normalise to [-1, 1]. Saved with every ViT run, so `AutoImageProcessor` and (for RGB models) `pipeline` work on
+    the output folder. pipeline() converts every image to RGB, so a 1-channel model (digits) takes the processor
+    directly on a grayscale image."""
+    from transformers import ViTImageProcessor
+
+    return ViTImageProcessor(do_resize=True, size={"height": image_size, "width": image_size}, do_rescale=True,
+                             rescale_factor=1 / 255, do_normalize=True, image_mean=[0.5] * channels,
+                             image_std=[0.5] * channels, do_convert_rgb=channels == 3)
+
+
 def load_image_dataset(name: str, data_dir: str | None = None, cache_dir: str | None = None,
                        image_size: int | None = None) -> tuple[DatasetDict, int, int]:
     """(dataset with "pixel_values" [C, S, S] floats in [-1, 1] and "labels", number of labels, channels)."""

@@ -191,7 +191,7 @@ def prepare_data(model_args: ModelArguments, data_args: DataArguments) -> Prepar
             name, data_dir=data_args.data_dir, cache_dir=data_args.cache_dir, image_size=model_args.image_size)
         size = int(dataset["train"][0]["pixel_values"].shape[-1])
         return PreparedData(*_limit(dataset, data_args), num_labels=num_labels, num_channels=channels,
-                            image_size=size)
+                            image_size=size, tokenizer=data_lib.image_processor(size, channels))
 
     raw = data_lib.load_text_dataset(name, data_files=data_args.data_files, cache_dir=data_args.cache_dir)
     if data_args.tokenizer_name:
