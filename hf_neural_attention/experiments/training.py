@@ -88,7 +88,7 @@ class PreparedData:
     train: Any
     validation: Any
     test: Any
-    tokenizer: Any = None
+    tokenizer: Any = None  # the tokenizer (text) or the image processor (ViT): Trainer's processing_class, saved
     num_labels: int | None = None
     num_channels: int | None = None
     image_size: int | None = None
