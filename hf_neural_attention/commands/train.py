@@ -3,7 +3,7 @@
     hfna-train configs/gpt2_stdlib.yaml [--attention_variant cdape] [--max_steps 100] ...   (or scripts/train.py)
     accelerate launch --num_processes 2 --cpu scripts/train.py configs/gpt2_stdlib.yaml   # data-parallel
 
-A recipe holds the fields of ModelArguments, DataArguments (hf_neural_attention/experiments/training.py) and
+A recipe holds the fields of ModelArguments, DataArguments (hf_neural_attention/experiments/recipes.py) and
 transformers.TrainingArguments in one mapping. Overrides are `--key value` or `--key=value`; values are read as
 YAML (numbers, true/false, mappings such as --attention_options '{kernel_size: 5}'). Unknown keys are errors.
 """
@@ -19,7 +19,8 @@ import yaml
 from huggingface_hub.errors import StrictDataclassClassValidationError
 from transformers import HfArgumentParser, TrainingArguments
 
-from hf_neural_attention.experiments.training import DataArguments, ModelArguments, check_recipe_types, run
+from hf_neural_attention.experiments.recipes import DataArguments, ModelArguments, check_recipe_types
+from hf_neural_attention.experiments.training import run
 
 
 class RecipeLoader(yaml.SafeLoader):

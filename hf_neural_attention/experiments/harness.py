@@ -14,7 +14,8 @@ from typing import Any
 import torch
 from transformers import TrainingArguments
 
-from .training import DataArguments, ModelArguments, run
+from .recipes import DataArguments, ModelArguments
+from .training import run
 
 
 def reproduction_parser(doc: str, name: str, repo: Path) -> argparse.ArgumentParser:

@@ -14,18 +14,14 @@ import math
 import os
 import resource
 import time
-import types
-import typing
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from transformers import Trainer, TrainingArguments, default_data_collator, set_seed
-from transformers.trainer_utils import get_last_checkpoint
 
 from . import data as data_lib
 from .. import (
-    VARIANTS,
     VariantGPT2Config,
     VariantGPT2LMHeadModel,
     VariantLlamaConfig,
@@ -33,54 +29,19 @@ from .. import (
     VariantViTConfig,
     VariantViTForImageClassification,
     parse_layer_spec,
-    validate_variant_options,
 )
 from ..hub import write_model_card
 from .metrics import compute_accuracy_from_eval_prediction, sliding_window_perplexity
-
-ARCHITECTURES = ("gpt2", "llama", "vit")
-DEFAULT_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "hf_neural_attention")
-
-
-@dataclass
-class ModelArguments:
-    architecture: str = field(default="gpt2", metadata={"help": f"one of {ARCHITECTURES}"})
-    attention_variant: str = field(default="dot", metadata={"help": f"one of {VARIANTS}"})
-    attention_options: dict | None = field(default=None, metadata={"help": "the variant's options (a mapping)"})
-    attention_layers: str | None = field(
-        default=None, metadata={"help": 'None (paper default), "all", or comma-separated attention-layer indices'})
-    hidden_size: int = 256
-    num_layers: int = 4
-    num_heads: int = 4
-    num_kv_heads: int | None = field(default=None, metadata={"help": "llama: key/value heads (GQA)"})
-    intermediate_size: int | None = field(default=None, metadata={"help": "default: 4 * hidden_size"})
-    max_position_embeddings: int = 1024
-    dropout: float = 0.0
-    use_rotary_embeddings: bool = field(default=True, metadata={"help": "llama: False gives NoPE"})
-    image_size: int | None = field(default=None, metadata={"help": "vit: default is the data set's image size"})
-    patch_size: int = 2
-    init_from: str | None = field(
-        default=None, metadata={"help": "a stock checkpoint to retrofit instead of training from scratch"})
-
-
-@dataclass
-class DataArguments:
-    dataset: str | None = field(
-        default=None,
-        metadata={"help": f"text: {data_lib.TEXT_DATASETS}; images: {data_lib.IMAGE_DATASETS}; "
-                          "default stdlib-prose (gpt2, llama) or digits (vit)"})
-    data_files: str | None = field(default=None, metadata={"help": "dataset 'text': file path or glob"})
-    data_dir: str | None = field(default=None, metadata={"help": "dataset 'imagefolder': folder"})
-    block_size: int = 128
-    vocab_size: int = 4096
-    tokenizer_name: str | None = field(
-        default=None, metadata={"help": "a tokenizer to load instead of training a byte-level BPE"})
-    max_train_samples: int | None = None
-    max_eval_samples: int | None = None
-    eval_stride: int | None = field(
-        default=None, metadata={"help": "tokens scored per window of the final sliding-window perplexity "
-                                         "(default block_size // 2; at most block_size - 1)"})
-    cache_dir: str = DEFAULT_CACHE
+from .recipes import (  # noqa: F401 (re-exported: the recipe API is used through this module too)
+    ARCHITECTURES,
+    DEFAULT_CACHE,
+    DataArguments,
+    ModelArguments,
+    check_recipe_types,
+    dataset_name,
+    validate_arguments,
+)
+from .resume import check_resume, whole_run_train_loss
 
 
 @dataclass
@@ -93,95 +54,6 @@ class PreparedData:
     num_channels: int | None = None
     image_size: int | None = None
     validation_tokens: Any = None
-
-
-def _simple_types(annotation: Any) -> tuple[set[type], bool] | None:
-    """({bool, int, float, str, dict}-subset, None allowed) of a field annotation, or None for anything richer
-    (enums, lists, unions with other types), which HfArgumentParser and TrainingArguments check themselves."""
-    allowed, optional = set(), False
-    for member in typing.get_args(annotation) if typing.get_origin(annotation) in (typing.Union, types.UnionType) \
-            else (annotation,):
-        if member is type(None):
-            optional = True
-        elif member in (bool, int, float, str, dict):
-            allowed.add(member)
-        else:
-            return None
-    return allowed, optional
-
-
-def check_recipe_types(recipe: dict) -> None:
-    """Every recipe value of a boolean, integer, float, string or mapping field must have that type: YAML's yes/no
-    and quoted numbers stay strings in a recipe, and a string is never silently read as a boolean."""
-    hints = {}
-    for cls in (ModelArguments, DataArguments, TrainingArguments):
-        hints.update(typing.get_type_hints(cls))
-    for key, value in recipe.items():
-        kinds = _simple_types(hints[key]) if key in hints else None
-        if kinds is None:
-            continue
-        allowed, optional = kinds
-        if value is None and optional:
-            continue
-        ok = (
-            (bool in allowed and isinstance(value, bool))
-            or (int in allowed and isinstance(value, int) and not isinstance(value, bool))
-            or (float in allowed and isinstance(value, (int, float)) and not isinstance(value, bool))
-            or (str in allowed and isinstance(value, str))
-            or (dict in allowed and isinstance(value, dict))
-        )
-        if not ok:
-            names = sorted(t.__name__ for t in allowed) + (["null"] if optional else [])
-            hint = " (write true or false)" if allowed == {bool} else ""
-            raise ValueError(f"recipe field {key!r} must be {' or '.join(names)}{hint}; got {value!r}")
-
-
-# (field, smallest valid value) of the integer fields; None values keep their defaults.
-_AT_LEAST = {"hidden_size": 1, "num_layers": 1, "num_heads": 1, "num_kv_heads": 1, "intermediate_size": 1,
-             "max_position_embeddings": 2, "image_size": 1, "patch_size": 1, "block_size": 2, "vocab_size": 260,
-             "max_train_samples": 1, "max_eval_samples": 1, "eval_stride": 1}
-
-
-def validate_arguments(model_args: ModelArguments, data_args: DataArguments) -> None:
-    """Clear errors for recipe values that would otherwise fail deep inside training."""
-    if model_args.architecture not in ARCHITECTURES:
-        raise ValueError(f"architecture={model_args.architecture!r} is not valid; choose one of {list(ARCHITECTURES)}")
-    if model_args.attention_variant not in VARIANTS:
-        raise ValueError(f"attention_variant={model_args.attention_variant!r} is not valid; choose one of "
-                         f"{list(VARIANTS)}")
-    try:
-        validate_variant_options(model_args.attention_variant, model_args.attention_options)
-        parse_layer_spec(model_args.attention_layers)
-    except ValueError as error:
-        raise ValueError(f"attention_options/attention_layers: {error}") from None
-    for args in (model_args, data_args):
-        for name, value in vars(args).items():
-            if name in _AT_LEAST and value is not None and value < _AT_LEAST[name]:
-                raise ValueError(f"{name} must be an integer >= {_AT_LEAST[name]}; got {value}")
-    if not 0.0 <= model_args.dropout < 1.0:
-        raise ValueError(f"dropout must be in [0, 1); got {model_args.dropout}")
-    if model_args.hidden_size % model_args.num_heads:
-        raise ValueError(f"hidden_size ({model_args.hidden_size}) must be a multiple of num_heads "
-                         f"({model_args.num_heads})")
-    if model_args.num_kv_heads is not None and model_args.num_heads % model_args.num_kv_heads:
-        raise ValueError(f"num_heads ({model_args.num_heads}) must be a multiple of num_kv_heads "
-                         f"({model_args.num_kv_heads})")
-    if data_args.eval_stride is not None and data_args.eval_stride >= data_args.block_size:
-        raise ValueError(f"eval_stride must be in [1, block_size - 1] = [1, {data_args.block_size - 1}]; "
-                         f"got {data_args.eval_stride}")
-    dataset = dataset_name(model_args, data_args)
-    valid = data_lib.IMAGE_DATASETS if model_args.architecture == "vit" else data_lib.TEXT_DATASETS
-    if dataset not in valid:
-        raise ValueError(f"dataset={dataset!r} does not fit architecture {model_args.architecture!r}; choose one of "
-                         f"{list(valid)}")
-    if model_args.init_from is not None and not (Path(model_args.init_from).exists() or "/" in model_args.init_from):
-        raise FileNotFoundError(f"init_from={model_args.init_from!r} is neither a folder nor a Hub id")
-
-
-def dataset_name(model_args: ModelArguments, data_args: DataArguments) -> str:
-    if data_args.dataset is not None:
-        return data_args.dataset
-    return "digits" if model_args.architecture == "vit" else "stdlib-prose"
 
 
 def prepare_data(model_args: ModelArguments, data_args: DataArguments) -> PreparedData:
@@ -308,57 +180,6 @@ def train_model(model, training_args: TrainingArguments, train_dataset, eval_dat
     started = time.perf_counter()
     train_output = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     return trainer, train_output, time.perf_counter() - started
-
-
-def resume_checkpoint(training_args: TrainingArguments) -> Path | None:
-    """The checkpoint folder a run resumes from (resume_from_checkpoint: a path, or true for the last one)."""
-    resume = training_args.resume_from_checkpoint
-    if resume in (None, False, "", "false", "False"):
-        return None
-    if resume is True or resume in ("true", "True"):
-        last = get_last_checkpoint(training_args.output_dir)
-        if last is None:
-            raise FileNotFoundError(f"resume_from_checkpoint=true but {training_args.output_dir} holds no checkpoint")
-        return Path(last)
-    return Path(resume)
-
-
-VARIANT_FIELDS = ("model_type", "attention_variant", "attention_variant_options", "attention_variant_layers")
-
-
-def check_resume(training_args: TrainingArguments, model) -> int:
-    """Refuses to resume a checkpoint of another model (architecture, variant, options, layers): the run would train
-    a mix under the recipe's label, or stop on an optimizer error that names nothing. Returns the step resumed from."""
-    checkpoint = resume_checkpoint(training_args)
-    if checkpoint is None:
-        return 0
-    if not (checkpoint / "config.json").is_file():
-        raise FileNotFoundError(f"resume_from_checkpoint={str(checkpoint)!r} is not a checkpoint folder (no config.json)")
-    saved = json.loads((checkpoint / "config.json").read_text())
-    current = model.config.to_dict()
-    differing = {field: (saved.get(field), current.get(field)) for field in VARIANT_FIELDS
-                 if saved.get(field) != current.get(field)}
-    if differing:
-        details = "; ".join(f"{field}: checkpoint {old!r}, recipe {new!r}" for field, (old, new) in differing.items())
-        raise ValueError(f"cannot resume from {checkpoint}: it holds another model ({details}). Resume with the "
-                         "recipe it was trained with, or start a new run (init_from retrofits a checkpoint).")
-    state = checkpoint / "trainer_state.json"
-    return int(json.loads(state.read_text()).get("global_step", 0)) if state.is_file() else 0
-
-
-def whole_run_train_loss(session_loss: float, state, resumed_from: int) -> float | None:
-    """Mean training loss over every step of the run. Trainer reports the mean over the steps of this session only;
-    after a resume the earlier steps' losses come from the logged history, which covers them exactly when the
-    checkpoint step is a multiple of logging_steps. Otherwise None (no honest whole-run number)."""
-    if resumed_from == 0:
-        return session_loss
-    logged = [(entry["step"], entry["loss"]) for entry in state.log_history
-              if "loss" in entry and entry["step"] <= resumed_from]
-    if not logged or logged[-1][0] != resumed_from:
-        return None
-    earlier_sum = sum(loss * (step - previous) for (step, loss), previous in zip(logged, [0] + [s for s, _ in logged]))
-    steps = state.global_step
-    return (earlier_sum + session_loss * (steps - resumed_from)) / steps
 
 
 def run(model_args: ModelArguments, data_args: DataArguments, training_args: TrainingArguments) -> dict:
