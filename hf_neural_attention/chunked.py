@@ -1,7 +1,7 @@
 """The chunked engine: any variant's score rule, normalised and multiplied by the values in query-row chunks.
 
 Queries are processed in row chunks; a chunk's score map is computed, normalised and multiplied by the values at once;
-only the inputs, the output and one or two numbers per query row are kept for backward, where each chunk's scores are
+only the inputs and one or two numbers per query row are kept for backward, where each chunk's scores are
 recomputed (FlashAttention's scheme), with the score rule differentiated by autograd chunk by chunk unless the variant
 writes its derivative out (`AttentionVariant.score_vjp`). Keys that every row of a chunk masks (the future of a causal
 chunk) are skipped, and mask operations touch only the columns where some row of the chunk is masked.
@@ -32,6 +32,8 @@ def dropout_scale(seed: int, chunk_index: int, shape: torch.Size, p: float, devi
     """Attention dropout of one chunk: float32 [B, H, rows, key_end] holding 0 (dropped) or 1/(1-p) (kept), from a
     generator seeded by the call's seed and the chunk's position, so backward regenerates the forward's mask without
     storing it."""
+    if p >= 1.0:  # everything dropped, as nn.functional.dropout(p=1) does
+        return torch.zeros(shape, device=device)
     generator = torch.Generator(device=device)
     generator.manual_seed((seed + 1_000_003 * chunk_index) % 2**63)
     keep = torch.rand(shape, generator=generator, device=device) >= p
