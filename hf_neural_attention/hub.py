@@ -46,7 +46,10 @@ def build_model_card(
     metrics: list[str] | None = None,
     results: str | None = None,
     training_data: str | None = None,
+    eval_results: list | None = None,
 ) -> ModelCard:
+    """The card of a variant checkpoint. `eval_results` (huggingface_hub EvalResult objects) become the card's
+    machine-readable `model-index`; `results` and `training_data` are markdown for the text."""
     config = model.config
     variant = config.attention_variant
     title, arxiv_id, paper, summary = PAPERS[variant]
@@ -59,6 +62,10 @@ def build_model_card(
         base_model=base_model if base_model and not os.path.isdir(base_model) else None,
         datasets=datasets,
         metrics=metrics,
+        eval_results=eval_results,
+        # model-index needs a model name; the card's title is set below
+        model_name=(repo_id.split("/")[-1] if repo_id else f"{type(model).__name__}-{variant}") if eval_results
+        else None,
     )
     architecture = type(model).__name__.removeprefix("Variant")
     return ModelCard.from_template(

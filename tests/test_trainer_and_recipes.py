@@ -251,3 +251,14 @@ def test_vit_runs_save_an_image_processor_and_work_in_pipeline(tmp_path, data_ca
     classify = pipeline("image-classification", model=str(model_dir))
     predictions = classify(Image.open(tmp_path / "images" / "red" / "0.png"))
     assert {p["label"] for p in predictions} <= {"LABEL_0", "LABEL_1", "red", "blue"} and len(predictions) == 2
+
+
+def test_model_card_of_a_run_has_machine_readable_results_and_hyperparameters(tmp_path, data_cache):
+    from huggingface_hub import ModelCard
+
+    results = train(tiny_recipe(tmp_path / "out", data_cache, "gpt2", "expressive"))
+    card = ModelCard.load(tmp_path / "out" / "model" / "README.md")
+    values = {(r.dataset_split, r.metric_type): r.metric_value for r in card.data.eval_results}
+    assert values[("validation", "perplexity")] == pytest.approx(results["validation_perplexity"])
+    assert values[("test", "perplexity")] == pytest.approx(results["test_perplexity"])
+    assert "| learning_rate |" in card.text and "| max_steps | 2 |" in card.text

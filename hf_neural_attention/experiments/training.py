@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from huggingface_hub import EvalResult
 from transformers import Trainer, TrainingArguments, default_data_collator, set_seed
 
 from . import data as data_lib
@@ -250,9 +251,21 @@ def write_outputs(trainer, model, prepared, results, model_args, data_args, trai
     headline = {key: value for key, value in results.items()
                 if key.startswith(("validation_", "test_")) and isinstance(value, float)}
     table = "| metric | value |\n|---|---|\n" + "\n".join(f"| {k} | {v:.4f} |" for k, v in headline.items())
+    task = ("image-classification", "Image Classification") if model_args.architecture == "vit" else (
+        "text-generation", "Text Generation")
+    eval_results = [
+        EvalResult(task_type=task[0], task_name=task[1], dataset_type=results["dataset"],
+                   dataset_name=results["dataset"], dataset_split=key.split("_", 1)[0], metric_type=metric_name,
+                   metric_name=key.replace("_", " "), metric_value=value)
+        for key, value in headline.items() if key.endswith(("_perplexity", "_accuracy"))]
+    hyperparameters = {key: getattr(training_args, key) for key in (
+        "learning_rate", "max_steps", "per_device_train_batch_size", "lr_scheduler_type", "warmup_steps",
+        "weight_decay", "adam_beta2", "max_grad_norm", "seed", "bf16")}
+    table += "\n\nTraining hyper-parameters:\n\n| hyper-parameter | value |\n|---|---|\n" + "\n".join(
+        f"| {key} | {value} |" for key, value in hyperparameters.items())
     write_model_card(model, model_dir, datasets=[results["dataset"]], metrics=[metric_name], results=table,
-                     training_data=f"`{results['dataset']}` (see hf_neural_attention/data.py), "
-                                   f"{results['steps']} steps, seed {results['seed']}.")
+                     training_data=f"`{results['dataset']}` (see hf_neural_attention/experiments/data.py), "
+                                   f"{results['steps']} steps, seed {results['seed']}.", eval_results=eval_results)
     arguments = {"model": asdict(model_args), "data": asdict(data_args),
                  "training": {k: v for k, v in training_args.to_dict().items() if _is_json(v)}}
     (output / "results.json").write_text(json.dumps({**results, "arguments": arguments}, indent=2, default=str))
