@@ -16,22 +16,20 @@ import subprocess
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from hf_neural_attention import VARIANTS
+from hf_neural_attention.experiments.report import markdown_table, plot_loss_curves
 
-from hf_neural_attention import VARIANTS  # noqa: E402
-from hf_neural_attention.experiments.training import plot_loss_curves  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| variant | parameters | variant parameters | validation perplexity | test perplexity | "
-             "train tokens/s | peak memory (MiB) | train time (s) |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
-    for row in rows:
-        lines.append(
-            f"| {row['attention_variant']} | {row['parameters']:,} | {row['variant_parameters']:,} | "
-            f"{row['validation_perplexity']:.2f} | {row['test_perplexity']:.2f} | "
-            f"{row['train_tokens_per_second']:,.0f} | {row['peak_memory_mib']:,.0f} | {row['train_seconds']:.0f} |")
-    return "\n".join(lines)
+    header = ["variant", "parameters", "variant parameters", "validation perplexity", "test perplexity",
+              "train tokens/s", "peak memory (MiB)", "train time (s)"]
+    return markdown_table(header, [
+        [row["attention_variant"], f"{row['parameters']:,}", f"{row['variant_parameters']:,}",
+         f"{row['validation_perplexity']:.2f}", f"{row['test_perplexity']:.2f}",
+         f"{row['train_tokens_per_second']:,.0f}", f"{row['peak_memory_mib']:,.0f}", f"{row['train_seconds']:.0f}"]
+        for row in rows], "l" + "r" * 7)
 
 
 def main() -> int:

@@ -25,24 +25,21 @@ Writes results/reproduce_cdape/{results.json, results.md, perplexity.png, cards/
 
 from __future__ import annotations
 
-import json
-import statistics
 import sys
 from pathlib import Path
 
 import torch
-from transformers import set_seed
+
+from hf_neural_attention import VariantLlamaConfig, VariantLlamaForCausalLM
+from hf_neural_attention.hub import build_model_card
+from hf_neural_attention.experiments.harness import (
+    BLOW_UP_GROWTH, FLAT_GROWTH, arms_by_seeds, describe_schedule, extrapolation_verdict, markdown_table, mean_sd,
+    parse_reproduction_args, pyplot, reproduction_parser, save_figure, schedule, spread, train_built_arm, values_of,
+    write_results)
+from hf_neural_attention.experiments.metrics import block_perplexity
+from hf_neural_attention.experiments.training import DataArguments, ModelArguments, prepare_data
 
 REPO = Path(__file__).resolve().parents[1]
-
-from hf_neural_attention import VariantLlamaConfig, VariantLlamaForCausalLM  # noqa: E402
-from hf_neural_attention.hub import build_model_card  # noqa: E402
-from hf_neural_attention.experiments.harness import (  # noqa: E402
-    BLOW_UP_GROWTH, FLAT_GROWTH, extrapolation_verdict, mean_sd, parse_reproduction_args, pyplot, reproduction_parser,
-    schedule, training_arguments)
-from hf_neural_attention.experiments.metrics import block_perplexity  # noqa: E402
-from hf_neural_attention.experiments.training import DataArguments, ModelArguments, prepare_data, train_model  # noqa: E402
-
 ARMS = {  # name: (rotary embeddings, variant, options, freeze the convolutions)
     "rope": (True, "dot", {}, False),
     "rope+cdape": (True, "cdape", {}, False),
@@ -59,12 +56,10 @@ def perplexity_at(model, tokens: torch.Tensor, length: int, max_windows: int) ->
     return block_perplexity(model, torch.stack([tokens[start : start + length] for start in starts]))
 
 
-def train_arm(arm: str, seed: int, args, prepared, output: Path) -> dict:
+def build_model(arm: str, args, tokenizer) -> VariantLlamaForCausalLM:
     rotary, variant, options, freeze = ARMS[arm]
     if variant == "cdape" and not freeze:  # Kerple alone needs the zero output convolution; the others follow --cdape-init
         options = {**options, "zero_init": args.cdape_init == "zero"}
-    set_seed(seed)
-    tokenizer = prepared.tokenizer
     config = VariantLlamaConfig(
         vocab_size=len(tokenizer), hidden_size=args.hidden_size, intermediate_size=int(args.hidden_size * 8 / 3),
         num_hidden_layers=args.layers, num_attention_heads=args.heads, num_key_value_heads=args.heads,
@@ -77,15 +72,19 @@ def train_arm(arm: str, seed: int, args, prepared, output: Path) -> dict:
         for name, parameter in model.named_parameters():
             if ".conv_" in name:
                 parameter.requires_grad_(False)
-    training_args = training_arguments(Path(args.runs_dir) / f"{arm}-s{seed}", seed,
-                                       **schedule(args.steps, args.batch_size, args.learning_rate))
-    _, _, train_seconds = train_model(model, training_args, prepared.train)
+    return model
+
+
+def train_arm(arm: str, seed: int, args, prepared, output: Path) -> dict:
+    model, train_seconds = train_built_arm(lambda: build_model(arm, args, prepared.tokenizer), prepared.train,
+                                           Path(args.runs_dir) / f"{arm}-s{seed}", seed,
+                                           **schedule(args.steps, args.batch_size, args.learning_rate))
     tokens = torch.as_tensor(prepared.validation_tokens)
     perplexities = {length: perplexity_at(model, tokens, length, args.eval_tokens // length)
                     for length in args.eval_lengths}
     if seed == args.seeds[0]:  # one model card per arm, for its first seed
-        table = "| evaluation length | perplexity |\n|---:|---:|\n" + "\n".join(
-            f"| {length} | {value:.2f} |" for length, value in perplexities.items())
+        table = markdown_table(["evaluation length", "perplexity"],
+                               [(length, f"{value:.2f}") for length, value in perplexities.items()], "rr")
         build_model_card(model, datasets=["stdlib-prose"], metrics=["perplexity"], results=table,
                          training_data=f"`stdlib-prose`, {args.steps} steps of {args.batch_size} x "
                                        f"{args.train_length} tokens, seed {seed}; arm `{arm}` of "
@@ -101,27 +100,20 @@ def growth(row: dict, lengths: list[int]) -> float:
 
 
 def summarize(rows: list[dict], lengths: list[int]) -> tuple[str, dict]:
-    summary = {}
-    header = ("| arm | parameters | " + " | ".join(f"ppl @ {n}" for n in lengths)
-              + f" | growth {lengths[-1]}/{lengths[0]} |")
-    lines = [header, "|---|---:|" + "---:|" * (len(lengths) + 1)]
+    summary, cells = {}, []
     for arm in ARMS:
         arm_rows = [r for r in rows if r["arm"] == arm]
         if not arm_rows:
             continue
-        cells = []
         summary[arm] = {}
         for length in lengths:
             values = [r["perplexity"][length] for r in arm_rows]
-            mean, sd = mean_sd(values)
-            summary[arm][length] = (mean, sd, values)
-            cells.append(f"{mean:.2f} ± {sd:.2f}")
-        growths = [growth(r, lengths) for r in arm_rows]
-        summary[arm]["growth"] = growths
-        growth_mean, growth_sd = mean_sd(growths)
-        cells.append(f"{growth_mean:.2f} ± {growth_sd:.2f}")
-        lines.append(f"| {arm} | {arm_rows[0]['trainable_parameters']:,} | " + " | ".join(cells) + " |")
-    return "\n".join(lines), summary
+            summary[arm][length] = (*mean_sd(values), values)
+        summary[arm]["growth"] = [growth(r, lengths) for r in arm_rows]
+        cells.append([arm, f"{arm_rows[0]['trainable_parameters']:,}"]
+                     + [spread(summary[arm][length][2]) for length in lengths] + [spread(summary[arm]["growth"])])
+    header = ["arm", "parameters", *(f"ppl @ {n}" for n in lengths), f"growth {lengths[-1]}/{lengths[0]}"]
+    return markdown_table(header, cells, "lr" + "r" * (len(lengths) + 1)), summary
 
 
 def verdicts(summary: dict) -> dict[str, str]:
@@ -131,9 +123,7 @@ def verdicts(summary: dict) -> dict[str, str]:
 
 
 def plot(summary: dict, lengths: list[int], train_length: int, path: Path) -> None:
-    plt = pyplot()
-
-    figure, axis = plt.subplots(figsize=(6.5, 4.2))
+    figure, axis = pyplot().subplots(figsize=(6.5, 4.2))
     for index, (arm, by_length) in enumerate(summary.items()):
         means = [by_length[n][0] for n in lengths]
         sds = [by_length[n][1] for n in lengths]
@@ -144,11 +134,7 @@ def plot(summary: dict, lengths: list[int], train_length: int, path: Path) -> No
     axis.set_yscale("log")
     axis.set_xlabel("evaluation length (tokens)")
     axis.set_ylabel("validation perplexity")
-    axis.grid(alpha=0.3, which="both")
-    axis.legend(fontsize=8)
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
+    save_figure(figure, path, grid="both")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -174,18 +160,14 @@ def main(argv: list[str] | None = None) -> int:
     prepared = prepare_data(ModelArguments(architecture="llama"),
                             DataArguments(dataset="stdlib-prose", block_size=args.train_length,
                                           vocab_size=args.vocab_size, cache_dir=args.cache_dir))
-    rows = []
-    for seed in args.seeds:
-        for arm in args.arms:
-            row = train_arm(arm, seed, args, prepared, output)
-            rows.append(row)
-            print(f"seed {seed} {arm:<13} " + " ".join(f"{n}:{p:.1f}" for n, p in row["perplexity"].items())
-                  + f" ({row['train_seconds']:.0f}s)", flush=True)
+    rows = arms_by_seeds(args.arms, args.seeds, lambda arm, seed: train_arm(arm, seed, args, prepared, output),
+                         lambda row: f"seed {row['seed']} {row['arm']:<13} " + " ".join(
+                             f"{n}:{p:.1f}" for n, p in row["perplexity"].items()) + f" ({row['train_seconds']:.0f}s)")
     table, summary = summarize(rows, args.eval_lengths)
     setting = (f"Llama, {args.layers} layers, d_model {args.hidden_size}, {args.heads} heads, trained at "
                f"{args.train_length} tokens for {args.steps} steps of batch {args.batch_size} on stdlib-prose "
-               f"(byte-level BPE {args.vocab_size}); AdamW lr {args.learning_rate} cosine; cdape output convolution "
-               f"init: {args.cdape_init}; seeds {args.seeds}; "
+               f"(byte-level BPE {args.vocab_size}); {describe_schedule(args.learning_rate)}; cdape output "
+               f"convolution init: {args.cdape_init}; seeds {args.seeds}; "
                f"perplexity (mean ± sd over seeds) on up to {args.eval_tokens} validation tokens per length")
     verdict_by_base = verdicts(summary)
     rule = (f"Growth = perplexity at {args.eval_lengths[-1]} / at {args.eval_lengths[0]} tokens, per seed. Verdict per "
@@ -197,15 +179,12 @@ def main(argv: list[str] | None = None) -> int:
         f"{mean_sd(summary[base + '+cdape']['growth'])[0]:.2f} (per seed "
         + ", ".join(f"{g:.2f}" for g in summary[base + "+cdape"]["growth"]) + f"): **{verdict}**"
         for base, verdict in verdict_by_base.items())
-    seconds = sum(r["train_seconds"] for r in rows)
-    (output / "results.md").write_text(
-        f"{setting}\n\n{table}\n\n{rule}\n\n{verdict_lines}\n\nTraining time: {seconds / 60:.1f} min in all "
-        f"(arms: " + ", ".join(f"{arm} {statistics.mean(r['train_seconds'] for r in rows if r['arm'] == arm):.0f} s"
-                               for arm in summary) + " per seed).\n")
-    (output / "results.json").write_text(json.dumps(
-        {"setting": vars(args), "runs": rows, "verdicts": verdict_by_base}, indent=2))
+    per_arm = ", ".join(f"{arm} {mean_sd(values_of(rows, 'train_seconds', arm=arm))[0]:.0f} s" for arm in summary)
+    minutes = sum(values_of(rows, "train_seconds")) / 60
+    write_results(output, f"{setting}\n\n{table}\n\n{rule}\n\n{verdict_lines}\n\nTraining time: {minutes:.1f} min "
+                          f"in all (arms: {per_arm} per seed).", setting=vars(args), runs=rows,
+                  verdicts=verdict_by_base)
     plot(summary, args.eval_lengths, args.train_length, output / "perplexity.png")
-    print(f"\n{setting}\n\n{table}\n\n{verdict_lines}")
     return 0
 
 

@@ -23,26 +23,23 @@ Writes results/reproduce_expressive/{results.json, results.md, accuracy.png, car
 
 from __future__ import annotations
 
-import json
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
 from datasets import Dataset
-from transformers import set_seed
+
+from hf_neural_attention import VariantGPT2Config, VariantGPT2LMHeadModel
+from hf_neural_attention.hub import build_model_card
+from hf_neural_attention.experiments.harness import (
+    arms_by_seeds, describe_schedule, markdown_table, mean_sd, parse_reproduction_args, pyplot, reproduction_parser,
+    save_figure, schedule, spread, train_built_arm, values_of, write_results)
 
 REPO = Path(__file__).resolve().parents[1]
-
-from hf_neural_attention import VariantGPT2Config, VariantGPT2LMHeadModel  # noqa: E402
-from hf_neural_attention.hub import build_model_card  # noqa: E402
-from hf_neural_attention.experiments.harness import (  # noqa: E402
-    parse_reproduction_args, pyplot, reproduction_parser, schedule, training_arguments)
-from hf_neural_attention.experiments.training import train_model  # noqa: E402
-
 ARMS = {"dot": ("dot", {}), "expressive": ("expressive", {"form": "rational", "scale": True})}
+# The first runs used AdamW's defaults here (beta2 0.999) and no weight decay; kept so results stay comparable.
+OPTIMIZER = {"weight_decay": 0.0, "adam_beta2": 0.999}
 
 
 def level_settings(level: int) -> tuple[int, int]:
@@ -71,38 +68,38 @@ def build_dataset(sequences: np.ndarray, level: int) -> Dataset:
 def accuracy(model, dataset: Dataset) -> float:
     model.eval()
     batch = dataset[:]  # the whole held-out set as tensors
-    ids, labels = batch["input_ids"], batch["labels"]
+    device = next(model.parameters()).device  # where the Trainer left the model
+    ids, labels = batch["input_ids"].to(device), batch["labels"].to(device)
     predictions = model(input_ids=ids).logits[:, :-1].argmax(-1)
     targets = labels[:, 1:]
     scored = targets != -100
     return float((predictions[scored] == targets[scored]).float().mean())
 
 
-def train_arm(arm: str, level: int, seed: int, args, output: Path) -> dict:
+def build_model(arm: str, level: int, args) -> VariantGPT2LMHeadModel:
     variant, options = ARMS[arm]
-    alphabet, _ = level_settings(level)
-    train = build_dataset(make_sequences(level, args.train_sequences, args.length, seed=10_000 + level), level)
-    test = build_dataset(make_sequences(level, args.test_sequences, args.length, seed=20_000 + level), level)
-    set_seed(seed)
     config = VariantGPT2Config(
-        vocab_size=alphabet, n_positions=args.length, n_embd=args.hidden_size, n_layer=args.layers,
+        vocab_size=level_settings(level)[0], n_positions=args.length, n_embd=args.hidden_size, n_layer=args.layers,
         n_head=args.heads, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0,
         attention_variant=variant, attention_variant_options=options, attention_variant_layers="all")
-    model = VariantGPT2LMHeadModel(config)
-    # The first runs used AdamW's defaults here (beta2 0.999) and no weight decay; kept so results stay comparable.
-    training_args = training_arguments(
-        Path(args.runs_dir) / f"{arm}-L{level}-s{seed}", seed,
-        **schedule(args.steps, args.batch_size, args.learning_rate, weight_decay=0.0, adam_beta2=0.999))
-    started = time.perf_counter()
-    train_model(model, training_args, train, data_collator=None)
-    row = {"arm": arm, "level": level, "alphabet": alphabet, "delay": level_settings(level)[1], "seed": seed,
+    return VariantGPT2LMHeadModel(config)
+
+
+def train_arm(arm: str, level: int, seed: int, args, output: Path) -> dict:
+    alphabet, delay = level_settings(level)
+    train = build_dataset(make_sequences(level, args.train_sequences, args.length, seed=10_000 + level), level)
+    test = build_dataset(make_sequences(level, args.test_sequences, args.length, seed=20_000 + level), level)
+    model, seconds = train_built_arm(lambda: build_model(arm, level, args), train,
+                                     Path(args.runs_dir) / f"{arm}-L{level}-s{seed}", seed,
+                                     **schedule(args.steps, args.batch_size, args.learning_rate, **OPTIMIZER))
+    row = {"arm": arm, "level": level, "alphabet": alphabet, "delay": delay, "seed": seed,
            "accuracy": accuracy(model, test), "parameters": sum(p.numel() for p in model.parameters()),
-           "seconds": time.perf_counter() - started}
+           "seconds": seconds}
     if seed == args.seeds[0]:  # one model card per arm and level, for its first seed
         build_model_card(
             model, metrics=["accuracy"],
-            results=f"| level | alphabet | delay | test accuracy |\n|---:|---:|---:|---:|\n"
-                    f"| {level} | {alphabet} | {row['delay']} | {row['accuracy']:.4f} |",
+            results=markdown_table(["level", "alphabet", "delay", "test accuracy"],
+                                   [(level, alphabet, delay, f"{row['accuracy']:.4f}")], "rrrr"),
             training_data=f"the delayed-recurrence task of scripts/reproduce_expressive.py at level {level}, "
                           f"{args.steps} steps of batch {args.batch_size}, seed {seed}",
         ).save(output / "cards" / f"{arm}-L{level}.md")
@@ -110,28 +107,24 @@ def train_arm(arm: str, level: int, seed: int, args, output: Path) -> dict:
 
 
 def summarize(rows: list[dict], levels: list[int]) -> tuple[str, list[dict]]:
-    summary = []
-    lines = ["| level | alphabet | delay | chance | dot (mean ± sd) | expressive (mean ± sd) | "
-             "expressive − dot | seeds |", "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    summary, cells = [], []
     for level in levels:
         entry = {"level": level, "alphabet": level_settings(level)[0], "delay": level_settings(level)[1]}
         for arm in ARMS:
-            values = [r["accuracy"] for r in rows if r["arm"] == arm and r["level"] == level]
-            entry[arm] = (statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0, values)
-        gap = entry["expressive"][0] - entry["dot"][0]
-        entry["gap"] = gap
+            values = values_of(rows, "accuracy", arm=arm, level=level)
+            entry[arm] = (*mean_sd(values), values)
+        entry["gap"] = entry["expressive"][0] - entry["dot"][0]
         summary.append(entry)
-        lines.append(
-            f"| {level} | {entry['alphabet']} | {entry['delay']} | {1 / entry['alphabet']:.3f} | "
-            f"{entry['dot'][0]:.3f} ± {entry['dot'][1]:.3f} | {entry['expressive'][0]:.3f} ± "
-            f"{entry['expressive'][1]:.3f} | {gap:+.3f} | {len(entry['dot'][2])} |")
-    return "\n".join(lines), summary
+        cells.append([level, entry["alphabet"], entry["delay"], f"{1 / entry['alphabet']:.3f}",
+                      spread(entry["dot"][2], 3), spread(entry["expressive"][2], 3), f"{entry['gap']:+.3f}",
+                      len(entry["dot"][2])])
+    header = ["level", "alphabet", "delay", "chance", "dot (mean ± sd)", "expressive (mean ± sd)", "expressive − dot",
+              "seeds"]
+    return markdown_table(header, cells, "r" * len(header)), summary
 
 
 def plot(summary: list[dict], path: Path) -> None:
-    plt = pyplot()
-
-    figure, axis = plt.subplots(figsize=(6, 4))
+    figure, axis = pyplot().subplots(figsize=(6, 4))
     levels = [entry["level"] for entry in summary]
     for arm, color in (("dot", "C0"), ("expressive", "C1")):
         means = [entry[arm][0] for entry in summary]
@@ -143,11 +136,7 @@ def plot(summary: list[dict], path: Path) -> None:
     axis.set_xlabel("complexity level (alphabet 2+2L, delay 2+L)")
     axis.set_ylabel("test accuracy on the recurrence")
     axis.set_ylim(0, 1.02)
-    axis.grid(alpha=0.3)
-    axis.legend()
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
+    save_figure(figure, path, fontsize=None)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -168,21 +157,16 @@ def main(argv: list[str] | None = None) -> int:
     (output / "cards").mkdir(parents=True, exist_ok=True)
     rows = []
     for level in args.levels:
-        for seed in args.seeds:
-            for arm in ARMS:
-                row = train_arm(arm, level, seed, args, output)
-                rows.append(row)
-                print(f"level {level} seed {seed} {arm:<10} accuracy {row['accuracy']:.3f} ({row['seconds']:.0f}s)",
-                      flush=True)
+        rows += arms_by_seeds(ARMS, args.seeds, lambda arm, seed: train_arm(arm, level, seed, args, output),
+                              lambda row: f"level {row['level']} seed {row['seed']} {row['arm']:<10} accuracy "
+                                          f"{row['accuracy']:.3f} ({row['seconds']:.0f}s)")
     table, summary = summarize(rows, args.levels)
     setting = (f"GPT-2, {args.layers} layers, d_model {args.hidden_size}, {args.heads} heads, "
                f"{rows[0]['parameters']:,} parameters in both arms; {args.steps} steps of batch {args.batch_size}, "
-               f"sequences of {args.length} tokens, AdamW lr {args.learning_rate} cosine; seeds {args.seeds}; "
-               f"expressive = {ARMS['expressive'][1]} in every layer")
-    (output / "results.md").write_text(f"{setting}\n\n{table}\n")
-    (output / "results.json").write_text(json.dumps({"setting": vars(args), "runs": rows}, indent=2))
+               f"sequences of {args.length} tokens, {describe_schedule(args.learning_rate, **OPTIMIZER)}; "
+               f"seeds {args.seeds}; expressive = {ARMS['expressive'][1]} in every layer")
+    write_results(output, f"{setting}\n\n{table}", setting=vars(args), runs=rows)
     plot(summary, output / "accuracy.png")
-    print(f"\n{setting}\n\n{table}")
     return 0
 
 

@@ -21,20 +21,19 @@ Writes results/reproduce_neural/{results.json, results.md, results.png, cards/*.
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 from pathlib import Path
 
 import torch
 
+from hf_neural_attention import VariantGPT2LMHeadModel, VariantViTForImageClassification
+from hf_neural_attention.experiments.harness import (
+    arms_by_seeds, copy_model_card, describe_schedule, markdown_table, mean_sd, parse_reproduction_args, pyplot,
+    reproduction_parser, save_figure, schedule, spread, train_arm, values_of, verdict, write_results)
+from hf_neural_attention.experiments.training import DataArguments, ModelArguments, prepare_data
+
 REPO = Path(__file__).resolve().parents[1]
-
-from hf_neural_attention import VariantGPT2LMHeadModel, VariantViTForImageClassification  # noqa: E402
-from hf_neural_attention.experiments.harness import (  # noqa: E402
-    copy_model_card, mean_sd, parse_reproduction_args, pyplot, reproduction_parser, schedule, train_arm, verdict)
-from hf_neural_attention.experiments.training import DataArguments, ModelArguments  # noqa: E402
-
 TEXT_ARMS = {"dot": ("dot", None), "neural-first": ("neural", None), "neural-all": ("neural", "all")}
 IMAGE_ARMS = {"dot": ("dot", None), "neural-first": ("neural", None)}
 CLAIMS = {"text": 2.0, "image": 3.0}  # % perplexity reduction; accuracy points (the lower of +3 / +4)
@@ -56,45 +55,48 @@ def first_layer_uniformity(run_dir: str, task: str, sample: dict) -> float:
     return float((weights - uniform).abs().max())
 
 
-def run_task(task: str, args, output: Path) -> list[dict]:
-    arms = TEXT_ARMS if task == "text" else IMAGE_ARMS
+def task_settings(task: str, args) -> tuple[DataArguments, int, int, dict]:
+    """(data, steps, batch size, model fields) of a task."""
     if task == "text":
-        data_args = DataArguments(dataset=args.dataset, block_size=args.block_size, vocab_size=args.vocab_size,
-                                  max_eval_samples=args.max_eval_samples, cache_dir=args.cache_dir)
-        steps, batch = args.text_steps, args.batch_size
-        model_fields = dict(architecture="gpt2", max_position_embeddings=args.block_size)
-    else:
-        data_args = DataArguments(dataset=args.image_dataset, cache_dir=args.cache_dir)
-        steps, batch = args.image_steps, args.image_batch_size
-        model_fields = dict(architecture="vit", patch_size=args.patch_size)
-    rows = []
-    for seed in args.seeds:
-        for arm, (variant, layers) in arms.items():
-            model_args = ModelArguments(attention_variant=variant, attention_layers=layers,
-                                        hidden_size=args.hidden_size, num_layers=args.layers, num_heads=args.heads,
-                                        **model_fields)
-            run_dir = Path(args.runs_dir) / f"{task}-{arm}-s{seed}"
-            started = time.perf_counter()
-            results = train_arm(model_args, data_args, run_dir, seed, per_device_eval_batch_size=64,
-                                eval_strategy="no", **schedule(steps, batch, args.learning_rate))
-            row = {"task": task, "arm": arm, "seed": seed, "variant": variant, "layers": layers or "paper default",
-                   "parameters": results["parameters"], "variant_parameters": results["variant_parameters"],
-                   "seconds": time.perf_counter() - started, "train_loss": results["train_loss"]}
-            if task == "text":
-                row.update(test_perplexity=results["test_perplexity"],
-                           validation_perplexity=results["validation_perplexity"])
-                metric = f"test ppl {row['test_perplexity']:.2f}"
-            else:
-                row.update(test_accuracy=results["test_accuracy"], validation_accuracy=results["validation_accuracy"])
-                metric = f"test acc {row['test_accuracy']:.4f}"
-            if variant == "neural":
-                row["first_layer_max_deviation_from_uniform"] = first_layer_uniformity(
-                    results["run_dir"], task, args.samples[task])
-            if seed == args.seeds[0]:
-                copy_model_card(results["run_dir"], output / "cards" / f"{task}-{arm}.md")
-            rows.append(row)
-            print(f"[{task}] seed {seed} {arm:<13} {metric} ({row['seconds']:.0f} s)", flush=True)
-    return rows
+        return (DataArguments(dataset=args.dataset, block_size=args.block_size, vocab_size=args.vocab_size,
+                              max_eval_samples=args.max_eval_samples, cache_dir=args.cache_dir),
+                args.text_steps, args.batch_size, dict(architecture="gpt2", max_position_embeddings=args.block_size))
+    return (DataArguments(dataset=args.image_dataset, cache_dir=args.cache_dir), args.image_steps,
+            args.image_batch_size, dict(architecture="vit", patch_size=args.patch_size))
+
+
+def sample(task: str, args) -> dict:
+    """A fixed validation batch for the uniformity check."""
+    data_args, _, _, model_fields = task_settings(task, args)
+    key, count = ("input_ids", 8) if task == "text" else ("pixel_values", 32)
+    return {key: prepare_data(ModelArguments(**model_fields), data_args).validation[:count][key]}
+
+
+def train_one(task: str, arm: str, seed: int, args, output: Path) -> dict:
+    variant, layers = (TEXT_ARMS if task == "text" else IMAGE_ARMS)[arm]
+    data_args, steps, batch, model_fields = task_settings(task, args)
+    model_args = ModelArguments(attention_variant=variant, attention_layers=layers, hidden_size=args.hidden_size,
+                                num_layers=args.layers, num_heads=args.heads, **model_fields)
+    started = time.perf_counter()
+    results = train_arm(model_args, data_args, Path(args.runs_dir) / f"{task}-{arm}-s{seed}", seed,
+                        per_device_eval_batch_size=64, eval_strategy="no", **schedule(steps, batch, args.learning_rate))
+    row = {"task": task, "arm": arm, "seed": seed, "variant": variant, "layers": layers or "paper default",
+           "parameters": results["parameters"], "variant_parameters": results["variant_parameters"],
+           "seconds": time.perf_counter() - started, "train_loss": results["train_loss"]}
+    split_metric = "perplexity" if task == "text" else "accuracy"
+    row.update({f"{split}_{split_metric}": results[f"{split}_{split_metric}"] for split in ("test", "validation")})
+    if variant == "neural":
+        row["first_layer_max_deviation_from_uniform"] = first_layer_uniformity(results["run_dir"], task,
+                                                                               args.samples[task])
+    if seed == args.seeds[0]:
+        copy_model_card(results["run_dir"], output / "cards" / f"{task}-{arm}.md")
+    return row
+
+
+def describe(row: dict) -> str:
+    metric = (f"test ppl {row['test_perplexity']:.2f}" if row["task"] == "text"
+              else f"test acc {row['test_accuracy']:.4f}")
+    return f"[{row['task']}] seed {row['seed']} {row['arm']:<13} {metric} ({row['seconds']:.0f} s)"
 
 
 def effects(rows: list[dict], task: str, arm: str) -> list[float]:
@@ -109,44 +111,40 @@ def effects(rows: list[dict], task: str, arm: str) -> list[float]:
 
 def summarize(rows: list[dict]) -> tuple[str, dict]:
     summary: dict = {}
-    lines = ["| task | arm | parameters (variant) | test metric (mean ± sd) | effect vs dot (mean ± sd; per seed) | "
-             "claim | verdict | first-layer attention uniform |",
-             "|---|---|---:|---:|---:|---:|---|---|"]
+    cells = []
     for task, arms in (("text", TEXT_ARMS), ("image", IMAGE_ARMS)):
-        field, unit = ("test_perplexity", "%") if task == "text" else ("test_accuracy", " pt")
+        field, unit, scale = ("test_perplexity", "%", 1) if task == "text" else ("test_accuracy", " pt", 100)
         for arm in arms:
             arm_rows = [r for r in rows if r["task"] == task and r["arm"] == arm]
             if not arm_rows:
                 continue
-            values = [r[field] for r in arm_rows]
+            values = values_of(arm_rows, field)
             mean, sd = mean_sd(values)
             entry = {"values": values, "mean": mean, "sd": sd}
-            metric = f"ppl {mean:.2f} ± {sd:.2f}" if task == "text" else f"acc {100 * mean:.2f} ± {100 * sd:.2f} %"
+            metric = f"ppl {spread(values)}" if task == "text" else f"acc {spread(values, scale=100)} %"
             effect_cell = claim_cell = verdict_cell = uniform_cell = ""
             if arm != "dot":
                 per_seed = effects(rows, task, arm)
                 effect_mean, effect_sd = mean_sd(per_seed)
                 entry.update(effects=per_seed, effect_mean=effect_mean, effect_sd=effect_sd,
                              verdict=verdict(per_seed, CLAIMS[task]))
-                effect_cell = (f"{effect_mean:+.2f} ± {effect_sd:.2f}{unit} ("
-                               + ", ".join(f"{e:+.2f}" for e in per_seed) + ")")
+                effect_cell = f"{spread(per_seed, signed=True)}{unit} (" + ", ".join(f"{e:+.2f}" for e in per_seed) + ")"
                 claim_cell = f"> +{CLAIMS[task]:g}{unit}"
                 verdict_cell = entry["verdict"]
-                deviations = [r["first_layer_max_deviation_from_uniform"] for r in arm_rows]
-                dead = sum(d < 1e-5 for d in deviations)
-                entry["uniform_seeds"] = dead
-                uniform_cell = f"{dead} of {len(deviations)} seeds"
+                deviations = values_of(arm_rows, "first_layer_max_deviation_from_uniform")
+                entry["uniform_seeds"] = sum(d < 1e-5 for d in deviations)
+                uniform_cell = f"{entry['uniform_seeds']} of {len(deviations)} seeds"
             summary.setdefault(task, {})[arm] = entry
-            lines.append(f"| {task} | {arm} | {arm_rows[0]['parameters']:,} ({arm_rows[0]['variant_parameters']:,}) | "
-                         f"{metric} | {effect_cell} | {claim_cell} | {verdict_cell} | {uniform_cell} |")
-    return "\n".join(lines), summary
+            cells.append([task, arm, f"{arm_rows[0]['parameters']:,} ({arm_rows[0]['variant_parameters']:,})", metric,
+                          effect_cell, claim_cell, verdict_cell, uniform_cell])
+    header = ["task", "arm", "parameters (variant)", "test metric (mean ± sd)", "effect vs dot (mean ± sd; per seed)",
+              "claim", "verdict", "first-layer attention uniform"]
+    return markdown_table(header, cells, "llrrrrll"), summary
 
 
 def plot(summary: dict, path: Path) -> None:
-    plt = pyplot()
-
     tasks = [task for task in ("text", "image") if task in summary]
-    figure, axes = plt.subplots(1, len(tasks), figsize=(5 * len(tasks), 3.8), squeeze=False)
+    figure, axes = pyplot().subplots(1, len(tasks), figsize=(5 * len(tasks), 3.8), squeeze=False)
     for axis, task in zip(axes[0], tasks):
         scale = 1 if task == "text" else 100
         for index, (arm, entry) in enumerate(summary[task].items()):
@@ -157,28 +155,7 @@ def plot(summary: dict, path: Path) -> None:
         axis.set_xticks(range(len(summary[task])), list(summary[task]))
         axis.set_ylabel("test perplexity (lower is better)" if task == "text" else "test accuracy % (higher is better)")
         axis.set_title("GPT-2 on stdlib-prose" if task == "text" else "ViT on digits", fontsize=10)
-        axis.grid(alpha=0.3)
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
-
-
-def text_sample(args) -> dict:
-    """A fixed validation batch for the uniformity check."""
-    from hf_neural_attention.experiments.training import prepare_data
-
-    prepared = prepare_data(ModelArguments(architecture="gpt2"),
-                            DataArguments(dataset=args.dataset, block_size=args.block_size,
-                                          vocab_size=args.vocab_size, cache_dir=args.cache_dir))
-    return {"input_ids": prepared.validation[:8]["input_ids"]}
-
-
-def image_sample(args) -> dict:
-    from hf_neural_attention.experiments.training import prepare_data
-
-    prepared = prepare_data(ModelArguments(architecture="vit", patch_size=args.patch_size),
-                            DataArguments(dataset=args.image_dataset, cache_dir=args.cache_dir))
-    return {"pixel_values": prepared.validation[:32]["pixel_values"]}
+    save_figure(figure, path, legend=False)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -204,19 +181,16 @@ def main(argv: list[str] | None = None) -> int:
 
     output = Path(args.output)
     output.mkdir(parents=True, exist_ok=True)
-    args.samples = {}
-    if "text" in args.tasks:
-        args.samples["text"] = text_sample(args)
-    if "image" in args.tasks:
-        args.samples["image"] = image_sample(args)
+    args.samples = {task: sample(task, args) for task in args.tasks}
     started = time.perf_counter()
     rows = []
     for task in args.tasks:
-        rows += run_task(task, args, output)
+        arms = TEXT_ARMS if task == "text" else IMAGE_ARMS
+        rows += arms_by_seeds(arms, args.seeds, lambda arm, seed: train_one(task, arm, seed, args, output), describe)
     table, summary = summarize(rows)
     setting = (f"Stock Trainer, from scratch, seeds {args.seeds}; every model d_model {args.hidden_size}, "
-               f"{args.layers} layers, {args.heads} heads (d_h {args.hidden_size // args.heads}); AdamW lr "
-               f"{args.learning_rate}, cosine, 5 % warm-up, weight decay 0.1, beta2 0.95, clip 1.0. Text: GPT-2 on "
+               f"{args.layers} layers, {args.heads} heads (d_h {args.hidden_size // args.heads}); "
+               f"{describe_schedule(args.learning_rate)}. Text: GPT-2 on "
                f"{args.dataset} (byte-level BPE {args.vocab_size}), blocks of {args.block_size}, batch "
                f"{args.batch_size}, {args.text_steps} steps, test perplexity on {args.max_eval_samples} held-out "
                f"blocks. Image: ViT ({args.patch_size}x{args.patch_size} patches) on {args.image_dataset}, batch "
@@ -227,11 +201,9 @@ def main(argv: list[str] | None = None) -> int:
              "hold at this scale = mean + 2 standard errors stays below the claim; otherwise inconclusive. "
              "Parameters: the whole model, in brackets the neural scorer's share. Uniform: seeds whose first-layer "
              "attention equals plain averaging (max deviation < 1e-5), the sign of a dead ReLU in the paper's MLP.")
-    (output / "results.md").write_text(f"{setting}\n\n{table}\n\n{notes}\n")
-    (output / "results.json").write_text(json.dumps(
-        {"setting": {k: v for k, v in vars(args).items() if k != "samples"}, "runs": rows}, indent=2))
+    write_results(output, f"{setting}\n\n{table}\n\n{notes}",
+                  setting={k: v for k, v in vars(args).items() if k != "samples"}, runs=rows)
     plot(summary, output / "results.png")
-    print(f"\n{setting}\n\n{table}")
     return 0
 
 

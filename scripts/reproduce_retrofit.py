@@ -19,22 +19,20 @@ Writes results/reproduce_retrofit/{results.json, results.md, results.png, cards/
 
 from __future__ import annotations
 
-import json
-import math
 import sys
 import time
 from pathlib import Path
 
 import torch
 
+from hf_neural_attention import VariantGPT2LMHeadModel
+from hf_neural_attention.experiments.harness import (
+    copy_model_card, describe_schedule, markdown_table, mean_sd, paired_reading, parse_reproduction_args, pyplot,
+    reproduction_parser, save_figure, schedule, spread, train_arm, values_of, write_results)
+from hf_neural_attention.experiments.metrics import block_perplexity
+from hf_neural_attention.experiments.training import DataArguments, ModelArguments, prepare_data
+
 REPO = Path(__file__).resolve().parents[1]
-
-from hf_neural_attention import VariantGPT2LMHeadModel  # noqa: E402
-from hf_neural_attention.experiments.harness import (  # noqa: E402
-    copy_model_card, mean_sd, parse_reproduction_args, pyplot, reproduction_parser, schedule, train_arm)
-from hf_neural_attention.experiments.metrics import block_perplexity  # noqa: E402
-from hf_neural_attention.experiments.training import DataArguments, ModelArguments, prepare_data  # noqa: E402
-
 VARIANTS = ("expressive", "neural", "cdape")
 
 
@@ -99,47 +97,40 @@ def main(argv: list[str] | None = None) -> int:
 
     arms = ["pretrain", "dot-scratch"] + [f"{v}-{kind}" for v in args.variants
                                           for kind in ("converted", "retrofit", "scratch")]
-    summary = {}
-    lines = ["| arm | steps | parameters | test perplexity (mean ± sd) | per seed |", "|---|---:|---:|---:|---|"]
+    summary, cells = {}, []
     for arm in arms:
         arm_rows = [r for r in rows if r["arm"] == arm]
-        values = [r["test_perplexity"] for r in arm_rows]
+        values = values_of(arm_rows, "test_perplexity")
         mean, sd = mean_sd(values)
         summary[arm] = {"values": values, "mean": mean, "sd": sd}
         steps = (f"{args.pretrain_steps} + {args.finetune_steps}" if arm.endswith("-retrofit")
                  else f"{args.pretrain_steps} + 0" if arm.endswith("-converted") else str(arm_rows[0]["steps"]))
-        lines.append(f"| {arm} | {steps} | {arm_rows[0]['parameters']:,} | {mean:.2f} ± {sd:.2f} | "
-                     + ", ".join(f"{v:.2f}" for v in values) + " |")
-    comparison = ["| variant | retrofit − scratch (mean ± sd; per seed) | reading |", "|---|---:|---|"]
+        cells.append([arm, steps, f"{arm_rows[0]['parameters']:,}", spread(values),
+                      ", ".join(f"{v:.2f}" for v in values)])
+    comparison = []
+    by_seed = {(r["arm"], r["seed"]): r["test_perplexity"] for r in rows}
     for variant in args.variants:
-        by_seed = {(r["arm"], r["seed"]): r["test_perplexity"] for r in rows}
         differences = [by_seed[(f"{variant}-retrofit", s)] - by_seed[(f"{variant}-scratch", s)] for s in args.seeds]
         mean, sd = mean_sd(differences)
-        standard_error = sd / math.sqrt(len(differences))
-        reading = ("retrofit better" if mean + 2 * standard_error < 0 else
-                   "scratch better" if mean - 2 * standard_error > 0 else "no clear difference (within 2 s.e.)")
+        reading = paired_reading(differences, negative="retrofit better", positive="scratch better")
         summary[variant] = {"differences": differences, "mean": mean, "sd": sd, "reading": reading}
-        comparison.append(f"| {variant} | {mean:+.2f} ± {sd:.2f} (" + ", ".join(f"{d:+.2f}" for d in differences)
-                          + f") | {reading} |")
+        comparison.append([variant, f"{spread(differences, signed=True)} ("
+                           + ", ".join(f"{d:+.2f}" for d in differences) + ")", reading])
     setting = (f"GPT-2 d_model {args.hidden_size}, {args.layers} layers, {args.heads} heads on {args.dataset} "
                f"(byte-level BPE {args.vocab_size}, blocks of {args.block_size}, batch {args.batch_size}); stock "
-               f"Trainer, AdamW, cosine, 5 % warm-up, weight decay 0.1, beta2 0.95, clip 1.0; pretraining and "
+               f"Trainer, {describe_schedule()}; pretraining and "
                f"scratch lr {args.learning_rate}, fine-tuning lr {args.finetune_learning_rate}; P = "
                f"{args.pretrain_steps}, F = {args.finetune_steps}; seeds {args.seeds}; test perplexity on "
                f"{args.max_eval_samples} held-out blocks. Total run time {(time.perf_counter() - started) / 60:.0f} min.")
-    text = f"{setting}\n\n" + "\n".join(lines) + "\n\n" + "\n".join(comparison) + "\n"
-    (output / "results.md").write_text(text)
-    (output / "results.json").write_text(json.dumps({"setting": vars(args), "runs": rows, "summary": summary},
-                                                    indent=2))
+    tables = (markdown_table(["arm", "steps", "parameters", "test perplexity (mean ± sd)", "per seed"], cells, "lrrrl"),
+              markdown_table(["variant", "retrofit − scratch (mean ± sd; per seed)", "reading"], comparison, "lrl"))
+    write_results(output, f"{setting}\n\n" + "\n\n".join(tables), setting=vars(args), runs=rows, summary=summary)
     plot(summary, args.variants, output / "results.png")
-    print(f"\n{text}")
     return 0
 
 
 def plot(summary: dict, variants: list[str], path: Path) -> None:
-    plt = pyplot()
-
-    figure, axis = plt.subplots(figsize=(7, 4))
+    figure, axis = pyplot().subplots(figsize=(7, 4))
     kinds = (("converted", "C7"), ("retrofit", "C1"), ("scratch", "C0"))
     for index, variant in enumerate(variants):
         for offset, (kind, color) in zip((-0.2, 0.0, 0.2), kinds):
@@ -153,11 +144,7 @@ def plot(summary: dict, variants: list[str], path: Path) -> None:
     axis.set_xticks(range(len(variants)), variants)
     axis.set_yscale("log")
     axis.set_ylabel("test perplexity (log scale)")
-    axis.grid(alpha=0.3, which="both")
-    axis.legend(fontsize=8)
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
+    save_figure(figure, path, grid="both")
 
 
 if __name__ == "__main__":

@@ -1,13 +1,17 @@
-"""Shared pieces of the paper reproductions (scripts/reproduce_*.py): one Trainer run per (arm, seed) through
-`training.run`, seed statistics, a mechanical verdict against a claimed effect, and model cards copied into the repo.
+"""The experiment harness of the paper reproductions (scripts/reproduce_*.py), written once: the shared options
+(at least 3 seeds), the optimizer and schedule, one Trainer run per (arm, seed) through the one training entry point
+(`training.run` for a recipe, `training.train_model` for a ready model or a model factory), the arms x seeds loop,
+the mean ± sd spread, mechanical verdicts against a claimed effect, results files, figures and model cards.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import shutil
 import statistics
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +19,8 @@ import torch
 from transformers import TrainingArguments
 
 from .recipes import DataArguments, ModelArguments
-from .training import run
+from .report import markdown_table, mean_sd, pyplot, save_figure, spread  # noqa: F401 (re-exported for the scripts)
+from .training import run, train_model
 
 
 def reproduction_parser(doc: str, name: str, repo: Path) -> argparse.ArgumentParser:
@@ -36,16 +41,6 @@ def parse_reproduction_args(parser: argparse.ArgumentParser, argv: list[str] | N
     return args
 
 
-def pyplot():
-    """matplotlib.pyplot on the file-only Agg backend (no display needed)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def schedule(steps: int, batch_size: int, learning_rate: float, **overrides: Any) -> dict[str, Any]:
     """The optimizer and schedule of every reproduction, written once: AdamW with beta2 0.95, weight decay 0.1 and
     gradient clipping at 1.0; cosine decay after a 5 % warm-up; a log line every 5 % of the steps. A script passes
@@ -53,6 +48,14 @@ def schedule(steps: int, batch_size: int, learning_rate: float, **overrides: Any
     return {"max_steps": steps, "per_device_train_batch_size": batch_size, "learning_rate": learning_rate,
             "lr_scheduler_type": "cosine", "warmup_steps": max(1, steps // 20), "weight_decay": 0.1,
             "adam_beta2": 0.95, "max_grad_norm": 1.0, "logging_steps": max(1, steps // 20), **overrides}
+
+
+def describe_schedule(learning_rate: float | None = None, **overrides: Any) -> str:
+    """The optimizer and schedule of `schedule(...)` (with the same overrides) in words, for a results file."""
+    settings = schedule(100, 1, 0.0, **overrides)
+    rate = "" if learning_rate is None else f" lr {learning_rate}"
+    return (f"AdamW{rate} (beta2 {settings['adam_beta2']}, weight decay {settings['weight_decay']}, clip "
+            f"{settings['max_grad_norm']}), {settings['lr_scheduler_type']} after a 5 % warm-up")
 
 
 def training_arguments(output_dir: str | Path, seed: int, **training: Any) -> TrainingArguments:
@@ -71,9 +74,36 @@ def train_arm(model_args: ModelArguments, data_args: DataArguments, output_dir: 
     return results
 
 
-def mean_sd(values: list[float]) -> tuple[float, float]:
-    """Mean and sample standard deviation (0 for a single value)."""
-    return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+def train_built_arm(model, train_dataset, output_dir: Path, seed: int, **training: Any) -> tuple[Any, float]:
+    """One stock-Trainer run of a model the script builds itself: `model` is a ready model or a factory (called
+    after set_seed(seed), so the seed fixes the initial weights). Returns (the trained model, training seconds)."""
+    trainer, _, seconds = train_model(model, training_arguments(output_dir, seed, **training), train_dataset)
+    return trainer.model, seconds
+
+
+def arms_by_seeds(arms: Iterable[str], seeds: Iterable[int], train_one: Callable[[str, int], dict],
+                  describe: Callable[[dict], str]) -> list[dict]:
+    """Every arm for every seed (seed by seed, so a cut-short run has whole seeds): `train_one(arm, seed)` returns
+    one result row; `describe(row)` is printed as it comes. Returns the rows in training order."""
+    rows = []
+    for seed in seeds:
+        for arm in arms:
+            rows.append(train_one(arm, seed))
+            print(describe(rows[-1]), flush=True)
+    return rows
+
+
+def values_of(rows: Iterable[dict], field: str, **match: Any) -> list:
+    """row[field] of the rows whose entries equal `match` (e.g. values_of(rows, "accuracy", arm="dot", level=2))."""
+    return [row[field] for row in rows if all(row.get(key) == value for key, value in match.items())]
+
+
+def write_results(output: Path, markdown: str, **payload: Any) -> None:
+    """output/results.md (the markdown, printed too) and output/results.json (the payload)."""
+    output.mkdir(parents=True, exist_ok=True)
+    (output / "results.md").write_text(markdown.rstrip("\n") + "\n")
+    (output / "results.json").write_text(json.dumps(payload, indent=2))
+    print(f"\n{markdown}")
 
 
 def verdict(effects: list[float], claimed: float) -> str:
@@ -89,6 +119,18 @@ def verdict(effects: list[float], claimed: float) -> str:
     if upper < claimed:
         return "does not hold at this scale"
     return "inconclusive"
+
+
+def paired_reading(differences: list[float], negative: str, positive: str) -> str:
+    """A plain reading of per-seed paired differences: `negative` when even mean + 2 standard errors is below 0,
+    `positive` when even mean - 2 standard errors is above 0, otherwise "no clear difference (within 2 s.e.)"."""
+    mean, sd = mean_sd(differences)
+    standard_error = sd / math.sqrt(len(differences))
+    if mean + 2 * standard_error < 0:
+        return negative
+    if mean - 2 * standard_error > 0:
+        return positive
+    return "no clear difference (within 2 s.e.)"
 
 
 BLOW_UP_GROWTH = 2.0  # perplexity at the longest length / at the training length: "blows up" from here on

@@ -11,13 +11,13 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import resource
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from huggingface_hub import EvalResult
 from transformers import Trainer, TrainingArguments, default_data_collator, set_seed
 
@@ -33,6 +33,7 @@ from .. import (
 )
 from ..hub import write_model_card
 from .metrics import compute_accuracy_from_eval_prediction, sliding_window_perplexity
+from .report import markdown_table, plot_loss_curves
 from .recipes import (  # noqa: F401 (re-exported: the recipe API is used through this module too)
     ARCHITECTURES,
     DEFAULT_CACHE,
@@ -140,31 +141,6 @@ def peak_memory_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def plot_loss_curves(curves: dict[str, dict[str, list]], path: str | os.PathLike, title: str) -> None:
-    """One figure: training loss (solid) and validation loss (dashed) against step, one colour per run."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axis = plt.subplots(figsize=(7, 4.5))
-    for index, (label, curve) in enumerate(curves.items()):
-        color = f"C{index}"
-        if curve.get("train_steps"):
-            axis.plot(curve["train_steps"], curve["train_loss"], color=color, label=f"{label} train", alpha=0.8)
-        if curve.get("eval_steps"):
-            axis.plot(curve["eval_steps"], curve["eval_loss"], color=color, linestyle="--", marker="o",
-                      markersize=3, label=f"{label} validation")
-    axis.set_xlabel("step")
-    axis.set_ylabel("loss (cross-entropy)")
-    axis.set_title(title)
-    axis.grid(alpha=0.3)
-    axis.legend(fontsize=8)
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
-
-
 def loss_curve(log_history: list[dict]) -> dict[str, list]:
     train = [(row["step"], row["loss"]) for row in log_history if "loss" in row]
     evaluation = [(row["step"], row["eval_loss"]) for row in log_history if "eval_loss" in row]
@@ -174,8 +150,13 @@ def loss_curve(log_history: list[dict]) -> dict[str, list]:
 
 def train_model(model, training_args: TrainingArguments, train_dataset, eval_dataset=None, *,
                 data_collator=default_data_collator, compute_metrics=None, processing_class=None):
-    """The one training entry point: the stock Trainer on a ready model; returns (trainer, train output, seconds).
-    `run` builds model and data from a recipe and calls it; the reproductions call it with their own models."""
+    """The one training entry point: the stock Trainer on a ready model, or on a model factory (a callable that
+    returns one), which is called after `set_seed(training_args.seed)` so that the seed fixes the initial weights.
+    Returns (trainer, train output, seconds); `trainer.model` is the trained model. `run` builds model and data from
+    a recipe and calls it; the reproductions call it with their own models (through harness.train_built_arm)."""
+    if callable(model) and not isinstance(model, torch.nn.Module):
+        set_seed(training_args.seed)
+        model = model()
     trainer = Trainer(model=model, args=training_args, train_dataset=train_dataset, eval_dataset=eval_dataset,
                       data_collator=data_collator, compute_metrics=compute_metrics, processing_class=processing_class)
     started = time.perf_counter()
@@ -250,7 +231,7 @@ def write_outputs(trainer, model, prepared, results, model_args, data_args, trai
     metric_name = "accuracy" if model_args.architecture == "vit" else "perplexity"
     headline = {key: value for key, value in results.items()
                 if key.startswith(("validation_", "test_")) and isinstance(value, float)}
-    table = "| metric | value |\n|---|---|\n" + "\n".join(f"| {k} | {v:.4f} |" for k, v in headline.items())
+    table = markdown_table(["metric", "value"], [(key, f"{value:.4f}") for key, value in headline.items()])
     task = ("image-classification", "Image Classification") if model_args.architecture == "vit" else (
         "text-generation", "Text Generation")
     eval_results = [
@@ -261,8 +242,8 @@ def write_outputs(trainer, model, prepared, results, model_args, data_args, trai
     hyperparameters = {key: getattr(training_args, key) for key in (
         "learning_rate", "max_steps", "per_device_train_batch_size", "lr_scheduler_type", "warmup_steps",
         "weight_decay", "adam_beta2", "max_grad_norm", "seed", "bf16")}
-    table += "\n\nTraining hyper-parameters:\n\n| hyper-parameter | value |\n|---|---|\n" + "\n".join(
-        f"| {key} | {value} |" for key, value in hyperparameters.items())
+    table += "\n\nTraining hyper-parameters:\n\n" + markdown_table(["hyper-parameter", "value"],
+                                                                   hyperparameters.items())
     write_model_card(model, model_dir, datasets=[results["dataset"]], metrics=[metric_name], results=table,
                      training_data=f"`{results['dataset']}` (see hf_neural_attention/experiments/data.py), "
                                    f"{results['steps']} steps, seed {results['seed']}.", eval_results=eval_results)
