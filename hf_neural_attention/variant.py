@@ -19,7 +19,7 @@ from torch import nn
 from .chunked import chunked_attention
 from .flex import flex_inference_output
 from .masks import Chunk, KeyMask, whole_map
-from .normalisation import normalise
+from .normalisation import normalise, operand_dtype
 from .runtime import fast_path_applies, flex_applies
 
 
@@ -160,8 +160,7 @@ class AttentionVariant(nn.Module):
 
     def attention_weights(self, query: torch.Tensor, key: torch.Tensor, mask: KeyMask, scaling: float) -> torch.Tensor:
         """Plain path: weights [B, H, Lq, Lk] (float32, or float64) of the whole map, as the paper writes them."""
-        if query.dtype == torch.float16:  # scores beyond 65504 overflow float16: its products run in float32
-            query, key = query.float(), key.float()
+        query, key = query.to(operand_dtype(query.dtype)), key.to(operand_dtype(key.dtype))  # float16 -> float32
         rows, shared = self.prepare(query, key, mask, scaling)
         chunk = whole_map(mask, query.shape[2], key.shape[2])
         weights, _ = normalise(self.score(rows, shared, chunk, scaling), chunk, self.normalisation)
@@ -181,7 +180,6 @@ class AttentionVariant(nn.Module):
                 return output
         if not self.has_chunked_path or not fast_path_applies(query, key, value):
             return None
-        if query.dtype == torch.float16:  # scores beyond 65504 overflow float16: its products run in float32
-            query, key = query.float(), key.float()
+        query, key = query.to(operand_dtype(query.dtype)), key.to(operand_dtype(key.dtype))  # float16 -> float32
         rows, shared = self.prepare(query, key, mask, scaling)
         return chunked_attention(self, value, rows, shared, mask, scaling, dropout=dropout if training else 0.0)
