@@ -7,13 +7,6 @@ Importing the package registers the variants "dot", "expressive", "neural" and "
 AttentionInterface and AttentionMaskInterface, and the Variant* config and model classes with the Auto classes.
 """
 
-from transformers import (
-    AutoConfig,
-    AutoModel,
-    AutoModelForCausalLM,
-    AutoModelForImageClassification,
-)
-
 from .attention_interface import register_variants, variant_attention_forward
 from .cdape import CDAPEAttention
 from .configuration_variants import VariantGPT2Config, VariantLlamaConfig, VariantViTConfig
@@ -25,35 +18,31 @@ from .runtime import FAST_PATHS, FastPathSettings, fast_paths
 from .variant import AttentionVariant, Option
 from .hub import build_model_card, write_model_card
 from .modeling_variants import (
-    VARIANT_MODEL_CLASSES,
+    AttentionVariantMixin,
     VariantGPT2LMHeadModel,
     VariantGPT2Model,
     VariantLlamaForCausalLM,
     VariantLlamaModel,
     VariantViTForImageClassification,
     VariantViTModel,
-
+    variant_model_class,
 )
+from .configuration_variants import VariantConfigMixin, variant_config_class
+from . import auto_registration
 from .conversion import convert, revert
 from .neural import NeuralAttention
 
 __version__ = "0.1.0"
 
-_AUTO_CLASSES = {
-    "AutoModel": AutoModel,
-    "AutoModelForCausalLM": AutoModelForCausalLM,
-    "AutoModelForImageClassification": AutoModelForImageClassification,
-}
-for _config_class in (VariantGPT2Config, VariantLlamaConfig, VariantViTConfig):
-    AutoConfig.register(_config_class.model_type, _config_class, exist_ok=True)
-for _, _model_class, _auto_name in VARIANT_MODEL_CLASSES:
-    _AUTO_CLASSES[_auto_name].register(_model_class.config_class, _model_class, exist_ok=True)
+auto_registration.install()  # AutoConfig / AutoModel* find Variant<Stock> classes for every architecture
 
 __all__ = [
     "FAST_PATHS",
     "VARIANTS",
     "VARIANT_CLASSES",
     "AttentionVariant",
+    "AttentionVariantMixin",
+    "VariantConfigMixin",
     "FastPathSettings",
     "Option",
     "build_variant",
@@ -79,6 +68,8 @@ __all__ = [
     "parse_layer_spec",
     "register_variants",
     "variant_attention_forward",
+    "variant_config_class",
+    "variant_model_class",
     "validate_variant_options",
     "variant_option_names",
     "write_model_card",

@@ -84,8 +84,10 @@ def variant_attention_forward(
             variant = _PARAMETER_FREE[variant_name]
         else:
             raise ValueError(
-                f"{type(module).__name__} has no {variant_name!r} parameters; "
-                f"use hf_neural_attention.convert(model, {variant_name!r}) instead of selecting the implementation"
+                f"{type(module).__name__} has no {variant_name!r} parameters. A variant checkpoint loaded with its stock "
+                "class lacks them: load it with AutoModel*.from_pretrained (trust_remote_code=True where "
+                "hf_neural_attention is not installed); to add the variant to a stock model, use "
+                f"hf_neural_attention.convert(model, {variant_name!r}) instead of selecting the implementation"
             )
     elif variant.name != variant_name:
         raise ValueError(

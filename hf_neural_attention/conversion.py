@@ -5,14 +5,18 @@ Installed-package API (a checkpoint's code does not need it): the model classes 
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Iterable
 
 from torch import nn
+from transformers import PreTrainedModel
 
+from .configuration_variants import VariantConfigMixin
 from .injection import FALLBACK_ATTRIBUTE, HOOK_ATTRIBUTE, VARIANT_ATTRIBUTE, apply_variant, find_attention_modules
-from .modeling_variants import STOCK_TO_VARIANT
+from .modeling_variants import AttentionVariantMixin, is_transformers_class, variant_model_class
 
-VARIANT_TO_STOCK = {variant: stock for stock, variant in STOCK_TO_VARIANT.items()}
+logger = logging.getLogger(__name__)
+
 VARIANT_CONFIG_FIELDS = ("attention_variant", "attention_variant_options", "attention_variant_layers",
                          "retrofitted_from", "use_rotary_embeddings")
 BASE_ATTRIBUTE = "_attention_variant_base"  # the stock implementation the model ran before convert (not saved)
@@ -29,26 +33,44 @@ def convert(model: nn.Module, variant: str, layers: None | str | Iterable[int] =
             indices. Untouched layers keep the implementation they had.
         **options: the variant's options (see README).
 
-    Returns the same object, converted in place with every existing weight kept. GPT-2, Llama and ViT models become
-    instances of the Variant* classes (and their configs of the Variant*Config classes), so they save as variant
-    checkpoints that load with `trust_remote_code=True`.
+    Returns the same object, converted in place with every existing weight kept. A Transformers model becomes an
+    instance of its Variant<Stock> class (its config of Variant<StockConfig>), so it saves as a variant checkpoint
+    that `AutoModel*.from_pretrained` restores (with `trust_remote_code=True` where this package is not installed).
+    A PreTrainedModel that is not a Transformers class converts in memory but cannot be saved as a checkpoint.
     """
+    variant_class = _variant_class_for(model)
     base = getattr(getattr(model, "config", None), "_attn_implementation", None)
     targets = apply_variant(model, variant, layers, **options)
     setattr(model, BASE_ATTRIBUTE, base if base in ("eager", "sdpa") else "sdpa")
     if getattr(model.config, "name_or_path", None):
         model.config.retrofitted_from = model.config.name_or_path
-    variant_model_class = STOCK_TO_VARIANT.get(type(model))
-    if variant_model_class is not None:
-        config = model.config
-        config.__class__ = variant_model_class.config_class  # same fields plus the variant ones
-        model.__class__ = variant_model_class
+    if variant_class is not None:
+        model.config.__class__ = variant_class.config_class  # same fields plus the variant ones
+        model.__class__ = variant_class
     model.config.attention_variant_layers = targets
     if hasattr(model, "set_attn_implementation"):
         model.set_attn_implementation(variant)
     else:
         model.config._attn_implementation = variant
     return model
+
+
+def _variant_class_for(model: nn.Module) -> type | None:
+    """The class a converted model takes (None: a plain nn.Module keeps its class); refuses what could not round-trip
+    through a checkpoint before anything is changed."""
+    if not isinstance(model, PreTrainedModel) or isinstance(model, AttentionVariantMixin):
+        return None
+    stock = type(model)
+    if type(model.config) is not stock.config_class:
+        raise ValueError(
+            f"{stock.__name__} holds a {type(model.config).__name__} but declares config_class "
+            f"{stock.config_class.__name__}; a converted checkpoint is rebuilt from config_class, so it would not "
+            "load as this model. Build the model from its own config class first."
+        )
+    if not is_transformers_class(stock):
+        logger.warning("%s is not a Transformers class: it is converted in memory, but save_pretrained will refuse "
+                       "(a checkpoint could not rebuild it)", stock.__name__)
+    return variant_model_class(stock)
 
 
 def revert(model: nn.Module) -> nn.Module:
@@ -73,10 +95,10 @@ def revert(model: nn.Module) -> nn.Module:
         if hasattr(module, FALLBACK_ATTRIBUTE):
             delattr(module, FALLBACK_ATTRIBUTE)
     base = getattr(model, BASE_ATTRIBUTE, None) or "sdpa"
-    stock_class = VARIANT_TO_STOCK.get(type(model))
-    if stock_class is not None:
-        model.__class__ = stock_class
-        config.__class__ = stock_class.config_class
+    if isinstance(model, AttentionVariantMixin):
+        model.__class__ = type(model).stock_model_class
+    if isinstance(config, VariantConfigMixin):
+        config.__class__ = type(config).stock_config_class
     if config is not None:
         for field in VARIANT_CONFIG_FIELDS:
             config.__dict__.pop(field, None)

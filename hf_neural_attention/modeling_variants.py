@@ -1,9 +1,12 @@
-"""GPT-2, Llama and ViT model classes that apply an attention variant from their config, and `convert`.
+"""Model classes that apply an attention variant from their config, for every Transformers architecture and head.
 
-Each class subclasses the stock one and adds only `AttentionVariantMixin`, which (1) injects the variant's
-parameters after the stock `__init__`, (2) initialises exactly those parameters when a stock checkpoint is loaded,
-(3) refuses checkpoints that do not fit, and (4) writes a model card next to every save. `register_for_auto_class`
-makes `save_pretrained` copy this flat folder's code into the checkpoint and write `auto_map`, so it loads with
+`variant_model_class(Qwen2ForSequenceClassification)` builds `VariantQwen2ForSequenceClassification` on first use: the
+stock class with `AttentionVariantMixin` first in its bases, which (1) injects the variant's parameters after the
+stock `__init__`, (2) initialises exactly those parameters when a stock checkpoint is loaded, (3) refuses checkpoints
+that do not fit, and (4) writes a model card next to every save. No architecture needs a hand-written class; GPT-2,
+Llama and ViT keep named ones for imports. `save_pretrained` copies this flat folder's code into the checkpoint and
+writes an `auto_map` entry for every Auto class that serves the architecture (AutoModel included), and the
+module-level `__getattr__` rebuilds any `Variant<Stock>` from its name, so the checkpoint loads with
 `trust_remote_code=True` where this package is not installed.
 """
 
@@ -15,17 +18,21 @@ import tempfile
 from typing import Any
 
 import torch
+import transformers
 from torch import nn
 from transformers import (
     GPT2LMHeadModel,
     GPT2Model,
     LlamaForCausalLM,
     LlamaModel,
+    PreTrainedModel,
     ViTForImageClassification,
     ViTModel,
 )
+from transformers.dynamic_module_utils import custom_object_save
+from transformers.models.auto import modeling_auto
 
-from .configuration_variants import VariantGPT2Config, VariantLlamaConfig, VariantViTConfig
+from .configuration_variants import share_weight_renaming, variant_config_class
 from .attention_interface import register_variants  # noqa: F401 (importing it registers the variants)
 from .injection import apply_variant, find_attention_modules
 from .variant import AttentionVariant
@@ -86,17 +93,54 @@ SAVE_HOOKS: list = []
 HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder", "proxies")
 
 
+# Stock heads whose class name matches no Transformers loss type: Trainer then counted position 0 of every row as a
+# prediction target (n tokens instead of n - 1) and reported eval losses (n - 1) / n too low.
+LOSS_TYPES = {"GPT2LMHeadModel": "ForCausalLM"}
+
+
+def auto_classes() -> dict[str, type]:
+    """Transformers' Auto model classes by name (AutoModel, AutoModelForCausalLM, ...)."""
+    return {name: value for name, value in vars(modeling_auto).items()
+            if isinstance(value, type) and getattr(value, "_model_mapping", None) is not None}
+
+
+def stock_classes_by_auto_class(stock_config_class: type) -> dict[str, type]:
+    """{Auto class name: the stock model class it builds for this config class}, e.g. for Qwen2Config
+    {"AutoModel": Qwen2Model, "AutoModelForCausalLM": Qwen2ForCausalLM, ...}."""
+    served = {}
+    for name, auto_class in auto_classes().items():
+        if stock_config_class in auto_class._model_mapping:
+            stock = auto_class._model_mapping[stock_config_class]
+            stock = stock[0] if isinstance(stock, (list, tuple)) else stock
+            if stock.config_class is stock_config_class:  # (a few entries reach another model type's class by name)
+                served[name] = stock
+    return served
+
+
+def is_transformers_class(cls: type) -> bool:
+    """Whether `cls` is reachable as `transformers.<name>`: what a checkpoint's code can rebuild it from."""
+    return getattr(transformers, cls.__name__, None) is cls
+
+
 class AttentionVariantMixin:
     """Shared by every variant model class; put it first in the bases, before the stock class."""
+
+    stock_model_class: type[PreTrainedModel]
 
     def __init__(self, config, *args: Any, **kwargs: Any) -> None:
         super().__init__(config, *args, **kwargs)
         if getattr(config, "use_rotary_embeddings", True) is False:
             self._drop_rotary_embeddings()
         self._apply_attention_variant()
+        if self.stock_model_class.__name__ in LOSS_TYPES:
+            self.loss_type = LOSS_TYPES[self.stock_model_class.__name__]
 
     def _apply_attention_variant(self) -> None:
         config = self.config
+        if any(module is not self and isinstance(module, AttentionVariantMixin) for module in self.modules()):
+            # A generic head (e.g. LlamaForSequenceClassification) builds its base model with AutoModel.from_config,
+            # which gives the variant base model: its layers already hold the variant.
+            return
         targets = apply_variant(
             self, config.attention_variant, config.attention_variant_layers, **(config.attention_variant_options or {})
         )
@@ -179,8 +223,24 @@ class AttentionVariantMixin:
 
     def save_pretrained(self, save_directory: str | os.PathLike, *args: Any, **kwargs: Any) -> None:
         """Stock save (safetensors, config with auto_map, this folder's code), then the SAVE_HOOKS (the installed
-        package writes a model card README.md)."""
+        package writes a model card README.md). The auto_map names the variant class of every Auto class that serves
+        this architecture, so any head (or the base model) loads from the checkpoint with trust_remote_code."""
+        stock = self.stock_model_class
+        if not (is_transformers_class(stock) and is_transformers_class(self.config_class.stock_config_class)):
+            raise ValueError(
+                f"{type(self).__name__} cannot be saved as a variant checkpoint: {stock.__module__}.{stock.__name__} "
+                "is not a Transformers class, so neither this package nor the checkpoint's code could rebuild it on "
+                "load. Save its state_dict with your own class, or hf_neural_attention.revert(model) first."
+            )
+        served = stock_classes_by_auto_class(self.config_class.stock_config_class)
+        self.config.auto_map = {
+            **{auto: f"{__name__.rpartition('.')[2]}.Variant{cls.__name__}" for auto, cls in served.items()},
+            **{key: value for key, value in (getattr(self.config, "auto_map", None) or {}).items()
+               if key == "AutoConfig"},
+        }
         super().save_pretrained(save_directory, *args, **kwargs)
+        if type(self)._auto_class is None and kwargs.get("is_main_process", True):
+            custom_object_save(self, save_directory)  # no Auto class serves this head: copy the code all the same
         if kwargs.get("is_main_process", True):
             for hook in SAVE_HOOKS:
                 hook(self, save_directory)
@@ -204,48 +264,46 @@ class AttentionVariantMixin:
         return commit.pr_url if create_pr else commit.commit_url
 
 
-class VariantGPT2Model(AttentionVariantMixin, GPT2Model):
-    config_class = VariantGPT2Config
 
 
-class VariantGPT2LMHeadModel(AttentionVariantMixin, GPT2LMHeadModel):
-    config_class = VariantGPT2Config
-
-    def __init__(self, config, *args: Any, **kwargs: Any) -> None:
-        super().__init__(config, *args, **kwargs)
-        # The stock class name matches no loss type, so Trainer counted position 0 of every row as a prediction
-        # target (n tokens instead of n - 1) and reported eval losses (n - 1) / n too low; this is its causal-LM loss.
-        self.loss_type = "ForCausalLM"
+_MODEL_CLASSES: dict[type, type] = {}  # stock model class -> its variant class
 
 
-class VariantLlamaModel(AttentionVariantMixin, LlamaModel):
-    config_class = VariantLlamaConfig
+def variant_model_class(stock: type[PreTrainedModel]) -> type:
+    """The variant class of a stock model class (built once, then cached): `Variant<Stock>`, with
+    AttentionVariantMixin first in its bases and the variant config class of the stock config class."""
+    if issubclass(stock, AttentionVariantMixin):
+        return stock
+    if stock not in _MODEL_CLASSES:
+        name = f"Variant{stock.__name__}"
+        model_class = type(name, (AttentionVariantMixin, stock), {
+            "__module__": __name__,
+            "__qualname__": name,
+            "__doc__": f"{stock.__name__} whose attention layers run the variant named by the config.",
+            "config_class": variant_config_class(stock.config_class),
+            "stock_model_class": stock,
+        })
+        # save_pretrained copies this code and writes auto_map["<Auto class>"]; None where no Auto class serves it
+        serving = [auto for auto, cls in stock_classes_by_auto_class(stock.config_class).items() if cls is stock]
+        serving.sort(key=lambda auto: (auto == "AutoModelForPreTraining", auto != "AutoModel"))  # the card names it
+        if serving:
+            model_class.register_for_auto_class(serving[0])
+        share_weight_renaming(stock.__name__, name)
+        _MODEL_CLASSES[stock] = model_class
+    return _MODEL_CLASSES[stock]
 
 
-class VariantLlamaForCausalLM(AttentionVariantMixin, LlamaForCausalLM):
-    config_class = VariantLlamaConfig
+VariantGPT2Model = variant_model_class(GPT2Model)
+VariantGPT2LMHeadModel = variant_model_class(GPT2LMHeadModel)
+VariantLlamaModel = variant_model_class(LlamaModel)
+VariantLlamaForCausalLM = variant_model_class(LlamaForCausalLM)
+VariantViTModel = variant_model_class(ViTModel)
+VariantViTForImageClassification = variant_model_class(ViTForImageClassification)
 
 
-class VariantViTModel(AttentionVariantMixin, ViTModel):
-    config_class = VariantViTConfig
-
-
-class VariantViTForImageClassification(AttentionVariantMixin, ViTForImageClassification):
-    config_class = VariantViTConfig
-
-
-# (stock class, variant class, Auto class name it registers for)
-VARIANT_MODEL_CLASSES = (
-    (GPT2Model, VariantGPT2Model, "AutoModel"),
-    (GPT2LMHeadModel, VariantGPT2LMHeadModel, "AutoModelForCausalLM"),
-    (LlamaModel, VariantLlamaModel, "AutoModel"),
-    (LlamaForCausalLM, VariantLlamaForCausalLM, "AutoModelForCausalLM"),
-    (ViTModel, VariantViTModel, "AutoModel"),
-    (ViTForImageClassification, VariantViTForImageClassification, "AutoModelForImageClassification"),
-)
-STOCK_TO_VARIANT = {stock: variant for stock, variant, _ in VARIANT_MODEL_CLASSES}
-
-for _config_class in (VariantGPT2Config, VariantLlamaConfig, VariantViTConfig):
-    _config_class.register_for_auto_class("AutoConfig")
-for _, _variant_class, _auto_class in VARIANT_MODEL_CLASSES:
-    _variant_class.register_for_auto_class(_auto_class)
+def __getattr__(name: str) -> type:
+    """`VariantQwen2ForCausalLM` and the like, built on first access (how a checkpoint's auto_map reaches them)."""
+    stock = getattr(transformers, name[len("Variant"):], None) if name.startswith("Variant") else None
+    if isinstance(stock, type) and issubclass(stock, PreTrainedModel):
+        return variant_model_class(stock)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

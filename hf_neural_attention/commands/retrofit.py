@@ -1,4 +1,4 @@
-"""Retrofit an existing GPT-2, Llama or ViT checkpoint with an attention variant and save it as a variant checkpoint.
+"""Retrofit an existing Transformers checkpoint (any architecture and head that `convert` accepts) with an attention variant and save it as a variant checkpoint.
 
     hfna-retrofit CHECKPOINT VARIANT OUTPUT_DIR [--layers all|0,3,5] [--option KEY=VALUE ...]
                                [--push-to-hub REPO_ID] [--private]
@@ -20,16 +20,10 @@ import json
 import sys
 from typing import Any
 
-from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoModelForCausalLM, AutoTokenizer
-from transformers import AutoModelForImageClassification
+import transformers
+from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoTokenizer
 
 import hf_neural_attention as hfna
-
-AUTO_FOR_ARCHITECTURE_SUFFIX = {
-    "ForCausalLM": AutoModelForCausalLM,
-    "LMHeadModel": AutoModelForCausalLM,
-    "ForImageClassification": AutoModelForImageClassification,
-}
 
 
 def parse_option(text: str) -> tuple[str, Any]:
@@ -50,12 +44,13 @@ def parse_layers(text: str | None) -> None | str | list[int]:
         raise argparse.ArgumentTypeError(f"--layers: {error}") from None
 
 
-def auto_class_for(checkpoint: str):
+def model_class_for(checkpoint: str):
+    """The class the checkpoint was saved from (config.architectures), so its head is kept; else AutoModel."""
     architectures = getattr(AutoConfig.from_pretrained(checkpoint), "architectures", None) or []
     for architecture in architectures:
-        for suffix, auto_class in AUTO_FOR_ARCHITECTURE_SUFFIX.items():
-            if architecture.endswith(suffix):
-                return auto_class
+        model_class = getattr(transformers, architecture, None)
+        if model_class is not None:
+            return model_class
     return AutoModel
 
 
@@ -90,12 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     options = dict(args.option)
-    auto_class = auto_class_for(args.checkpoint)
-    model = auto_class.from_pretrained(args.checkpoint)
-    supported = [stock.__name__ for stock, _, _ in hfna.VARIANT_MODEL_CLASSES]
-    if type(model).__name__ not in supported:
-        print(f"error: {type(model).__name__} has no variant checkpoint class; supported: {supported}", file=sys.stderr)
-        return 2
+    model = model_class_for(args.checkpoint).from_pretrained(args.checkpoint)
     try:
         model = hfna.convert(model, args.variant, layers=args.layers, **options)  # records retrofitted_from
     except ValueError as error:
