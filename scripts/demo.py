@@ -4,7 +4,7 @@ print one comparison table and draw all loss curves in one figure.
     python scripts/demo.py [--recipe configs/gpt2_demo.yaml] [--variants dot expressive neural cdape]
                            [--output outputs/demo] [--results results/demo] [any train.py override ...]
 
-Each variant trains in its own process (scripts/train.py, the stock Trainer), so its peak memory is its own.
+Each variant trains in its own process (scripts/train.py, the stock Trainer), so its memory is its own.
 Writes <results>/summary.md, <results>/summary.json and <results>/loss_curves.png; models go to <output>/<variant>.
 """
 
@@ -22,13 +22,19 @@ from hf_neural_attention.experiments.report import markdown_table, plot_loss_cur
 REPO = Path(__file__).resolve().parents[1]
 
 
+def number(value, digits: int = 0) -> str:
+    return "n/a" if value is None else f"{value:,.{digits}f}"  # n/a: the recipe turned Trainer's metric off
+
+
 def table(rows: list[dict]) -> str:
+    # tokens/s and memory are Trainer's own metrics (include_num_input_tokens_seen, skip_memory_metrics=False); the
+    # memory is the peak during training above what the process held when training started
     header = ["variant", "parameters", "variant parameters", "validation perplexity", "test perplexity",
-              "train tokens/s", "peak memory (MiB)", "train time (s)"]
+              "train tokens/s", "training memory peak (MiB)", "train time (s)"]
     return markdown_table(header, [
         [row["attention_variant"], f"{row['parameters']:,}", f"{row['variant_parameters']:,}",
          f"{row['validation_perplexity']:.2f}", f"{row['test_perplexity']:.2f}",
-         f"{row['train_tokens_per_second']:,.0f}", f"{row['peak_memory_mib']:,.0f}", f"{row['train_seconds']:.0f}"]
+         number(row["train_tokens_per_second"]), number(row["train_memory_peak_mib"]), f"{row['train_seconds']:.0f}"]
         for row in rows], "l" + "r" * 7)
 
 

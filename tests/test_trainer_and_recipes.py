@@ -29,7 +29,7 @@ def tiny_recipe(output_dir, cache, architecture="gpt2", variant="dot", **overrid
         block_size=32, vocab_size=512, max_train_samples=48, max_eval_samples=8, cache_dir=cache,
         output_dir=str(output_dir), max_steps=2, per_device_train_batch_size=4, per_device_eval_batch_size=8,
         logging_steps=1, save_strategy="no", report_to="none", disable_tqdm=True, seed=0, use_cpu=True,
-        dataloader_num_workers=0,
+        dataloader_num_workers=0, skip_memory_metrics=False, include_num_input_tokens_seen=True,
     )
     if architecture == "llama":
         recipe["num_kv_heads"] = 1  # grouped-query attention
@@ -67,6 +67,16 @@ def test_few_trainer_steps(architecture, variant, tmp_path, data_cache):
         assert results["train_tokens_per_second"] > 0
     card = (model_dir / "README.md").read_text()
     assert "perplexity" in card or "accuracy" in card
+
+
+def test_throughput_and_memory_are_trainers_own_metrics(tmp_path, data_cache):
+    """train_tokens_per_second and train_memory_peak_mib come from Trainer's metrics, and are absent (None, shown as
+    n/a) when the recipe turns those metrics off rather than estimated some other way."""
+    on = train(tiny_recipe(tmp_path / "on", data_cache))
+    assert on["train_tokens_per_second"] > 0 and on["train_memory_peak_mib"] >= 0
+    off = train(tiny_recipe(tmp_path / "off", data_cache, skip_memory_metrics=True,
+                            include_num_input_tokens_seen=False))
+    assert off["train_tokens_per_second"] is None and off["train_memory_peak_mib"] is None
 
 
 @pytest.mark.parametrize("variant", hfna.VARIANTS)

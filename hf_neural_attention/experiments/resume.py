@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from transformers import TrainingArguments
+from transformers import TrainerState, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
 
 
@@ -59,3 +59,12 @@ def whole_run_train_loss(session_loss: float, state, resumed_from: int) -> float
     earlier_sum = sum(loss * (step - previous) for (step, loss), previous in zip(logged, [0] + [s for s, _ in logged]))
     steps = state.global_step
     return (earlier_sum + session_loss * (steps - resumed_from)) / steps
+
+
+def tokens_seen_at_resume(training_args: TrainingArguments) -> int:
+    """Trainer's input-token count stored in the checkpoint a run resumes from (0 for a fresh run), so the tokens of
+    this session, and its throughput, can be told from the whole run's."""
+    checkpoint = resume_checkpoint(training_args)
+    if checkpoint is None:
+        return 0
+    return TrainerState.load_from_json(str(checkpoint / "trainer_state.json")).num_input_tokens_seen

@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import resource
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -43,7 +42,7 @@ from .recipes import (  # noqa: F401 (re-exported: the recipe API is used throug
     dataset_name,
     validate_arguments,
 )
-from .resume import check_resume, whole_run_train_loss
+from .resume import check_resume, tokens_seen_at_resume, whole_run_train_loss
 
 
 @dataclass
@@ -136,9 +135,24 @@ def build_model(model_args: ModelArguments, data_args: DataArguments, prepared: 
     return model_class(config)
 
 
-def peak_memory_mib() -> float:
-    """Peak resident set size of this process so far (Linux reports KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+def training_memory_peak_mib(train_metrics: dict) -> float | None:
+    """Trainer's own memory metrics (recipe `skip_memory_metrics: false`): the peak during training above the memory
+    in use when it started, on the GPU where one trained, else the process' CPU memory; None where they are off."""
+    for device in ("gpu", "cpu"):
+        allocated = train_metrics.get(f"train_mem_{device}_alloc_delta")
+        peaked = train_metrics.get(f"train_mem_{device}_peaked_delta")
+        if allocated is not None and peaked is not None:
+            return (allocated + peaked) / 2**20  # bytes
+    return None
+
+
+def session_tokens_per_second(training_args: TrainingArguments, trainer: Trainer, train_metrics: dict) -> float | None:
+    """Trainer's input-token count (recipe `include_num_input_tokens_seen: true`) over its train_runtime, for the
+    tokens of this session (a resumed run's earlier tokens excluded); None where the count is off."""
+    if training_args.include_num_input_tokens_seen in ("no", False):
+        return None
+    tokens = trainer.state.num_input_tokens_seen - tokens_seen_at_resume(training_args)
+    return tokens / train_metrics["train_runtime"]
 
 
 def loss_curve(log_history: list[dict]) -> dict[str, list]:
@@ -193,7 +207,7 @@ def run(model_args: ModelArguments, data_args: DataArguments, training_args: Tra
         "steps": trainer.state.global_step,
         "train_loss": whole_run_train_loss(train_output.training_loss, trainer.state, resumed_from),
         "train_seconds": train_seconds,
-        "peak_memory_mib": peak_memory_mib(),
+        "train_memory_peak_mib": training_memory_peak_mib(train_output.metrics),
         "world_size": training_args.world_size,
         **{key: value for key, value in evaluation.items() if isinstance(value, (int, float))},
         **{key: value for key, value in test.items() if isinstance(value, (int, float))},
@@ -206,7 +220,7 @@ def run(model_args: ModelArguments, data_args: DataArguments, training_args: Tra
     else:
         results["validation_perplexity"] = math.exp(evaluation["eval_loss"])
         results["test_perplexity"] = math.exp(test["test_loss"])
-        results["train_tokens_per_second"] = samples_per_second * data_args.block_size if samples_per_second else None
+        results["train_tokens_per_second"] = session_tokens_per_second(training_args, trainer, train_output.metrics)
         stride = data_args.eval_stride or max(1, data_args.block_size // 2)
         if trainer.is_world_process_zero():
             sliding = sliding_window_perplexity(model, prepared.validation_tokens, data_args.block_size, stride,
