@@ -60,7 +60,7 @@ class NoRotaryEmbedding(nn.Module):
 def _initialize_new_variant_parameters(model: nn.Module, new_keys: set[str]) -> None:
     """Runs each variant module's own init (zero-initialised output layers included) where the checkpoint had none of
     its parameters. Done after loading because Transformers initialises missing weights through the innermost
-    PreTrainedModel's `_init_weights` (stock GPT-2/Llama/ViT code), which does not know these modules."""
+    PreTrainedModel's `_init_weights` (the stock code), which does not know these modules."""
     for name, module in model.named_modules():
         if isinstance(module, AttentionVariant):
             keys = {f"{name}.{parameter_name}" for parameter_name, _ in module.named_parameters()}

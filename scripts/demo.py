@@ -27,15 +27,17 @@ def number(value, digits: int = 0) -> str:
 
 
 def table(rows: list[dict]) -> str:
-    # tokens/s and memory are Trainer's own metrics (include_num_input_tokens_seen, skip_memory_metrics=False); the
-    # memory is the peak during training above what the process held when training started
+    """tokens/s and memory are Trainer's own metrics (include_num_input_tokens_seen; skip_memory_metrics: false, off in
+    the recipes for its cost): the memory column, the peak during training above what the process held when
+    training started, appears when a run measured it."""
+    with_memory = any(row["train_memory_peak_mib"] is not None for row in rows)
     header = ["variant", "parameters", "variant parameters", "validation perplexity", "test perplexity",
-              "train tokens/s", "training memory peak (MiB)", "train time (s)"]
+              "train tokens/s", *(["training memory peak (MiB)"] if with_memory else []), "train time (s)"]
     return markdown_table(header, [
         [row["attention_variant"], f"{row['parameters']:,}", f"{row['variant_parameters']:,}",
-         f"{row['validation_perplexity']:.2f}", f"{row['test_perplexity']:.2f}",
-         number(row["train_tokens_per_second"]), number(row["train_memory_peak_mib"]), f"{row['train_seconds']:.0f}"]
-        for row in rows], "l" + "r" * 7)
+         f"{row['validation_perplexity']:.2f}", f"{row['test_perplexity']:.2f}", number(row["train_tokens_per_second"]),
+         *([number(row["train_memory_peak_mib"])] if with_memory else []), f"{row['train_seconds']:.0f}"]
+        for row in rows], "l" + "r" * (len(header) - 1))
 
 
 def main() -> int:

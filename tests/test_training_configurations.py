@@ -151,6 +151,42 @@ def test_large_scores_stay_finite(variant, dtype, fast):
         assert torch.isfinite(tensor.grad).all()
 
 
+@torch.no_grad()
+def scale_gpt2_queries_and_keys(model: GPT2LMHeadModel, factor: float) -> None:
+    for block in model.transformer.h:
+        width = block.attn.c_attn.weight.shape[0]
+        block.attn.c_attn.weight[:, : 2 * width] *= factor  # Conv1D [in, 3 * width]: query and key columns
+
+
+@pytest.mark.parametrize("variant", ["dot", *VARIANTS])
+@pytest.mark.parametrize("fast", [False, True], ids=["plain", "fast"])
+def test_float16_model_with_huge_scores_stays_finite(variant, fast):
+    """The whole model in float16 with attention scores around 1e5 (far past float16's 65504): loss, logits and every
+    gradient stay finite, as with Transformers' SDPA on the same weights."""
+    ids = torch.randint(1, VOCAB, (2, 12), generator=torch.Generator().manual_seed(4))
+    stock = copy.deepcopy(converted(lambda: ALL_BUILDERS["gpt2"](), "dot", perturb=False))
+    hfna.revert(stock)
+    scale_gpt2_queries_and_keys(stock, 500.0)
+    stock.half()
+    model = converted(ALL_BUILDERS["gpt2"], variant)
+    scale_gpt2_queries_and_keys(model, 500.0)
+    model.half()
+    with torch.no_grad():  # the first layer's raw scores q.k really leave float16's range
+        block, positions = model.transformer.h[0], torch.arange(ids.shape[1])
+        embedded = model.transformer.wte(ids) + model.transformer.wpe(positions)
+        query, key, _ = block.attn.c_attn(block.ln_1(embedded)).float().split(model.config.n_embd, dim=-1)
+        heads = model.config.n_head
+        query, key = (t.view(2, 12, heads, -1).transpose(1, 2) for t in (query, key))  # [B, H, L, D]
+        assert (query @ key.transpose(-1, -2)).abs().max() > 65504
+    assert torch.isfinite(stock(ids, labels=ids).loss), "premise: SDPA stays finite on these weights"
+    with fast_paths(fast, **(FORCED if fast else {})):
+        output = model(ids, labels=ids)
+        output.loss.backward()
+    assert torch.isfinite(output.loss) and torch.isfinite(output.logits).all()
+    for name, parameter in model.named_parameters():
+        assert parameter.grad is None or torch.isfinite(parameter.grad).all(), name
+
+
 @pytest.mark.parametrize("arch", list(ALL_BUILDERS))
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_autocast_bf16_fast_path_equals_plain_path(arch, variant, monkeypatch):

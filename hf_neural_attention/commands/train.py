@@ -15,6 +15,7 @@ import re
 import sys
 from pathlib import Path
 
+import torch
 import yaml
 from huggingface_hub.errors import StrictDataclassClassValidationError
 from transformers import HfArgumentParser, TrainingArguments
@@ -104,10 +105,20 @@ def main(argv: list[str] | None = None) -> int:
         cause = error.__cause__ if isinstance(error, StrictDataclassClassValidationError) else error
         print(f"error: {cause}", file=sys.stderr)
         return 2
+    finish_distributed()
     if training_args.process_index == 0:
         headline = {k: v for k, v in results.items() if k.startswith(("validation_", "test_"))}
         print(json.dumps({"output_dir": training_args.output_dir, **headline}, indent=2))
     return 0
+
+
+def finish_distributed() -> None:
+    """In a multi-process run, every rank waits until rank 0 has written its outputs, then the process group is shut
+    down before the interpreter exits. Without it a rank could exit while rank 0 still wrote, and the teardown of the
+    open group aborted ("terminate called without an active exception", mpirun exit 15) in about 1 run in 4."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
