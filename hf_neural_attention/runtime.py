@@ -10,6 +10,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import functools
+import importlib.util
+import os
+
 import torch
 
 
@@ -23,6 +27,9 @@ class FastPathSettings:
     min_size: smallest Lq * Lk that takes the fast path; smaller maps run the plain path.
     flex_inference: run the variants that state a FlexAttention score_mod (dot, expressive) through compiled
         FlexAttention when no gradient is needed (forward only; compiled on first use, and again for new shapes).
+    backend: "auto" (the fused Triton kernels for expressive and neural on CUDA tensors where triton is installed,
+        else the chunked engine), "triton" (force the kernels; on CPU tensors only under TRITON_INTERPRET=1, as the
+        tests run them) or "chunked" (never the kernels). See triton_attention.py.
     """
 
     enabled: bool = True
@@ -35,8 +42,15 @@ class FastPathSettings:
     # 0.54 / 0.67 (fast faster). The crossover lies between, so the fast path starts at n ~ 362 (n^2 = 2^17).
     min_size: int = 1 << 17
     flex_inference: bool = False
+    backend: str = "auto"
+
+    def __setattr__(self, name: str, value) -> None:
+        if name == "backend" and value not in BACKENDS:
+            raise ValueError(f"FAST_PATHS.backend={value!r} is not valid; choose one of {list(BACKENDS)}")
+        super().__setattr__(name, value)
 
 
+BACKENDS = ("auto", "triton", "chunked")
 FAST_PATHS = FastPathSettings()
 
 
@@ -53,9 +67,12 @@ class fast_paths:  # noqa: N801 (used like a function: `with fast_paths(False): 
         min_size: int | None = None,
         chunk_elements: int | None = None,
         flex_inference: bool | None = None,
+        backend: str | None = None,
     ) -> None:
+        if backend is not None and backend not in BACKENDS:
+            raise ValueError(f"backend={backend!r} is not valid; choose one of {list(BACKENDS)}")
         given = {"chunk_size": chunk_size, "min_size": min_size, "chunk_elements": chunk_elements,
-                 "flex_inference": flex_inference}
+                 "flex_inference": flex_inference, "backend": backend}
         self.changes = {"enabled": enabled, **{name: value for name, value in given.items() if value is not None}}
         self.saved: list[dict] = []
 
@@ -84,3 +101,26 @@ def fast_path_applies(query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
 
 def flex_applies(query: torch.Tensor, key: torch.Tensor) -> bool:
     return FAST_PATHS.enabled and FAST_PATHS.flex_inference and query.shape[2] * key.shape[2] >= FAST_PATHS.min_size
+
+
+TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+@functools.cache
+def triton_installed() -> bool:
+    return importlib.util.find_spec("triton") is not None  # without importing it (slow, and rarely needed)
+
+
+def triton_applies(query: torch.Tensor) -> bool:
+    """The Triton path runs for backend "triton", and for "auto" on CUDA tensors where triton is installed."""
+    if not FAST_PATHS.enabled or FAST_PATHS.backend == "chunked" or query.dtype not in TRITON_DTYPES:
+        return False
+    if FAST_PATHS.backend == "triton":
+        if not triton_installed():
+            raise RuntimeError("FAST_PATHS.backend='triton' but triton is not installed: pip install "
+                               "'hf-neural-attention[triton]'")
+        if not query.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+            raise RuntimeError("FAST_PATHS.backend='triton' on CPU tensors needs Triton's interpreter: set "
+                               "TRITON_INTERPRET=1 before importing triton")
+        return True
+    return query.is_cuda and triton_installed()

@@ -20,7 +20,7 @@ from .chunked import chunked_attention
 from .flex import flex_inference_output
 from .masks import Chunk, KeyMask, whole_map
 from .normalisation import normalise, operand_dtype
-from .runtime import fast_path_applies, flex_applies
+from .runtime import fast_path_applies, flex_applies, triton_applies
 
 
 # ---- option checks: each raises a ValueError naming the option and the valid values, and returns the value -------
@@ -176,6 +176,12 @@ class AttentionVariant(nn.Module):
         if score_mod is not None and flex_applies(query, key):
             output = flex_inference_output(query, key, value, mask, score_mod, dropout, training,
                                            fully_masked=self.flex_fully_masked)
+            if output is not None:
+                return output
+        if triton_applies(query):
+            from .triton_attention import triton_attention_output  # it imports the variant classes
+
+            output = triton_attention_output(self, query, key, value, mask, scaling, dropout if training else 0.0)
             if output is not None:
                 return output
         if not self.has_chunked_path or not fast_path_applies(query, key, value):

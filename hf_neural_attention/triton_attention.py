@@ -1,0 +1,145 @@
+"""The Triton path of the expressive and neural variants: what the fused kernels (triton_kernels.py) need from a
+variant, an autograd Function around them, and the rule that picks them.
+
+`triton_attention_output(variant, query, key, value, mask, scaling, dropout)` returns the [B, H, Lq, D] output, or
+None where the kernels do not cover the call (the chunked path runs): a variant other than expressive or neural, a
+neural MLP with other than two hidden layers, an additive mask bias, a dtype outside float32/bfloat16/float16.
+cdape stays on the chunked path: its convolution over the score map mixes neighbouring keys and all heads, so a tile
+would need a halo of scores from every head, and the chunked engine already keeps its memory linear in n.
+
+Part of the flat folder saved checkpoints copy for `trust_remote_code`: imports only torch, triton (optional) and its
+siblings.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from . import triton_kernels as kernels
+from .chunked import draw_dropout_seed
+from .expressive import ExpressiveAttention
+from .masks import KeyMask
+from .neural import NeuralAttention
+from .variant import AttentionVariant
+
+@dataclass
+class KernelCall:
+    """What one call hands the kernels besides q, k, v and the MLP tensors."""
+
+    score: int
+    add_dot: bool
+    dot_scale: float
+    keep: torch.Tensor | None  # int8, broadcastable to [B, H, Lq, Lk]
+    dropout: float
+    seed: int
+    per_head: bool
+    block_m: int
+    block_n: int
+
+
+def _blocks(query: torch.Tensor) -> tuple[int, int]:
+    return (16, 16) if kernels.interpreted() else (64, 64)  # tl.dot needs 16; the interpreter is slow per element
+
+
+def triton_attention_output(variant: AttentionVariant, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                            mask: KeyMask, scaling: float, dropout: float) -> torch.Tensor | None:
+    if mask.bias is not None:
+        return None
+    keep = None if mask.keep is None else mask.keep.to(torch.int8)
+    seed = draw_dropout_seed() % (2**31 - 2**20) if dropout > 0.0 else 0
+    block_m, block_n = _blocks(query)
+    empty = query.new_zeros(1, dtype=torch.float32)
+    if isinstance(variant, ExpressiveAttention):
+        call = KernelCall(kernels.EXPRESSIVE_SCORES[variant.form], False, scaling if variant.scale else 1.0, keep,
+                          dropout, seed, False, block_m, block_n)
+        return _FusedAttention.apply(call, query, key, value, empty, empty, empty, empty, empty, empty)
+    if isinstance(variant, NeuralAttention) and len(variant.mlp_weights) == 3:
+        rows, shared = variant.prepare(query, key, mask, scaling)
+        query_part, key_part, w2, w3, b2, b3 = rows[0], *shared[:5]  # prepare: [key_part, W2, W3, b2, b3, (key)]
+        add = variant.combine == "add"
+        call = KernelCall(kernels.SCORE_NEURAL, add, scaling, keep, dropout, seed, variant.per_head, block_m, block_n)
+        return _FusedAttention.apply(call, rows[1] if add else query, shared[-1] if add else key, value,
+                                     query_part, key_part, w2, b2, w3.flatten(1), b3.flatten())
+    return None
+
+
+def _flat(tensor: torch.Tensor) -> torch.Tensor:
+    """[B, H, L, X] -> contiguous [B * H, L, X]."""
+    return tensor.reshape(-1, *tensor.shape[2:]).contiguous()
+
+
+def _launch_settings(call: KernelCall, query, key, query_part, w2, b2):
+    batch, heads, q_len, dim = query.shape
+    keep = call.keep if call.keep is not None else query.new_zeros(1, 1, 1, 1, dtype=torch.int8)
+    keep = keep.expand(batch, heads, q_len, key.shape[2])
+    units = query_part.shape[-1] if call.score == kernels.SCORE_NEURAL else 1
+    outs = b2.shape[-1] if call.score == kernels.SCORE_NEURAL else 1
+    return dict(
+        stride_kb=keep.stride(0), stride_kh=keep.stride(1), stride_kq=keep.stride(2), stride_kk=keep.stride(3),
+        H=heads, LQ=q_len, LK=key.shape[2], D=dim, dot_scale=call.dot_scale, dropout_p=call.dropout, seed=call.seed,
+        per_head=int(call.per_head), SCORE=call.score, ADD_DOT=call.add_dot, H1=units, H2=outs,
+        BLOCK_H=max(2, kernels.triton.next_power_of_2(units)), HAS_KEEP=call.keep is not None,
+        DROPOUT=call.dropout > 0.0, DOT_FP32=kernels.interpreted() or query.dtype == torch.float16,
+        BLOCK_D=max(16, kernels.triton.next_power_of_2(dim)),
+    ), keep
+
+
+class _FusedAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, call: KernelCall, query, key, value, query_part, key_part, w2, b2, w3, b3):
+        batch, heads, q_len, dim = query.shape
+        settings, keep = _launch_settings(call, query, key, query_part, w2, b2)
+        flat = [_flat(t) for t in (query, key, value)]
+        parts = [_flat(t.float()) if call.score == kernels.SCORE_NEURAL else t for t in (query_part, key_part)]
+        weights = [t.float().contiguous() for t in (w2, b2, w3, b3)]
+        out = torch.empty_like(flat[0], dtype=value.dtype)
+        row_max = torch.empty(batch * heads, q_len, device=query.device, dtype=torch.float32)
+        row_sum = torch.empty_like(row_max)
+        grid = (kernels.triton.cdiv(q_len, call.block_m), batch * heads)
+        kernels._forward_kernel[grid](*flat, *parts, *weights, keep, out, row_max, row_sum,
+                                      BLOCK_M=call.block_m, BLOCK_N=call.block_n, **settings)
+        ctx.call, ctx.settings, ctx.shape = call, settings, query.shape
+        ctx.save_for_backward(query, key, value, query_part, key_part, w2, b2, w3, b3, out, row_max, row_sum, keep)
+        return out.view(batch, heads, q_len, dim)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        query, key, value, query_part, key_part, w2, b2, w3, b3, out, row_max, row_sum, keep = ctx.saved_tensors
+        call, settings = ctx.call, ctx.settings
+        batch, heads, q_len, dim = ctx.shape
+        k_len = key.shape[2]
+        neural = call.score == kernels.SCORE_NEURAL
+        flat = [_flat(t) for t in (query, key, value)]
+        grad_out = _flat(grad_output).to(value.dtype)
+        row_dot = (grad_out.float() * out.float()).sum(-1)  # [B * H, Lq]: sum_j dL/da_ij a_ij, FlashAttention's D
+        parts = [_flat(t.float()) if neural else t for t in (query_part, key_part)]
+        weights = [t.float().contiguous() for t in (w2, b2, w3, b3)]
+        grads = [torch.zeros(t.shape, device=t.device, dtype=torch.float32) for t in flat]  # dq, dk, dv
+        grad_parts = [torch.zeros_like(t, dtype=torch.float32) for t in parts]
+        key_blocks = kernels.triton.cdiv(k_len, call.block_n)
+        size = settings["H2"] * settings["H1"] + 2 * settings["H2"] + 1
+        partial = torch.zeros(batch * heads * key_blocks, size if neural else 1, device=query.device)
+        block_h2 = max(2, kernels.triton.next_power_of_2(settings["H2"]))
+        common = [*flat, grad_out, row_dot, row_max, row_sum, *parts, *weights, keep, *grads, *grad_parts, partial]
+        for for_keys, blocks in ((True, key_blocks), (False, kernels.triton.cdiv(q_len, call.block_m))):
+            kernels._backward_kernel[(blocks, batch * heads)](
+                *common, BLOCK_H2=block_h2, FOR_KEYS=for_keys, BLOCK_M=call.block_m, BLOCK_N=call.block_n,
+                **settings)
+        grad_q, grad_k, grad_v = (g.view(batch, heads, -1, dim).to(t.dtype) for g, t in zip(grads, (query, key, value)))
+        if not neural:
+            return None, grad_q, grad_k, grad_v, None, None, None, None, None, None
+        grad_qp, grad_kp = (g.view(batch, heads, -1, g.shape[-1]).to(t.dtype)
+                            for g, t in zip(grad_parts, (query_part, key_part)))
+        per_head = partial.view(batch, heads, key_blocks, size).sum(dim=(0, 2))  # [H, size]
+        if not call.per_head:
+            per_head = per_head.sum(dim=0, keepdim=True)
+        h1, h2 = settings["H1"], settings["H2"]
+        grad_w2 = per_head[:, : h2 * h1].view_as(w2).to(w2.dtype)
+        grad_b2 = per_head[:, h2 * h1 : h2 * h1 + h2].view_as(b2).to(b2.dtype)
+        grad_w3 = per_head[:, h2 * h1 + h2 : h2 * h1 + 2 * h2].view_as(w3).to(w3.dtype)
+        grad_b3 = per_head[:, -1].view_as(b3).to(b3.dtype)
+        if not call.add_dot:
+            grad_q = grad_k = None  # q and k reach the scores only through query_part and key_part
+        return None, grad_q, grad_k, grad_v, grad_qp, grad_kp, grad_w2, grad_b2, grad_w3, grad_b3

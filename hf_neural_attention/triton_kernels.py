@@ -1,0 +1,314 @@
+"""Fused Triton kernels, forward and backward, for expressive and neural attention: tiled over query and key blocks
+as FlashAttention-2 is, never writing an Lq x Lk map to memory.
+
+Per (batch*head, query block) the forward walks the key blocks and keeps, per query row, the running sum of the
+weights (and, for exp-based scores, the running max), in float32 whatever the input dtype:
+
+    expressive rational / square   f = s^2/(1+s^2) or s^2 with s = q.k (x scaling): a running sum, no max needed
+    expressive softmax_square      f = exp(s^2 - m): online softmax of s^2; masked keys weigh 0 (ratio rule)
+    neural                          logit = W3 relu(W2 relu(qp_i + kp_j) + b2) + b3 (+ q.k scaling for combine="add"),
+                                    online softmax; masked keys at -1e30, so a fully masked row is uniform as in eager
+
+qp and kp are the first MLP layer's per-query and per-key parts (neural.py's split, computed by `prepare` under
+autograd, so the gradients of the down-projections flow from the kernel's dqp, dkp). The backward recomputes each
+tile's scores from the saved row statistics: one kernel per key block (dK, dV, dkp and per-program partial sums of
+the MLP weights' gradients, reduced afterwards) and one per query block (dQ, dqp). Attention dropout draws a Philox
+mask from (seed + batch*head, row * Lk + column), the same numbers in forward and backward.
+
+Masks: any boolean keep pattern broadcastable to [B, H, Lq, Lk] (causal, padding, sliding window), read tile by tile;
+additive float biases are not handled here (the chunked path runs). Grouped-query keys arrive repeated per head.
+
+Part of the flat folder saved checkpoints copy for `trust_remote_code`: imports only torch, triton (optional) and its
+siblings. Triton's interpreter (TRITON_INTERPRET=1) runs these kernels on the CPU; it computes bfloat16 tl.dot
+wrongly, so there the products run in float32 (`interpreted()`), on a GPU in the input dtype.
+"""
+
+from __future__ import annotations
+
+import os
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # the package works without triton; the chunked path runs
+    triton = None
+
+NEG = -1.0e30  # masked neural logit: finite, so a fully masked row gets uniform weights (eager's finfo.min softmax)
+SCORE_RATIONAL, SCORE_SQUARE, SCORE_SOFTMAX_SQUARE, SCORE_NEURAL = 0, 1, 2, 3
+EXPRESSIVE_SCORES = {"rational": SCORE_RATIONAL, "square": SCORE_SQUARE, "softmax_square": SCORE_SOFTMAX_SQUARE}
+
+
+def available() -> bool:
+    return triton is not None
+
+
+def interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+if triton is not None:
+    # the same constants as the module's, in the form jit functions may read globals
+    NEG_ = tl.constexpr(NEG)
+    RATIONAL_ = tl.constexpr(SCORE_RATIONAL)
+    SQUARE_ = tl.constexpr(SCORE_SQUARE)
+    SOFTMAX_SQUARE_ = tl.constexpr(SCORE_SOFTMAX_SQUARE)
+    NEURAL_ = tl.constexpr(SCORE_NEURAL)
+
+    @triton.jit
+    def _tile(q, k, qp_ptr, kp_ptr, w2_ptr, b2_ptr, w3_ptr, b3, rows, cols, LQ, LK, keep, dot_scale,
+              SCORE: tl.constexpr, ADD_DOT: tl.constexpr, H1: tl.constexpr, H2: tl.constexpr,
+              BLOCK_H: tl.constexpr):
+        """Scores of one [BLOCK_M, BLOCK_N] tile: (values, s) where values are f (masked: 0) for the expressive
+        scores and logits (masked: NEG) for neural; s is q.k x dot_scale (0 where not used)."""
+        s = tl.dot(q, tl.trans(k)) * dot_scale
+        if SCORE == NEURAL_:
+            units = tl.arange(0, BLOCK_H)
+            qp = tl.load(qp_ptr + rows[:, None] * H1 + units[None, :], mask=(rows[:, None] < LQ) & (units[None, :] < H1), other=0.0)
+            kp = tl.load(kp_ptr + cols[:, None] * H1 + units[None, :], mask=(cols[:, None] < LK) & (units[None, :] < H1), other=0.0)
+            hidden = tl.maximum(qp[:, None, :] + kp[None, :, :], 0.0)  # [M, N, BLOCK_H]
+            logits = tl.zeros_like(s) + b3
+            for o in range(H2):
+                w2 = tl.load(w2_ptr + o * H1 + units, mask=units < H1, other=0.0)
+                z = tl.sum(hidden * w2[None, None, :], axis=2) + tl.load(b2_ptr + o)
+                logits += tl.load(w3_ptr + o) * tl.maximum(z, 0.0)
+            if ADD_DOT:
+                logits += s
+            return tl.where(keep, logits, NEG_), s
+        squared = s * s
+        if SCORE == RATIONAL_:
+            values = squared / (1.0 + squared)
+        else:
+            values = squared  # square; softmax_square exponentiates with the running max
+        return tl.where(keep, values, 0.0), s
+
+    @triton.jit
+    def _load_keep(keep_ptr, stride_kq, stride_kk, rows, cols, LQ, LK, HAS_KEEP: tl.constexpr):
+        inside = (rows[:, None] < LQ) & (cols[None, :] < LK)
+        if HAS_KEEP:
+            kept = tl.load(keep_ptr + rows[:, None] * stride_kq + cols[None, :] * stride_kk, mask=inside, other=0)
+            return inside & (kept != 0)
+        return inside
+
+    @triton.jit
+    def _dropout_keep(seed, bh, rows, cols, LK, p):
+        return tl.rand(seed + bh, rows[:, None] * LK + cols[None, :]) >= p
+
+    @triton.jit
+    def _forward_kernel(
+        Q, K, V, QP, KP, W2, B2, W3, B3, KEEP, OUT, ROW_MAX, ROW_SUM,
+        stride_kb, stride_kh, stride_kq, stride_kk, H, LQ, LK, D, dot_scale, dropout_p, seed, per_head,
+        SCORE: tl.constexpr, ADD_DOT: tl.constexpr, H1: tl.constexpr, H2: tl.constexpr, BLOCK_H: tl.constexpr,
+        HAS_KEEP: tl.constexpr, DROPOUT: tl.constexpr, DOT_FP32: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    ):
+        block, bh = tl.program_id(0), tl.program_id(1)
+        b, h = bh // H, bh % H
+        rows = block * BLOCK_M + tl.arange(0, BLOCK_M)
+        dims = tl.arange(0, BLOCK_D)
+        q = tl.load(Q + bh * LQ * D + rows[:, None] * D + dims[None, :], mask=(rows[:, None] < LQ) & (dims[None, :] < D), other=0.0)
+        if DOT_FP32:
+            q = q.to(tl.float32)
+        keep_ptr = KEEP + b * stride_kb + h * stride_kh
+        group = h * per_head  # the MLP's weights: one set per head, or one shared (group 0)
+        b3 = tl.load(B3 + group) if SCORE == NEURAL_ else 0.0
+        row_max = tl.zeros([BLOCK_M], dtype=tl.float32) + (NEG_ if SCORE == NEURAL_ else 0.0)
+        row_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+        for start in range(0, LK, BLOCK_N):
+            cols = start + tl.arange(0, BLOCK_N)
+            kv_mask = (cols[:, None] < LK) & (dims[None, :] < D)
+            k = tl.load(K + bh * LK * D + cols[:, None] * D + dims[None, :], mask=kv_mask, other=0.0)
+            v = tl.load(V + bh * LK * D + cols[:, None] * D + dims[None, :], mask=kv_mask, other=0.0)
+            if DOT_FP32:
+                k, v = k.to(tl.float32), v.to(tl.float32)
+            keep = _load_keep(keep_ptr, stride_kq, stride_kk, rows, cols, LQ, LK, HAS_KEEP)
+            values, s = _tile(q, k, QP + bh * LQ * H1, KP + bh * LK * H1, W2 + group * H2 * H1, B2 + group * H2,
+                              W3 + group * H2, b3, rows, cols, LQ, LK, keep, dot_scale, SCORE, ADD_DOT, H1, H2, BLOCK_H)
+            if SCORE == NEURAL_ or SCORE == SOFTMAX_SQUARE_:
+                new_max = tl.maximum(row_max, tl.max(values, axis=1))
+                weights = tl.exp(values - new_max[:, None])
+                if SCORE == SOFTMAX_SQUARE_:
+                    weights = tl.where(keep, weights, 0.0)
+                else:
+                    weights = tl.where(cols[None, :] < LK, weights, 0.0)
+                rescale = tl.exp(row_max - new_max)
+                row_sum = row_sum * rescale + tl.sum(weights, axis=1)
+                acc = acc * rescale[:, None]
+                row_max = new_max
+            else:
+                weights = values
+                row_sum += tl.sum(weights, axis=1)
+            if DROPOUT:
+                weights = tl.where(_dropout_keep(seed, bh, rows, cols, LK, dropout_p), weights / (1.0 - dropout_p), 0.0)
+            acc += tl.dot(weights.to(v.dtype), v)
+        safe_sum = tl.where(row_sum > 0, row_sum, 1.0)
+        out = acc / safe_sum[:, None]
+        tl.store(OUT + bh * LQ * D + rows[:, None] * D + dims[None, :], out.to(OUT.dtype.element_ty),
+                 mask=(rows[:, None] < LQ) & (dims[None, :] < D))
+        tl.store(ROW_MAX + bh * LQ + rows, row_max, mask=rows < LQ)
+        tl.store(ROW_SUM + bh * LQ + rows, safe_sum, mask=rows < LQ)
+
+    @triton.jit
+    def _tile_gradients(q, k, v, do, row_dot, row_max, row_sum, qp_ptr, kp_ptr, w2_ptr, b2_ptr, w3_ptr, b3,
+                        rows, cols, LQ, LK, keep, dot_scale, dropout_p, seed, bh,
+                        SCORE: tl.constexpr, ADD_DOT: tl.constexpr, H1: tl.constexpr, H2: tl.constexpr,
+                        BLOCK_H: tl.constexpr, DROPOUT: tl.constexpr):
+        """One tile's backward, recomputed from the row statistics: (weights after dropout [M, N] for dV, ds [M, N]
+        with dq = ds k and dk = ds^T q, and for neural dlogit [M, N] and the tile's hidden pre-activations
+        [M, N, BLOCK_H]; zeros otherwise)."""
+        values, s = _tile(q, k, qp_ptr, kp_ptr, w2_ptr, b2_ptr, w3_ptr, b3, rows, cols, LQ, LK, keep, dot_scale,
+                          SCORE, ADD_DOT, H1, H2, BLOCK_H)
+        inside = (rows[:, None] < LQ) & (cols[None, :] < LK)
+        if SCORE == NEURAL_:
+            weights = tl.where(inside, tl.exp(values - row_max[:, None]), 0.0) / row_sum[:, None]
+        elif SCORE == SOFTMAX_SQUARE_:
+            values = tl.where(keep, tl.exp(values - row_max[:, None]), 0.0)  # f, unnormalised
+            weights = values / row_sum[:, None]
+        else:
+            weights = values / row_sum[:, None]
+        grad_weights = tl.dot(do, tl.trans(v))  # dL/d(weights after dropout)
+        if DROPOUT:
+            kept = _dropout_keep(seed, bh, rows, cols, LK, dropout_p)
+            weights_dropped = tl.where(kept, weights / (1.0 - dropout_p), 0.0)
+            grad_weights = tl.where(kept, grad_weights / (1.0 - dropout_p), 0.0)
+        else:
+            weights_dropped = weights
+        centred = grad_weights - row_dot[:, None]
+        if SCORE == NEURAL_:
+            dlogit = tl.where(keep, weights * centred, 0.0)
+            ds = dlogit * dot_scale if ADD_DOT else tl.zeros_like(dlogit)
+            return weights_dropped, ds, dlogit
+        df = tl.where(keep, centred / row_sum[:, None], 0.0)
+        if SCORE == RATIONAL_:
+            denominator = 1.0 + s * s
+            ds = df * 2.0 * s / (denominator * denominator)
+        elif SCORE == SQUARE_:
+            ds = df * 2.0 * s
+        else:
+            ds = df * 2.0 * s * values
+        return weights_dropped, ds * dot_scale, tl.zeros_like(ds)
+
+    @triton.jit
+    def _mlp_backward(dlogit, qp, kp, w2_ptr, b2_ptr, w3_ptr, H1: tl.constexpr, H2: tl.constexpr,
+                      BLOCK_H: tl.constexpr, BLOCK_H2: tl.constexpr):
+        """The pairwise MLP's backward on a tile: (dpre [M, N, BLOCK_H], dW2 [BLOCK_H2, BLOCK_H], db2 [BLOCK_H2],
+        dW3 [BLOCK_H2], db3) with pre = qp_i + kp_j the first layer's pre-activations."""
+        units, outs = tl.arange(0, BLOCK_H), tl.arange(0, BLOCK_H2)
+        pre = qp[:, None, :] + kp[None, :, :]
+        hidden = tl.maximum(pre, 0.0)
+        grad_hidden = tl.zeros_like(pre)
+        grad_w2 = tl.zeros([BLOCK_H2, BLOCK_H], dtype=tl.float32)
+        grad_b2 = tl.zeros([BLOCK_H2], dtype=tl.float32)
+        grad_w3 = tl.zeros([BLOCK_H2], dtype=tl.float32)
+        for o in range(H2):
+            w2 = tl.load(w2_ptr + o * H1 + units, mask=units < H1, other=0.0)
+            z = tl.sum(hidden * w2[None, None, :], axis=2) + tl.load(b2_ptr + o)
+            grad_w3 += tl.where(outs == o, tl.sum(dlogit * tl.maximum(z, 0.0)), 0.0)
+            grad_z = tl.where(z > 0, dlogit * tl.load(w3_ptr + o), 0.0)
+            grad_b2 += tl.where(outs == o, tl.sum(grad_z), 0.0)
+            grad_w2 += tl.where(outs[:, None] == o, tl.sum(tl.sum(grad_z[:, :, None] * hidden, axis=0), axis=0)[None, :], 0.0)
+            grad_hidden += grad_z[:, :, None] * w2[None, None, :]
+        grad_pre = tl.where(pre > 0, grad_hidden, 0.0)
+        return grad_pre, grad_w2, grad_b2, grad_w3, tl.sum(dlogit)
+
+    @triton.jit
+    def _backward_kernel(
+        Q, K, V, DO, ROW_DOT, ROW_MAX, ROW_SUM, QP, KP, W2, B2, W3, B3, KEEP,
+        DQ, DK, DV, DQP, DKP, GRAD_WEIGHTS,
+        stride_kb, stride_kh, stride_kq, stride_kk, H, LQ, LK, D, dot_scale, dropout_p, seed, per_head,
+        SCORE: tl.constexpr, ADD_DOT: tl.constexpr, H1: tl.constexpr, H2: tl.constexpr, BLOCK_H: tl.constexpr,
+        BLOCK_H2: tl.constexpr, HAS_KEEP: tl.constexpr, DROPOUT: tl.constexpr, DOT_FP32: tl.constexpr,
+        FOR_KEYS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    ):
+        """FOR_KEYS: one key block per program, looping over query blocks: dK, dV, dkp and the program's partial sums
+        of the MLP weights' gradients. Else one query block per program, looping over key blocks: dQ, dqp."""
+        block, bh = tl.program_id(0), tl.program_id(1)
+        b, h = bh // H, bh % H
+        group = h * per_head
+        b3 = tl.load(B3 + group) if SCORE == NEURAL_ else 0.0
+        w2_ptr, b2_ptr, w3_ptr = W2 + group * H2 * H1, B2 + group * H2, W3 + group * H2
+        qp_ptr, kp_ptr = QP + bh * LQ * H1, KP + bh * LK * H1
+        keep_ptr = KEEP + b * stride_kb + h * stride_kh
+        dims, units = tl.arange(0, BLOCK_D), tl.arange(0, BLOCK_H)
+        own = block * (BLOCK_N if FOR_KEYS else BLOCK_M) + tl.arange(0, BLOCK_N if FOR_KEYS else BLOCK_M)
+        own_len = LK if FOR_KEYS else LQ
+        own_mask = (own[:, None] < own_len) & (dims[None, :] < D)
+        if FOR_KEYS:
+            k = tl.load(K + bh * LK * D + own[:, None] * D + dims[None, :], mask=own_mask, other=0.0)
+            v = tl.load(V + bh * LK * D + own[:, None] * D + dims[None, :], mask=own_mask, other=0.0)
+            if DOT_FP32:
+                k, v = k.to(tl.float32), v.to(tl.float32)
+            kp = tl.load(kp_ptr + own[:, None] * H1 + units[None, :], mask=(own[:, None] < LK) & (units[None, :] < H1), other=0.0)
+            grad_k = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+            grad_v = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+            grad_kp = tl.zeros([BLOCK_N, BLOCK_H], dtype=tl.float32)
+            grad_w2 = tl.zeros([BLOCK_H2, BLOCK_H], dtype=tl.float32)
+            grad_b2 = tl.zeros([BLOCK_H2], dtype=tl.float32)
+            grad_w3 = tl.zeros([BLOCK_H2], dtype=tl.float32)
+            grad_b3 = 0.0
+            for start in range(0, LQ, BLOCK_M):
+                rows = start + tl.arange(0, BLOCK_M)
+                row_mask = (rows[:, None] < LQ) & (dims[None, :] < D)
+                q = tl.load(Q + bh * LQ * D + rows[:, None] * D + dims[None, :], mask=row_mask, other=0.0)
+                do = tl.load(DO + bh * LQ * D + rows[:, None] * D + dims[None, :], mask=row_mask, other=0.0)
+                if DOT_FP32:
+                    q, do = q.to(tl.float32), do.to(tl.float32)
+                row_dot = tl.load(ROW_DOT + bh * LQ + rows, mask=rows < LQ, other=0.0)
+                row_max = tl.load(ROW_MAX + bh * LQ + rows, mask=rows < LQ, other=0.0)
+                row_sum = tl.load(ROW_SUM + bh * LQ + rows, mask=rows < LQ, other=1.0)
+                keep = _load_keep(keep_ptr, stride_kq, stride_kk, rows, own, LQ, LK, HAS_KEEP)
+                weights, ds, dlogit = _tile_gradients(
+                    q, k, v, do, row_dot, row_max, row_sum, qp_ptr, kp_ptr, w2_ptr, b2_ptr, w3_ptr, b3, rows, own,
+                    LQ, LK, keep, dot_scale, dropout_p, seed, bh, SCORE, ADD_DOT, H1, H2, BLOCK_H, DROPOUT)
+                grad_v += tl.dot(tl.trans(weights).to(do.dtype), do)
+                grad_k += tl.dot(tl.trans(ds).to(q.dtype), q)
+                if SCORE == NEURAL_:
+                    qp = tl.load(qp_ptr + rows[:, None] * H1 + units[None, :], mask=(rows[:, None] < LQ) & (units[None, :] < H1), other=0.0)
+                    grad_pre, gw2, gb2, gw3, gb3 = _mlp_backward(dlogit, qp, kp, w2_ptr, b2_ptr, w3_ptr, H1, H2, BLOCK_H, BLOCK_H2)
+                    grad_kp += tl.sum(grad_pre, axis=0)
+                    grad_w2 += gw2
+                    grad_b2 += gb2
+                    grad_w3 += gw3
+                    grad_b3 += gb3
+            tl.store(DK + bh * LK * D + own[:, None] * D + dims[None, :], grad_k, mask=own_mask)
+            tl.store(DV + bh * LK * D + own[:, None] * D + dims[None, :], grad_v, mask=own_mask)
+            if SCORE == NEURAL_:
+                tl.store(DKP + bh * LK * H1 + own[:, None] * H1 + units[None, :], grad_kp, mask=(own[:, None] < LK) & (units[None, :] < H1))
+                # this program's partial sums: [W2 (H2 x H1), b2 (H2), W3 (H2), b3]
+                size = H2 * H1 + 2 * H2 + 1
+                partial = GRAD_WEIGHTS + (bh * tl.num_programs(0) + block) * size
+                outs = tl.arange(0, BLOCK_H2)
+                tl.store(partial + outs[:, None] * H1 + units[None, :], grad_w2, mask=(outs[:, None] < H2) & (units[None, :] < H1))
+                tl.store(partial + H2 * H1 + outs, grad_b2, mask=outs < H2)
+                tl.store(partial + H2 * H1 + H2 + outs, grad_w3, mask=outs < H2)
+                tl.store(partial + H2 * H1 + 2 * H2, grad_b3)
+        else:
+            q = tl.load(Q + bh * LQ * D + own[:, None] * D + dims[None, :], mask=own_mask, other=0.0)
+            do = tl.load(DO + bh * LQ * D + own[:, None] * D + dims[None, :], mask=own_mask, other=0.0)
+            if DOT_FP32:
+                q, do = q.to(tl.float32), do.to(tl.float32)
+            row_dot = tl.load(ROW_DOT + bh * LQ + own, mask=own < LQ, other=0.0)
+            row_max = tl.load(ROW_MAX + bh * LQ + own, mask=own < LQ, other=0.0)
+            row_sum = tl.load(ROW_SUM + bh * LQ + own, mask=own < LQ, other=1.0)
+            qp = tl.load(qp_ptr + own[:, None] * H1 + units[None, :], mask=(own[:, None] < LQ) & (units[None, :] < H1), other=0.0)
+            grad_q = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+            grad_qp = tl.zeros([BLOCK_M, BLOCK_H], dtype=tl.float32)
+            for start in range(0, LK, BLOCK_N):
+                cols = start + tl.arange(0, BLOCK_N)
+                col_mask = (cols[:, None] < LK) & (dims[None, :] < D)
+                k = tl.load(K + bh * LK * D + cols[:, None] * D + dims[None, :], mask=col_mask, other=0.0)
+                v = tl.load(V + bh * LK * D + cols[:, None] * D + dims[None, :], mask=col_mask, other=0.0)
+                if DOT_FP32:
+                    k, v = k.to(tl.float32), v.to(tl.float32)
+                keep = _load_keep(keep_ptr, stride_kq, stride_kk, own, cols, LQ, LK, HAS_KEEP)
+                weights, ds, dlogit = _tile_gradients(
+                    q, k, v, do, row_dot, row_max, row_sum, qp_ptr, kp_ptr, w2_ptr, b2_ptr, w3_ptr, b3, own, cols,
+                    LQ, LK, keep, dot_scale, dropout_p, seed, bh, SCORE, ADD_DOT, H1, H2, BLOCK_H, DROPOUT)
+                grad_q += tl.dot(ds.to(k.dtype), k)
+                if SCORE == NEURAL_:
+                    kp = tl.load(kp_ptr + cols[:, None] * H1 + units[None, :], mask=(cols[:, None] < LK) & (units[None, :] < H1), other=0.0)
+                    grad_pre, _, _, _, _ = _mlp_backward(dlogit, qp, kp, w2_ptr, b2_ptr, w3_ptr, H1, H2, BLOCK_H, BLOCK_H2)
+                    grad_qp += tl.sum(grad_pre, axis=1)
+            tl.store(DQ + bh * LQ * D + own[:, None] * D + dims[None, :], grad_q, mask=own_mask)
+            if SCORE == NEURAL_:
+                tl.store(DQP + bh * LQ * H1 + own[:, None] * H1 + units[None, :], grad_qp, mask=(own[:, None] < LQ) & (units[None, :] < H1))

@@ -1,0 +1,235 @@
+"""The fused Triton kernels (expressive, neural) run through Triton's interpreter on this CPU (conftest sets
+TRITON_INTERPRET=1) and match the chunked path and the float64 formulas: outputs, and gradients of q, k, v and the
+neural MLP's weights, over block-boundary shapes, masks with fully masked rows, cache-shaped calls, grouped-query
+heads, dropout (against the same Philox mask), bfloat16, a whole model, and the rule that selects them."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import triton
+import triton.language as tl
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+import hf_neural_attention as hfna
+from hf_neural_attention import triton_attention, triton_kernels
+from hf_neural_attention.masks import split_attention_mask
+from hf_neural_attention.registry import build_variant
+from hf_neural_attention.runtime import fast_paths
+from conftest import ALL_BUILDERS, VOCAB, converted
+from test_formulas import Holder
+
+assert triton_kernels.interpreted(), "conftest must set TRITON_INTERPRET=1 before triton is imported"
+
+B, H, D = 2, 2, 24  # a head dim that is no power of two (padded to 32 inside the kernels)
+SHAPES = [(19, 19), (5, 21), (16, 33)]  # odd lengths, a cache-shaped call (Lq < Lk), exact and ragged blocks
+CHUNKED = dict(min_size=0, chunk_size=4, backend="chunked")
+TRITON = dict(min_size=0, chunk_size=4, backend="triton")  # chunk_size: where a call falls back
+
+
+def inputs(q_len, k_len, dtype=torch.float32, fully_masked_row=True, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(B, H, n, D, generator=generator) for n in (q_len, k_len, k_len))
+    keep = torch.rand(B, 1, q_len, k_len, generator=generator) < 0.7
+    keep[..., -1] = True
+    if fully_masked_row:
+        keep[1, :, 0] = False  # a padding query: no visible key
+    return q.to(dtype), k.to(dtype), v.to(dtype), keep
+
+
+def expressive_reference(q, k, keep, module):
+    """float64 weights: f(s) / sum f(s) over visible keys, s = q.k (/ sqrt(d) with scale)."""
+    s = q @ k.transpose(-1, -2) * (D**-0.5 if module.scale else 1.0)
+    f = {"rational": s**2 / (1 + s**2), "square": s**2, "softmax_square": torch.exp(s**2)}[module.form]
+    f = f.masked_fill(~keep, 0.0)
+    return (f / f.sum(-1, keepdim=True)).nan_to_num(0.0)
+
+
+def neural_reference(q, k, keep, module):
+    """float64 weights in the reference code's layout: down-project, repeat + cat the pair, MLP, softmax (a fully
+    masked row: uniform, as eager attention gives it)."""
+    heads = []
+    for h in range(q.shape[1]):
+        g = h if module.per_head else 0
+        q_small = q[:, h] @ module.query_down_weight[g].T + module.query_down_bias[g]  # [B, Lq, d']
+        k_small = k[:, h] @ module.key_down_weight[g].T + module.key_down_bias[g]  # [B, Lk, d']
+        x = torch.cat([q_small[:, :, None, :].expand(-1, -1, k.shape[2], -1),
+                       k_small[:, None, :, :].expand(-1, q.shape[2], -1, -1)], dim=-1)  # [B, Lq, Lk, 2d']
+        for index, (w, b) in enumerate(zip(module.mlp_weights, module.mlp_biases)):
+            x = x @ w[g].T + b[g]
+            x = torch.relu(x) if index < len(module.mlp_weights) - 1 else x
+        heads.append(x[..., 0])
+    scores = torch.stack(heads, dim=1)
+    if module.combine == "add":
+        scores = scores + q @ k.transpose(-1, -2) * D**-0.5
+    scores = scores.masked_fill(~keep, torch.finfo(torch.float64).min)
+    return torch.softmax(scores, dim=-1)
+
+
+def run(variant, q, k, v, keep, settings, dropout=0.0, seed=3):
+    """Output and gradients (q, k, v, then the variant's parameters) under the given fast-path settings."""
+    q, k, v = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    mask = split_attention_mask(keep, q.shape[2], k.shape[2], False, q.device)
+    torch.manual_seed(seed)  # the dropout seed is drawn from the global generator
+    with fast_paths(True, **settings):
+        output = variant.attention_output(q, k, v, mask, D**-0.5, dropout, dropout > 0.0)
+    assert output is not None
+    grad_output = torch.randn(output.shape, generator=torch.Generator().manual_seed(1), dtype=output.dtype)
+    grads = torch.autograd.grad(output, [q, k, v, *variant.parameters()], grad_output)
+    return output, grads
+
+
+def assert_same(triton_result, chunked_result, output_atol=1e-5, grad_atol=1e-4):
+    torch.testing.assert_close(triton_result[0], chunked_result[0], rtol=0, atol=output_atol)
+    for index, (fused, chunked) in enumerate(zip(triton_result[1], chunked_result[1])):
+        torch.testing.assert_close(fused, chunked, rtol=0, atol=grad_atol, msg=f"gradient {index}")
+
+
+def neural_variant(options, seed=0):
+    torch.manual_seed(seed)
+    variant = build_variant("neural", H, D, **options)
+    with torch.no_grad():
+        for parameter in variant.parameters():  # every unit alive and every weight non-zero
+            parameter.normal_(0.0, 0.5)
+    return variant
+
+
+@pytest.mark.parametrize("form", ["rational", "square", "softmax_square"])
+@pytest.mark.parametrize("q_len,k_len", SHAPES)
+def test_expressive_kernels_match_chunked_path_and_formula(form, q_len, k_len):
+    variant = build_variant("expressive", H, D, form=form, scale=form != "square")
+    q, k, v, keep = inputs(q_len, k_len)
+    fused = run(variant, q, k, v, keep, TRITON)
+    assert_same(fused, run(variant, q, k, v, keep, CHUNKED))
+    weights = expressive_reference(q.double(), k.double(), keep, variant)
+    torch.testing.assert_close(fused[0].double(), weights @ v.double(), rtol=0, atol=1e-5)
+    assert fused[0][1, :, 0].abs().max() == 0  # a row with no visible key gets zero weights, never NaN
+
+
+NEURAL_OPTIONS = [{}, {"combine": "add", "per_head": True}, {"proj_dim": 4, "hidden_dims": [4, 3]}]
+
+
+@pytest.mark.parametrize("options", NEURAL_OPTIONS, ids=["default", "add-per-head", "wider"])
+@pytest.mark.parametrize("q_len,k_len", SHAPES[:2])
+def test_neural_kernels_match_chunked_path_and_formula(options, q_len, k_len):
+    variant = neural_variant(options)
+    q, k, v, keep = inputs(q_len, k_len)
+    fused = run(variant, q, k, v, keep, TRITON)
+    assert_same(fused, run(variant, q, k, v, keep, CHUNKED))
+    weights = neural_reference(q.double(), k.double(), keep, neural_variant(options).double())
+    torch.testing.assert_close(fused[0].double(), weights @ v.double(), rtol=0, atol=1e-5)
+
+
+def test_neural_with_other_depths_falls_back_to_the_chunked_path(monkeypatch):
+    calls = []
+    monkeypatch.setattr(triton_attention._FusedAttention, "apply", lambda *a: calls.append(1))
+    variant = neural_variant({"hidden_dims": [2]})  # one hidden layer: the kernels cover two
+    q, k, v, keep = inputs(19, 19)
+    assert_same(run(variant, q, k, v, keep, TRITON), run(variant, q, k, v, keep, CHUNKED))
+    assert not calls
+
+
+if triton is not None:
+
+    @triton.jit
+    def _dropout_mask_kernel(OUT, seed, LQ, LK, p, BLOCK: tl.constexpr):
+        """Writes the keep mask the kernels draw for one (batch * head) program row: the test's reference."""
+        bh = tl.program_id(0)
+        rows, cols = tl.arange(0, BLOCK), tl.arange(0, BLOCK)
+        kept = triton_kernels._dropout_keep(seed, bh, rows, cols, LK, p)
+        inside = (rows[:, None] < LQ) & (cols[None, :] < LK)
+        tl.store(OUT + bh * LQ * LK + rows[:, None] * LK + cols[None, :], kept.to(tl.int8), mask=inside)
+
+
+def dropout_keep_map(seed: int, q_len: int, k_len: int, p: float) -> torch.Tensor:
+    out = torch.zeros(B * H, q_len, k_len, dtype=torch.int8)
+    _dropout_mask_kernel[(B * H,)](out, seed, q_len, k_len, p, BLOCK=32)
+    return out.view(B, H, q_len, k_len).bool()
+
+
+@pytest.mark.parametrize("name", ["expressive", "neural"])
+def test_dropout_uses_one_philox_mask_in_forward_and_backward(name, monkeypatch):
+    """Against the float64 weights with the kernels' own mask: output and gradients, so backward regenerated the
+    forward's mask exactly."""
+    p, q_len, k_len = 0.3, 19, 21
+    seeds = []
+    monkeypatch.setattr(triton_attention, "draw_dropout_seed", lambda: seeds.append(12345) or 12345)
+    variant = build_variant("expressive", H, D) if name == "expressive" else neural_variant({})
+    q, k, v, keep = inputs(q_len, k_len, fully_masked_row=False)
+    fused = run(variant, q, k, v, keep, TRITON, dropout=p)
+    assert seeds
+    dropped = dropout_keep_map(12345, q_len, k_len, p)
+    assert 0.55 < dropped.float().mean() < 0.85  # about 1 - p kept
+    q64, k64, v64 = (t.double().requires_grad_() for t in (q, k, v))
+    double = variant.double() if name == "expressive" else neural_variant({}).double()
+    reference = expressive_reference if name == "expressive" else neural_reference
+    weights = reference(q64, k64, keep, double)
+    expected = (weights * dropped / (1 - p)) @ v64
+    torch.testing.assert_close(fused[0].double(), expected, rtol=0, atol=1e-5)
+    grad_output = torch.randn(expected.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float32)
+    for index, grad in enumerate(torch.autograd.grad(expected, [q64, k64, v64], grad_output.double())):
+        torch.testing.assert_close(fused[1][index].double(), grad, rtol=0, atol=1e-4, msg=f"gradient {index}")
+
+
+@pytest.mark.parametrize("name", ["expressive", "neural"])
+def test_bfloat16_inputs_accumulate_in_float32(name):
+    variant = build_variant("expressive", H, D, form="rational") if name == "expressive" else neural_variant({})
+    q, k, v, keep = inputs(19, 19, dtype=torch.bfloat16)
+    fused = run(variant, q, k, v, keep, TRITON)
+    assert fused[0].dtype == torch.bfloat16
+    exact = run(variant.float(), q.float(), k.float(), v.float(), keep, CHUNKED)  # the same bf16 values, in fp32
+    torch.testing.assert_close(fused[0].float(), exact[0], rtol=0, atol=2e-2)
+    for fused_grad, exact_grad in zip(fused[1][:3], exact[1][:3]):
+        torch.testing.assert_close(fused_grad.float(), exact_grad, rtol=0, atol=5e-2)
+
+
+@pytest.mark.parametrize("name", ["expressive", "neural"])
+def test_grouped_query_heads_and_causal_cache_through_the_attention_function(name):
+    variant = build_variant("expressive", H * 2, D) if name == "expressive" else build_variant("neural", H * 2, D)
+    generator = torch.Generator().manual_seed(2)
+    q = torch.randn(B, H * 2, 5, D, generator=generator)
+    k, v = (torch.randn(B, H, 12, D, generator=generator) for _ in range(2))  # two query heads per key head
+    outputs = {}
+    for settings in (TRITON, CHUNKED):
+        with fast_paths(True, **settings):
+            outputs[settings["backend"]], _ = ALL_ATTENTION_FUNCTIONS[name](
+                Holder(variant, is_causal=True), q, k, v, None, scaling=D**-0.5)
+    torch.testing.assert_close(outputs["triton"], outputs["chunked"], rtol=0, atol=1e-5)
+
+
+def test_the_kernels_are_chosen_only_where_they_apply(monkeypatch):
+    calls = []
+    original = triton_attention._FusedAttention.apply
+    monkeypatch.setattr(triton_attention._FusedAttention, "apply", lambda *a: calls.append(1) or original(*a))
+    variant = build_variant("expressive", H, D)
+    q, k, v, keep = inputs(19, 19)
+    run(variant, q, k, v, keep, dict(min_size=0))  # "auto" on CPU tensors: the chunked engine
+    assert not calls
+    run(variant, q, k, v, keep, TRITON)
+    assert calls == [1]
+    cdape = build_variant("cdape", H, D)  # stays on the chunked path, even when the kernels are forced
+    assert_same(run(cdape, q, k, v, keep, TRITON), run(cdape, q, k, v, keep, CHUNKED), output_atol=0, grad_atol=0)
+    bias = torch.zeros(keep.shape).masked_fill(~keep, float("-inf")) + 0.5 * keep  # an additive bias: chunked
+    mask = split_attention_mask(bias, 19, 19, False, q.device)
+    with fast_paths(True, **TRITON):
+        variant.attention_output(q, k, v, mask, D**-0.5, 0.0, False)
+    assert calls == [1]
+    with pytest.raises(ValueError, match=r"backend='cuda' is not valid; choose one of \['auto', 'triton', 'chunked'\]"):
+        fast_paths(True, backend="cuda")
+    with pytest.raises(ValueError, match="FAST_PATHS.backend='gpu' is not valid"):
+        hfna.FAST_PATHS.backend = "gpu"
+
+
+@pytest.mark.parametrize("variant", ["expressive", "neural"])
+def test_a_whole_model_trains_the_same_through_the_kernels(variant):
+    ids = torch.randint(1, VOCAB, (2, 17), generator=torch.Generator().manual_seed(0))
+    results = {}
+    for settings in (TRITON, CHUNKED):
+        model = converted(ALL_BUILDERS["gpt2"], variant).train()
+        with fast_paths(True, **settings):
+            loss = model(ids, labels=ids).loss
+            loss.backward()
+        results[settings["backend"]] = (loss, {n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+    torch.testing.assert_close(results["triton"][0], results["chunked"][0], rtol=0, atol=1e-5)
+    for name, grad in results["chunked"][1].items():
+        torch.testing.assert_close(results["triton"][1][name], grad, rtol=0, atol=1e-4, msg=name)
