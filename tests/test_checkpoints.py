@@ -147,8 +147,8 @@ def test_checkpoint_folder_contents(saved_checkpoints):
                 if line.startswith(("import ", "from ")) and not line.startswith("from ."):
                     module = line.split()[1].split(".")[0]
                     assert module in {"__future__", "torch", "transformers", "huggingface_hub", "dataclasses",
-                                      "typing", "math", "functools", "inspect", "logging", "os", "tempfile",
-                                      "pathlib"}, f"{code.name}: {line}"
+                                      "typing", "math", "functools", "importlib", "inspect", "logging", "os",
+                                      "tempfile", "pathlib", "triton"}, f"{code.name}: {line}"
 
 
 def test_trust_remote_code_loads_without_the_package(saved_checkpoints, tmp_path):

@@ -233,3 +233,11 @@ def test_a_whole_model_trains_the_same_through_the_kernels(variant):
     torch.testing.assert_close(results["triton"][0], results["chunked"][0], rtol=0, atol=1e-5)
     for name, grad in results["chunked"][1].items():
         torch.testing.assert_close(results["triton"][1][name], grad, rtol=0, atol=1e-4, msg=name)
+
+
+def test_gpu_benchmark_refuses_clearly_without_a_gpu(monkeypatch, capsys):
+    from hf_neural_attention.experiments import benchmark_cuda
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert benchmark_cuda.main(["--sizes", "1024"]) == 2
+    assert "--device cuda needs a CUDA GPU" in capsys.readouterr().err

@@ -1,0 +1,582 @@
+"""Speed and memory of the attention variants' fast paths against PyTorch SDPA, eager dot-product attention, the
+variants' plain paths and faithful re-statements of the papers' reference implementations (CPU).
+
+    hfna-benchmark                                   # = python scripts/benchmark.py; the full run (2-core CPU: about
+                                                     # an hour), writes benchmarks/ in the working directory
+    hfna-benchmark --device cuda                     # the GPU benchmark of the Triton kernels (benchmark_cuda.py)
+    python scripts/benchmark.py --sizes 256 512 --methods eager expressive --levels layer --out /tmp/bench
+    python scripts/benchmark.py --dtypes fp32 bf16 --dropouts stock --levels model   # the stock training setting
+
+Every (level, method, n) configuration runs in a fresh process, which first measures the peak memory of one step and
+then times several. Writes results.csv, results.md, time.png and memory.png.
+
+Setting (the project's issue 5): GPT-2 geometry, d_model 512, 8 heads (d_h 64), batch 1, causal, and two axes:
+- dtype: "fp32", or "bf16" (float32 weights under torch.autocast("cpu", torch.bfloat16), as mixed-precision
+  training runs).
+- dropout: "stock" (GPT2Config's defaults: attn_pdrop, resid_pdrop and embd_pdrop 0.1, what a stock config and
+  most checkpoints train with) or "0" (every dropout off).
+- level "layer": one GPT2Attention module (qkv projection, attention, output projection) on random hidden states
+  [1, n, 512], forward + backward from a fixed random output gradient down to the hidden states and every parameter.
+  The mask is built once outside the timed region, as the model builds it for that implementation.
+- level "model": a 1-layer GPT2LMHeadModel (vocabulary 4096, so that attention rather than the output layer
+  dominates; training mode), forward + backward of the loss on n random tokens.
+- level "inference": the layer's forward alone under torch.no_grad() (where FlexAttention can run).
+Methods:
+- sdpa, eager: Transformers' stock GPT-2 attention implementations ("sdpa" is what users run by default).
+- expressive, neural (paper defaults: d' = 2, MLP 4 -> 2 -> 1 -> 1), cdape (k = 3, D = 32, no positional bias),
+  cdape_kerple (the same with the Kerple bias as extra input channels): this package with its fast paths (the
+  default). expressive_flex (inference only): expressive through compiled FlexAttention (FAST_PATHS.flex_inference).
+- expressive_plain, neural_plain, cdape_plain: the same variants with the fast paths off
+  (`hf_neural_attention.fast_paths(False)`): the straightforward implementations.
+- neural_reference: the neural attention reference code re-stated (awayfromzel/neural-attention-research,
+  NeuralAttention.forward from the q/k/v heads on: down-projection, repeat + cat into [b, H, n, n, 2d'],
+  Linear-ReLU-Linear-ReLU-Linear, causal mask from ones_like(score).triu_(1), softmax, einsum with v), with
+  `neural`'s parameters.
+- cdape_reference: DAPE V2's reference (chuanyang-Zheng/DAPE, Kerple_DAPEV2.forward) re-stated: Kerple bias map
+  -p log(1 + a tril(i - j)), Conv2d(2H -> D, 1x3) -> LeakyReLU -> Conv2d(D -> H, 1x3) over tril(cat([x, bias]))
+  materialised as [b, 2H, n, n], logits x + bias + y, causal mask, softmax; `cdape_kerple`'s parameters.
+Time: wall clock of one step (gradients set to None between steps), median of the timed steps after a warm-up step;
+fewer steps for long sequences, and a slow configuration stops after two timed steps once it used its time budget.
+Memory: peak resident-set growth during one step, over the resident set after model, inputs and a warm-up step: the
+kernel's high-water mark VmHWM (reset through /proc/self/clear_refs just before the step) minus the resident set
+then, with glibc's mmap threshold set to 64 KiB for that step (mallopt), so that freed tensors go back to the system
+and the resident set follows the live tensors. The timed steps run after it with glibc's usual large-block settings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+PACKAGE_PARENT = Path(__file__).resolve().parents[2]  # where the workers import hf_neural_attention from
+
+SIZES = (256, 512, 1024, 2048, 4096)
+LEVELS = ("layer", "model", "inference")
+TRAIN_METHODS = (
+    "sdpa", "eager",
+    "expressive", "expressive_plain",
+    "neural", "neural_plain", "neural_reference",
+    "cdape", "cdape_plain", "cdape_kerple", "cdape_reference",
+)
+INFERENCE_METHODS = ("sdpa", "eager", "expressive", "expressive_flex", "neural", "cdape")
+METHODS = TRAIN_METHODS + ("expressive_flex",)
+VARIANT_OF = {
+    "expressive": ("expressive", {}), "neural": ("neural", {}), "cdape": ("cdape", {}),
+    "cdape_kerple": ("cdape", {"bias": "kerple"}), "expressive_flex": ("expressive", {}),
+    "neural_reference": ("neural", {}), "cdape_reference": ("cdape", {"bias": "kerple"}),
+}
+for _name in ("expressive", "neural", "cdape"):
+    VARIANT_OF[f"{_name}_plain"] = VARIANT_OF[_name]
+D_MODEL, HEADS, VOCAB = 512, 8, 4096
+# Targets of issue 5 at n = 2048 (ratio to eager attention: time, memory).
+TARGETS = {"neural": (1.3, 1.3), "expressive": (1.1, 1.1), "cdape": (3.5, 1.5)}
+
+
+# ---- the reference implementations, re-stated ---------------------------------------------------------------------
+
+def neural_reference_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """NeuralAttention.forward of the reference code from the q/k/v heads on, with `neural`'s parameters."""
+    import torch
+
+    variant = module.attention_variant
+    q = torch.nn.functional.linear(query, variant.query_down_weight[0], variant.query_down_bias[0])
+    k = torch.nn.functional.linear(key, variant.key_down_weight[0], variant.key_down_bias[0])
+    q = q.unsqueeze(3).repeat(1, 1, 1, q.shape[2], 1)  # [b, h, n, n, d']
+    k = k.unsqueeze(2).repeat(1, 1, k.shape[2], 1, 1)
+    qk_cat = torch.cat((q, k), dim=-1)  # [b, h, n, n, 2d']
+    score = qk_cat
+    last = len(variant.mlp_weights) - 1
+    for index, (weight, bias) in enumerate(zip(variant.mlp_weights, variant.mlp_biases)):
+        score = torch.nn.functional.linear(score, weight[0], bias[0])
+        if index != last:
+            score = torch.relu(score)
+    score = score.squeeze(-1)
+    mask = torch.ones_like(score).triu_(1).bool()
+    score = score.masked_fill(mask, float("-inf"))
+    attention = torch.softmax(score, dim=-1)
+    out = torch.einsum("b h i j, b h j d -> b h i d", attention, value)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def cdape_reference_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """Kerple_DAPEV2.forward of the reference code, with the scaled scores it is handed and the causal softmax."""
+    import torch
+
+    variant = module.attention_variant
+    x = torch.matmul(query, key.transpose(-1, -2)) * scaling  # [b, h, n, n]
+    n = x.shape[-1]
+    diff = torch.tril(torch.arange(n).view(n, 1).repeat(1, n) + torch.arange(0, -n, -1)).to(x.dtype)
+    p = variant.kerple_r1.clamp(min=1e-2)[:, None, None]
+    a = variant.kerple_r2.clamp(min=1e-2)[:, None, None]
+    bias = -p * torch.log(1 + a * diff)  # [h, n, n]
+    x_a_bias = torch.cat((x, torch.tile(bias, (x.shape[0], 1, 1, 1))), dim=1)  # [b, 2h, n, n]
+    hidden = torch.nn.functional.leaky_relu(variant.conv_in(torch.tril(x_a_bias)))
+    logits = x + bias + variant.conv_out(hidden)
+    causal = torch.ones(n, n, dtype=torch.bool).triu_(1)
+    attention = torch.softmax(logits.masked_fill(causal, float("-inf")), dim=-1)
+    return torch.matmul(attention, value).transpose(1, 2).contiguous(), None
+
+
+# ---- one configuration (worker process) ---------------------------------------------------------------------------
+
+def _status(field: str) -> int:
+    """A field of /proc/self/status in bytes (VmRSS, VmHWM)."""
+    match = re.search(rf"^{field}:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.MULTILINE)
+    return int(match.group(1)) * 1024
+
+
+def build(method: str, level: str, n: int, dtype: str = "fp32", dropout: str = "0"):
+    """(step function running one step of the configuration, model)."""
+    import torch
+    from transformers import AttentionInterface, GPT2Config, GPT2LMHeadModel
+    from transformers.masking_utils import AttentionMaskInterface, create_causal_mask
+
+    import hf_neural_attention as hfna
+    from hf_neural_attention.attention_interface import variant_mask
+
+    torch.manual_seed(0)
+    pdrop = 0.1 if dropout == "stock" else 0.0
+    config = GPT2Config(
+        n_layer=1, n_embd=D_MODEL, n_head=HEADS, n_positions=max(n, 1024), vocab_size=VOCAB,
+        resid_pdrop=pdrop, embd_pdrop=pdrop, attn_pdrop=pdrop, bos_token_id=0, eos_token_id=0,
+    )
+    model = GPT2LMHeadModel(config)
+    if method in ("sdpa", "eager"):
+        model.set_attn_implementation(method)
+    else:
+        variant, options = VARIANT_OF[method]
+        hfna.convert(model, variant, layers="all", **options)
+        if method.endswith("_reference"):
+            function = neural_reference_forward if method == "neural_reference" else cdape_reference_forward
+            AttentionInterface.register(method, function)
+            AttentionMaskInterface.register(method, variant_mask)
+            model.set_attn_implementation(method)
+    model.train()
+    fast = not method.endswith("_plain")
+    settings = {"flex_inference": method == "expressive_flex"}
+
+    def precision():
+        return torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bf16")
+
+    if level == "model":
+        ids = torch.randint(0, VOCAB, (1, n), generator=torch.Generator().manual_seed(1))
+
+        def step():
+            with hfna.fast_paths(fast, **settings), precision():
+                loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            model.zero_grad(set_to_none=True)
+
+        return step, model
+
+    attention = model.transformer.h[0].attn
+    generator = torch.Generator().manual_seed(1)
+    hidden = torch.randn(1, n, D_MODEL, generator=generator).requires_grad_()
+    grad = torch.randn(1, n, D_MODEL, generator=generator)
+    mask = create_causal_mask(config=model.config, inputs_embeds=hidden.detach(), attention_mask=None,
+                              past_key_values=None, position_ids=torch.arange(n)[None])
+
+    if level == "inference":
+        model.eval()
+
+        def step():
+            with torch.no_grad(), hfna.fast_paths(fast, **settings), precision():
+                attention(hidden, attention_mask=mask)
+
+        return step, model
+
+    def step():
+        with hfna.fast_paths(fast, **settings), precision():
+            output = attention(hidden, attention_mask=mask)[0]
+        output.backward(grad.to(output.dtype))
+        model.zero_grad(set_to_none=True)
+        hidden.grad = None
+
+    return step, model
+
+
+def cpu_busy_seconds() -> float:
+    """CPU seconds spent busy by the whole machine since boot (all cores), from /proc/stat."""
+    fields = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+def machine_busy_fraction(seconds: float = 2.0) -> float:
+    """Share of all cores busy over a short interval (this process sleeping)."""
+    before, start = cpu_busy_seconds(), time.perf_counter()
+    time.sleep(seconds)
+    return (cpu_busy_seconds() - before) / ((time.perf_counter() - start) * (os.cpu_count() or 1))
+
+
+def wait_for_idle(threshold: float, max_wait_s: float) -> float:
+    """Waits until other processes use less than `threshold` of the cores (up to max_wait_s); returns the last
+    measured busy fraction."""
+    deadline = time.time() + max_wait_s
+    busy = machine_busy_fraction()
+    while busy > threshold and time.time() < deadline:
+        time.sleep(10)
+        busy = machine_busy_fraction()
+    return busy
+
+
+def _mallopt(option: int, value: int) -> None:
+    import ctypes
+
+    ctypes.CDLL("libc.so.6").mallopt(option, value)
+
+
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+
+
+def worker(args) -> dict:
+    """One configuration: peak memory of one forward+backward, then the timed runs."""
+    import gc
+
+    # Memory phase: every allocation above 64 KiB is its own mapping, returned to the system when freed, so the
+    # resident set follows the live tensors.
+    _mallopt(M_MMAP_THRESHOLD, 64 * 1024)
+    import torch
+
+    torch.set_num_threads(args.threads)
+    step, _ = build(args.method, args.level, args.n, args.dtype, args.dropout)
+    result = {"dtype": args.dtype, "dropout": args.dropout, "level": args.level, "method": args.method, "n": args.n,
+              "threads": args.threads}
+    step()  # warm-up: one-off allocations (thread pools, lazy inits, compilation) are not the method's
+    gc.collect()
+    Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current resident set
+    baseline = _status("VmRSS")
+    step()
+    result["peak_mib"] = (_status("VmHWM") - baseline) / 2**20
+
+    # Timing phase: glibc's usual steady state (blocks below 32 MiB reused from the heap, larger ones mapped).
+    _mallopt(M_MMAP_THRESHOLD, 32 << 20)
+    _mallopt(M_TRIM_THRESHOLD, 64 << 20)
+    times = []
+    started = time.perf_counter()
+    busy_before, own_before = cpu_busy_seconds(), sum(os.times()[:2])
+    for index in range(args.warmup + args.repeats):
+        begin = time.perf_counter()
+        step()
+        elapsed = time.perf_counter() - begin
+        if index >= args.warmup:
+            times.append(elapsed)
+        # A slow configuration stops early once it has two timed runs and has used its time budget.
+        if len(times) >= 2 and time.perf_counter() - started > args.budget_s:
+            break
+    result.update(time_s=statistics.median(times), runs=len(times), min_s=min(times), max_s=max(times))
+    # CPU time other processes took while this one was timed, as a share of all cores: a noise indicator.
+    wall = time.perf_counter() - started
+    foreign = (cpu_busy_seconds() - busy_before) - (sum(os.times()[:2]) - own_before)
+    result["foreign_cpu"] = round(max(0.0, foreign) / (wall * (os.cpu_count() or 1)), 3)
+    return result
+
+
+# ---- the driver ---------------------------------------------------------------------------------------------------
+
+def run_config(setting, level, method, n, repeats, warmup, threads, budget_s, timeout_s) -> dict:
+    command = [sys.executable, __file__, "--worker", "--dtype", setting[0], "--dropout", setting[1],
+               "--level", level, "--method", method, "--n", str(n),
+               "--repeats", str(repeats), "--warmup", str(warmup), "--threads", str(threads),
+               "--budget-s", str(budget_s)]
+    env = dict(os.environ, TRANSFORMERS_VERBOSITY="error", HF_HUB_OFFLINE="1", PYTHONPATH=str(PACKAGE_PARENT))
+    try:
+        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout_s:.0f} s"}
+    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+    if done.returncode != 0 or not lines:
+        tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
+        return {"error": f"exit {done.returncode}: {tail[0][:200]}"}
+    return json.loads(lines[-1])
+
+
+def repeats_for(n: int, base: int) -> int:
+    """Timed steps: fewer for long sequences."""
+    if n >= 4096:
+        return max(3, base // 3)
+    if n >= 2048:
+        return max(3, base // 2)
+    return base
+
+
+def skip_reason(method: str, level: str, n: int, max_reference_n: int) -> str | None:
+    if method.endswith("_reference") and n > max_reference_n:
+        return f"not run: the reference implementations run up to n = {max_reference_n} (--max-reference-n)"
+    return None
+
+
+def load_rows(path: Path) -> list[dict]:
+    """The rows of an earlier results.csv, numbers parsed and empty cells dropped (ratios are recomputed)."""
+    if not path.exists():
+        return []
+    integers = {"n", "runs", "threads"}
+    rows = []
+    with open(path, newline="") as handle:
+        for record in csv.DictReader(handle):
+            row = {}
+            for key, value in record.items():
+                if value == "" or key.endswith(("_vs_eager", "_vs_sdpa")):
+                    continue
+                if key in integers:
+                    row[key] = int(value)
+                elif key in ("dtype", "dropout", "level", "method", "note"):
+                    row[key] = value
+                else:
+                    row[key] = float(value)
+            row.setdefault("dtype", "fp32")  # results written before the dtype and dropout axes
+            row.setdefault("dropout", "0")
+            rows.append(row)
+    return rows
+
+
+def key_of(row: dict, method: str | None = None) -> tuple:
+    return (row["dtype"], row["dropout"], row["level"], method or row["method"], row["n"])
+
+
+def setting_name(dtype: str, dropout: str) -> str:
+    return f"{dtype}, dropout {'as GPT2Config (0.1)' if dropout == 'stock' else '0'}"
+
+
+def fmt(value, digits=3):
+    return "" if value is None or value == "" else f"{value:.{digits}f}"
+
+
+def add_ratios(rows: list[dict]) -> dict:
+    by_key = {key_of(r): r for r in rows}
+    for row in rows:
+        for base in ("eager", "sdpa"):
+            ref = by_key.get(key_of(row, base))
+            for field, short in (("time_s", "time"), ("peak_mib", "mem")):
+                ok = ref is not None and row.get(field) is not None and ref.get(field) is not None
+                row[f"{short}_vs_{base}"] = row[field] / ref[field] if ok and ref[field] > 0 else None
+    return by_key
+
+
+FIELDS = ["dtype", "dropout", "level", "method", "n", "time_s", "peak_mib", "time_vs_eager", "mem_vs_eager", "time_vs_sdpa", "mem_vs_sdpa",
+          "runs", "min_s", "max_s", "threads", "busy_before", "foreign_cpu", "note"]
+
+
+def write_outputs(rows: list[dict], out: Path, meta: dict) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    by_key = add_ratios(rows)
+    with open(out / "results.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=FIELDS, extrasaction="ignore")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: (f"{row[k]:.4f}" if isinstance(row.get(k), float) else row.get(k, "")) for k in FIELDS})
+
+    lines = [
+        "# Attention variants: speed and memory on CPU", "",
+        f"Generated by `python scripts/benchmark.py` on {meta['date']} ({meta['machine']}; torch {meta['torch']}, "
+        f"transformers {meta['transformers']}, {meta['threads']} threads"
+        + (f"; run time {meta['minutes']} min)." if meta.get("minutes") is not None else ")."),
+        "",
+        "Setting: GPT-2 geometry (d_model 512, 8 heads, d_h 64), batch 1, causal; fp32, or bf16 autocast over fp32 "
+        "weights; dropout as a stock GPT2Config (0.1 for attention, residual and embeddings) or 0. Ratios compare "
+        "methods within one (dtype, dropout) setting. *layer*: one GPT2Attention "
+        "module (projections included), forward + backward; *model*: a 1-layer GPT2LMHeadModel (vocabulary "
+        f"{VOCAB}) with its loss, forward + backward; *inference*: the layer's forward under `torch.no_grad()`. "
+        "Time: median of the timed steps after a warm-up step (fewer steps for long sequences). Memory: peak "
+        "resident-set growth during one step in a fresh process (VmHWM after a reset, minus the resident set after "
+        "model, inputs and a warm-up step; glibc mmap threshold 64 KiB so freed tensors leave the resident set). "
+        "Ratios are against eager (materialised) dot-product attention and PyTorch SDPA measured in the same run. "
+        "`*_plain`: the variants with their fast paths off (the straightforward implementations); `*_reference`: "
+        "the papers' reference code re-stated. Details: the docstring of `scripts/benchmark.py`.",
+        "",
+    ]
+    if meta.get("note"):
+        lines += [meta["note"], ""]
+    settings = sorted({(r["dtype"], r["dropout"]) for r in rows}, key=lambda s: (s[1] != "stock", s[0]))
+    lines += ["## Targets at n = 2048 (ratios to eager attention in the same setting)", "",
+              "The stock setting (dropout as GPT2Config) comes first: it is what users train in.", "",
+              "| setting | variant | level | time / eager | target | memory / eager | target | time / SDPA | "
+              "memory / SDPA | verdict |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for dtype, dropout in settings:
+        for variant, (time_target, mem_target) in TARGETS.items():
+            for level in ("layer", "model"):
+                row = by_key.get((dtype, dropout, level, variant, 2048))
+                if not row or row.get("time_vs_eager") is None or row.get("mem_vs_eager") is None:
+                    continue
+                t, m = row["time_vs_eager"], row["mem_vs_eager"]
+                misses = [name for name, value, target in (("time", t, time_target), ("memory", m, mem_target))
+                          if value > target]
+                verdict = "met" if not misses else "**MISS** (" + ", ".join(misses) + ")"
+                lines.append(f"| {setting_name(dtype, dropout)} | {variant} | {level} | {t:.2f}x | <= {time_target}x | "
+                             f"{m:.2f}x | <= {mem_target}x | {fmt(row.get('time_vs_sdpa'), 2)}x | "
+                             f"{fmt(row.get('mem_vs_sdpa'), 2)}x | {verdict} |")
+    lines.append("")
+    for dtype, dropout in settings:
+        for level in LEVELS:
+            level_rows = [r for r in rows if (r["dtype"], r["dropout"], r["level"]) == (dtype, dropout, level)]
+            if not level_rows:
+                continue
+            lines += [f"## {setting_name(dtype, dropout)}: {level}", "",
+                      "| method | n | time (s) | peak memory (MiB) | time / eager | memory / eager | time / SDPA | "
+                      "memory / SDPA | note |", "|---|---|---|---|---|---|---|---|---|"]
+            for row in sorted(level_rows, key=lambda r: (r["n"], METHODS.index(r["method"]))):
+                lines.append(
+                    f"| {row['method']} | {row['n']} | {fmt(row.get('time_s'), 4)} | {fmt(row.get('peak_mib'), 1)} | "
+                    f"{fmt(row.get('time_vs_eager'), 2)} | {fmt(row.get('mem_vs_eager'), 2)} | "
+                    f"{fmt(row.get('time_vs_sdpa'), 2)} | {fmt(row.get('mem_vs_sdpa'), 2)} | {row.get('note', '')} |")
+            lines.append("")
+    noisy = [r for r in rows if (r.get("foreign_cpu") or 0) > 0.05]
+    lines += ["Plots (log-log, against n): [time](time.png), [memory](memory.png).", "",
+              "Noise: before each configuration the driver waits (up to --max-wait-s) until other processes use "
+              "less than 10 % of the cores; `busy_before` in results.csv is that share, `foreign_cpu` the share of all "
+              "cores other processes used while the configuration was timed. "
+              + (f"{len(noisy)} of {len(rows)} configurations ran with more than 5 % foreign CPU: "
+                 + ", ".join(f"{r['dtype']}/{r['dropout']}/{r['level']}/{r['method']}/{r['n']} ({r['foreign_cpu']:.0%})"
+                             for r in noisy) + "."
+                 if noisy else "No configuration ran with more than 5 % foreign CPU."), ""]
+    (out / "results.md").write_text("\n".join(lines))
+    plot(rows, out)
+
+
+def plot(rows: list[dict], out: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plots", file=sys.stderr)
+        return
+    levels = [level for level in LEVELS if any(r["level"] == level for r in rows)]
+    settings = sorted({(r["dtype"], r["dropout"]) for r in rows}, key=lambda s: (s[1] != "stock", s[0]))
+    colours = {"sdpa": "black", "eager": "dimgray", "expressive": "tab:blue", "expressive_flex": "tab:cyan",
+               "neural": "tab:green", "cdape": "tab:red", "cdape_kerple": "tab:purple"}
+    for field, label, name in (("time_s", "time per step (s)", "time.png"),
+                               ("peak_mib", "peak memory growth (MiB)", "memory.png")):
+        figure, axes = plt.subplots(len(settings), len(levels), figsize=(6.5 * len(levels), 5.5 * len(settings)),
+                                    squeeze=False)
+        panels = [(axis, setting, level) for axes_row, setting in zip(axes, settings)
+                  for axis, level in zip(axes_row, levels)]
+        for axis, setting, level in panels:
+            for method in METHODS:
+                points = sorted((r["n"], r[field]) for r in rows
+                                if (r["dtype"], r["dropout"]) == setting and r["level"] == level
+                                and r["method"] == method and r.get(field) is not None)
+                if not points:
+                    continue
+                base = method.rsplit("_", 1)[0] if method.endswith(("_plain", "_reference")) else method
+                style = "--" if method.endswith("_plain") else ":" if method.endswith("_reference") else "-"
+                if method == "cdape_reference":
+                    base = "cdape_kerple"
+                axis.plot(*zip(*points), marker="o", markersize=3, linestyle=style, label=method,
+                          color=colours.get(base))
+            axis.set_xscale("log", base=2)
+            axis.set_yscale("log")
+            axis.set_xlabel("sequence length n")
+            axis.set_ylabel(label)
+            step = "forward" if level == "inference" else "forward + backward"
+            axis.set_title(f"{setting_name(*setting)}: {level} ({step})", fontsize=10)
+            axis.grid(True, which="both", alpha=0.3)
+            axis.legend(fontsize=7, loc="upper left")
+        figure.suptitle("GPT-2 geometry (d 512, 8 heads), batch 1, causal, CPU; solid: fast paths, dashed: "
+                        "plain paths, dotted: reference code", fontsize=10)
+        figure.tight_layout()
+        figure.savefig(out / name, dpi=110)
+        plt.close(figure)
+
+
+def main() -> None:
+    device = argparse.ArgumentParser(add_help=False)
+    device.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                        help="cpu: this benchmark; cuda: the Triton kernels on a GPU (benchmark_cuda.py)")
+    known, rest = device.parse_known_args()
+    if known.device == "cuda":
+        from hf_neural_attention.experiments.benchmark_cuda import main as cuda_main
+
+        sys.exit(cuda_main(rest))
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], parents=[device])
+    parser.add_argument("--sizes", type=int, nargs="+", default=list(SIZES))
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--levels", nargs="+", default=list(LEVELS), choices=LEVELS)
+    parser.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"],
+                        help="fp32, or bf16 autocast over float32 weights")
+    parser.add_argument("--dropouts", nargs="+", default=["stock", "0"], choices=["stock", "0"],
+                        help="stock: GPT2Config's dropouts (0.1); 0: every dropout off")
+    parser.add_argument("--repeats", type=int, default=7, help="timed steps for n < 2048 (fewer above)")
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--max-reference-n", type=int, default=2048,
+                        help="largest n for the reference implementations (they are slow and large)")
+    parser.add_argument("--budget-s", type=float, default=30.0, help="time budget of one configuration's timed steps")
+    parser.add_argument("--timeout-s", type=float, default=900.0)
+    parser.add_argument("--max-wait-s", type=float, default=600.0,
+                        help="longest wait for an idle machine before each configuration")
+    parser.add_argument("--out", type=Path, default=Path("benchmarks"))
+    parser.add_argument("--note", default="", help="a paragraph added to results.md (e.g. about machine load)")
+    parser.add_argument("--render", action="store_true",
+                        help="measure nothing: re-write results.md and the plots from results.csv in --out (with --note)")
+    parser.add_argument("--merge", action="store_true",
+                        help="keep the rows of an earlier results.csv in --out that this run does not re-measure "
+                             "(to re-run noisy or failed configurations)")
+    # worker mode (one configuration)
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--level", help=argparse.SUPPRESS)
+    parser.add_argument("--method", help=argparse.SUPPRESS)
+    parser.add_argument("--n", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--warmup", type=int, default=1, help=argparse.SUPPRESS)
+    parser.add_argument("--dtype", default="fp32", help=argparse.SUPPRESS)
+    parser.add_argument("--dropout", default="0", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+
+    if args.worker:
+        print(json.dumps(worker(args)))
+        return
+
+    import platform
+
+    import torch
+    import transformers
+
+    meta = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()} CPU, {os.cpu_count()} cores",
+            "torch": torch.__version__, "transformers": transformers.__version__, "threads": args.threads,
+            "note": args.note}
+    if args.render:
+        write_outputs(load_rows(args.out / "results.csv"), args.out, meta)
+        print(f"re-wrote {args.out}/results.md, time.png, memory.png from results.csv")
+        return
+    settings = [(dtype, dropout) for dropout in args.dropouts for dtype in args.dtypes]
+    planned = {(*setting, level, method, n) for setting in settings for level in args.levels for n in args.sizes
+               for method in args.methods if method in (INFERENCE_METHODS if level == "inference" else TRAIN_METHODS)}
+    earlier = load_rows(args.out / "results.csv") if args.merge else []
+    rows = [row for row in earlier if key_of(row) not in planned]
+    started = time.time()
+    for setting, level in [(setting, level) for setting in settings for level in args.levels]:
+        allowed = INFERENCE_METHODS if level == "inference" else TRAIN_METHODS
+        for n in sorted(args.sizes):
+            for method in [m for m in args.methods if m in allowed]:
+                row = {"dtype": setting[0], "dropout": setting[1], "level": level, "method": method, "n": n}
+                reason = skip_reason(method, level, n, args.max_reference_n)
+                if reason:
+                    row["note"] = reason
+                else:
+                    row["busy_before"] = round(wait_for_idle(0.10, args.max_wait_s), 3)
+                    result = run_config(setting, level, method, n, repeats_for(n, args.repeats), 1, args.threads,
+                                        args.budget_s, args.timeout_s)
+                    if "error" in result:
+                        row["note"] = result["error"]
+                    else:
+                        row.update({k: v for k, v in result.items() if k not in ("dtype", "dropout", "level", "method", "n")})
+                rows.append(row)
+                print(f"[{time.time() - started:6.0f} s] {setting[0]} {setting[1]:5s} {level:9s} {method:17s} n={n:5d} "
+                      f"time={fmt(row.get('time_s'), 4)} s  peak={fmt(row.get('peak_mib'), 1)} MiB "
+                      f"busy={row.get('busy_before', '')} foreign={row.get('foreign_cpu', '')} {row.get('note', '')}",
+                      flush=True)
+                meta["minutes"] = round((time.time() - started) / 60)
+                write_outputs(rows, args.out, meta)
+    print(f"wrote {args.out}/results.csv, results.md, time.png, memory.png in {time.time() - started:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
