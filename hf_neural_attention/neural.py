@@ -5,7 +5,8 @@ Per head, with down-projections to d' = proj_dim (paper: max(1, d_h // 32)):
     s_ij = MLP([q~_i ; k~_j])   widths 2d' -> d' -> max(1, d'//2) -> 1, ReLU between layers
     a_ij = softmax_j(s_ij + mask)
 No 1/sqrt(d_h) scaling (the reference defines one and never uses it). The MLP is shared by all heads unless
-per_head=True. combine="add" scores q.k * scaling + MLP with the MLP's last layer zero-initialised, so a retrofit
+per_head=True. activation="leaky_relu" (slope 0.01) replaces the paper's ReLU: with the paper's widths the last
+hidden layer has a single unit, and a dead ReLU there makes every score equal (see experiments/scorer_health.py). combine="add" scores q.k * scaling + MLP with the MLP's last layer zero-initialised, so a retrofit
 starts exactly at the original model.
 
 The first MLP layer is affine, so W1 [q~_i ; k~_j] + b1 = (A q~_i + b1) + B k~_j: a broadcast add of a per-query
@@ -18,12 +19,15 @@ import math
 
 import torch
 from torch import nn
+from torch.nn import functional
 
 from .masks import Chunk, KeyMask
 from .normalisation import autocast_or, compute_dtype, operand_dtype
 from .variant import AttentionVariant, Option, boolean, choice, positive_int, positive_int_list
 
 NEURAL_COMBINE = ("replace", "add")
+NEURAL_ACTIVATIONS = ("relu", "leaky_relu")
+LEAKY_SLOPE = 0.01
 PLANE_LIMIT = 64  # layers with at most this many weights run plane by plane (see _mlp_planes)
 
 
@@ -47,6 +51,9 @@ class NeuralAttention(AttentionVariant):
         "hidden_dims": Option(None, positive_int_list, "hidden widths of the MLP (default [d', max(1, d' // 2)])"),
         "per_head": Option(False, boolean, "one MLP per head instead of one shared by all heads"),
         "combine": Option("replace", choice(*NEURAL_COMBINE), "'add': q.k * scaling + MLP, last layer zero-init"),
+        "activation": Option("relu", choice(*NEURAL_ACTIVATIONS),
+                             "the MLP's hidden activation: the paper's relu, or leaky_relu (slope 0.01), which "
+                             "cannot die"),
     }
 
     def build(self) -> None:
@@ -75,6 +82,11 @@ class NeuralAttention(AttentionVariant):
         if self.combine == "add":
             nn.init.zeros_(self.mlp_weights[-1])
             nn.init.zeros_(self.mlp_biases[-1])
+
+    def _activate(self, hidden: torch.Tensor, inplace: bool = False) -> torch.Tensor:
+        if self.activation == "leaky_relu":
+            return functional.leaky_relu(hidden, LEAKY_SLOPE, inplace=inplace)
+        return torch.relu_(hidden) if inplace else torch.relu(hidden)
 
     def _per_head(self, tensor: torch.Tensor) -> torch.Tensor:
         """[G, ...] -> [H, ...] without copying when the weights are shared."""
@@ -117,12 +129,12 @@ class NeuralAttention(AttentionVariant):
         """MLP scores [B, H, Lq, Lk] from the first layer's parts and the later layers' [G, out, in] weights."""
         if max(w.shape[1] * w.shape[2] for w in weights) <= PLANE_LIMIT:
             return self._mlp_planes(query_part, key_part, weights, biases)
-        hidden = torch.relu(query_part[:, :, :, None, :] + key_part[:, :, None, :, :])  # [B, H, Lq, Lk, h1]
+        hidden = self._activate(query_part[:, :, :, None, :] + key_part[:, :, None, :, :])  # [B, H, Lq, Lk, h1]
         for index, (weight, bias) in enumerate(zip(weights, biases)):
             weight, bias = self._per_head(weight), self._per_head(bias)  # [H, out, in], [H, out]
             hidden = torch.einsum("bhqkc,hoc->bhqko", hidden, weight) + bias[None, :, None, None, :]
             if index != len(weights) - 1:
-                hidden = torch.relu(hidden)
+                hidden = self._activate(hidden)
         return hidden.squeeze(-1)  # [B, H, Lq, Lk]
 
     def _mlp_planes(
@@ -131,7 +143,7 @@ class NeuralAttention(AttentionVariant):
         """The same MLP for narrow layers, one [B, H, Lq, Lk] plane per hidden unit: every op is a contiguous
         elementwise pass (a multiply-add per weight) instead of a batched matmul with a tiny inner dimension."""
         planes = [
-            torch.relu_(query_part[..., unit, None] + key_part[..., None, :, unit])
+            self._activate(query_part[..., unit, None] + key_part[..., None, :, unit], inplace=True)
             for unit in range(query_part.shape[-1])
         ]
         for index, (weight, bias) in enumerate(zip(weights, biases)):
@@ -142,6 +154,6 @@ class NeuralAttention(AttentionVariant):
                 hidden = torch.addcmul(bias[:, :, out], planes[0], weight[:, :, out, 0])
                 for unit in range(1, len(planes)):
                     hidden = torch.addcmul(hidden, planes[unit], weight[:, :, out, unit])
-                outputs.append(torch.relu_(hidden) if index != len(weights) - 1 else hidden)
+                outputs.append(self._activate(hidden, inplace=True) if index != len(weights) - 1 else hidden)
             planes = outputs
         return planes[0]

@@ -3,7 +3,7 @@ variant, an autograd Function around them, and the rule that picks them.
 
 `triton_attention_output(variant, query, key, value, mask, scaling, dropout)` returns the [B, H, Lq, D] output, or
 None where the kernels do not cover the call (the chunked path runs): a variant other than expressive or neural, a
-neural MLP with other than two hidden layers, an additive mask bias, a dtype outside float32/bfloat16/float16.
+neural MLP with other than two hidden layers or another activation than ReLU, an additive mask bias, a dtype outside float32/bfloat16/float16.
 cdape stays on the chunked path: its convolution over the score map mixes neighbouring keys and all heads, so a tile
 would need a halo of scores from every head, and the chunked engine already keeps its memory linear in n.
 
@@ -55,7 +55,7 @@ def triton_attention_output(variant: AttentionVariant, query: torch.Tensor, key:
         call = KernelCall(kernels.EXPRESSIVE_SCORES[variant.form], False, scaling if variant.scale else 1.0, keep,
                           dropout, seed, False, block_m, block_n)
         return _FusedAttention.apply(call, query, key, value, empty, empty, empty, empty, empty, empty)
-    if isinstance(variant, NeuralAttention) and len(variant.mlp_weights) == 3:
+    if isinstance(variant, NeuralAttention) and len(variant.mlp_weights) == 3 and variant.activation == "relu":
         rows, shared = variant.prepare(query, key, mask, scaling)
         query_part, key_part, w2, w3, b2, b3 = rows[0], *shared[:5]  # prepare: [key_part, W2, W3, b2, b3, (key)]
         add = variant.combine == "add"

@@ -43,6 +43,8 @@ from .recipes import (  # noqa: F401 (re-exported: the recipe API is used throug
     validate_arguments,
 )
 from .resume import check_resume, tokens_seen_at_resume, whole_run_train_loss
+from .scorer_health import NeuralScorerMonitor
+from ..neural import NeuralAttention
 
 
 @dataclass
@@ -171,8 +173,11 @@ def train_model(model, training_args: TrainingArguments, train_dataset, eval_dat
     if callable(model) and not isinstance(model, torch.nn.Module):
         set_seed(training_args.seed)
         model = model()
+    # a model with neural scorers gets the monitor that warns when one dies (scorer_health.py)
+    callbacks = [NeuralScorerMonitor()] if any(isinstance(m, NeuralAttention) for m in model.modules()) else None
     trainer = Trainer(model=model, args=training_args, train_dataset=train_dataset, eval_dataset=eval_dataset,
-                      data_collator=data_collator, compute_metrics=compute_metrics, processing_class=processing_class)
+                      data_collator=data_collator, compute_metrics=compute_metrics, processing_class=processing_class,
+                      callbacks=callbacks)
     started = time.perf_counter()
     train_output = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     return trainer, train_output, time.perf_counter() - started
