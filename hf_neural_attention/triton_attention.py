@@ -3,7 +3,8 @@ variant, an autograd Function around them, and the rule that picks them.
 
 `triton_attention_output(variant, query, key, value, mask, scaling, dropout)` returns the [B, H, Lq, D] output, or
 None where the kernels do not cover the call (the chunked path runs): a variant other than expressive or neural, a
-neural MLP with other than two hidden layers or another activation than ReLU, an additive mask bias, a dtype outside float32/bfloat16/float16.
+neural MLP with other than two hidden layers or another activation than ReLU, an additive mask bias, a dtype outside
+float32/bfloat16/float16, triton installed but not importable.
 cdape stays on the chunked path: its convolution over the score map mixes neighbouring keys and all heads, so a tile
 would need a halo of scores from every head, and the chunked engine already keeps its memory linear in n.
 
@@ -20,7 +21,7 @@ import torch
 from . import triton_kernels as kernels
 from .chunked import draw_dropout_seed
 from .expressive import ExpressiveAttention
-from .masks import KeyMask
+from .masks import KeyMask, causal_keep
 from .neural import NeuralAttention
 from .variant import AttentionVariant
 
@@ -31,7 +32,8 @@ class KernelCall:
     score: int
     add_dot: bool
     dot_scale: float
-    keep: torch.Tensor | None  # int8, broadcastable to [B, H, Lq, Lk]
+    keep: torch.Tensor | None  # int8, broadcastable to [B, H, Lq, Lk]; None: every key, or the causal pattern
+    causal: bool  # the bottom-right causal pattern, computed in the kernels (tiles above the diagonal skipped)
     dropout: float
     seed: int
     per_head: bool
@@ -43,23 +45,42 @@ def _blocks(query: torch.Tensor) -> tuple[int, int]:
     return (16, 16) if kernels.interpreted() else (64, 64)  # tl.dot needs 16; the interpreter is slow per element
 
 
+def _is_causal(mask: KeyMask, q_len: int, k_len: int) -> bool:
+    """Whether the keep pattern is exactly the bottom-right causal one (no padding, no window): then the kernels
+    compute it from indices instead of reading an Lq x Lk mask, and skip the tiles above the diagonal. Such a pattern
+    has no fully masked row, so skipping tiles cannot change a row's normalisation."""
+    keep = mask.keep
+    if not mask.causal or keep is None or q_len > k_len or keep.shape[-2:] != (q_len, k_len):
+        return False
+    return torch.equal(keep, causal_keep(q_len, k_len, keep.device).expand_as(keep))
+
+
+def _keep_bytes(mask: KeyMask) -> torch.Tensor | None:
+    """The keep mask as int8 for the kernels: a view of a bool mask (same bytes), no copy."""
+    if mask.keep is None:
+        return None
+    return mask.keep.view(torch.int8) if mask.keep.dtype == torch.bool else mask.keep.to(torch.int8)
+
+
 def triton_attention_output(variant: AttentionVariant, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                             mask: KeyMask, scaling: float, dropout: float) -> torch.Tensor | None:
-    if mask.bias is not None:
+    if mask.bias is not None or not kernels.available():  # triton found but not importable: the chunked path
         return None
-    keep = None if mask.keep is None else mask.keep.to(torch.int8)
+    causal = _is_causal(mask, query.shape[2], key.shape[2])
+    keep = None if causal else _keep_bytes(mask)
     seed = draw_dropout_seed() % (2**31 - 2**20) if dropout > 0.0 else 0
     block_m, block_n = _blocks(query)
     empty = query.new_zeros(1, dtype=torch.float32)
     if isinstance(variant, ExpressiveAttention):
         call = KernelCall(kernels.EXPRESSIVE_SCORES[variant.form], False, scaling if variant.scale else 1.0, keep,
-                          dropout, seed, False, block_m, block_n)
+                          causal, dropout, seed, False, block_m, block_n)
         return _FusedAttention.apply(call, query, key, value, empty, empty, empty, empty, empty, empty)
     if isinstance(variant, NeuralAttention) and len(variant.mlp_weights) == 3 and variant.activation == "relu":
         rows, shared = variant.prepare(query, key, mask, scaling)
         query_part, key_part, w2, w3, b2, b3 = rows[0], *shared[:5]  # prepare: [key_part, W2, W3, b2, b3, (key)]
         add = variant.combine == "add"
-        call = KernelCall(kernels.SCORE_NEURAL, add, scaling, keep, dropout, seed, variant.per_head, block_m, block_n)
+        call = KernelCall(kernels.SCORE_NEURAL, add, scaling, keep, causal, dropout, seed, variant.per_head, block_m,
+                          block_n)
         return _FusedAttention.apply(call, rows[1] if add else query, shared[-1] if add else key, value,
                                      query_part, key_part, w2, b2, w3.flatten(1), b3.flatten())
     return None
@@ -80,7 +101,7 @@ def _launch_settings(call: KernelCall, query, key, query_part, w2, b2):
         stride_kb=keep.stride(0), stride_kh=keep.stride(1), stride_kq=keep.stride(2), stride_kk=keep.stride(3),
         H=heads, LQ=q_len, LK=key.shape[2], D=dim, dot_scale=call.dot_scale, dropout_p=call.dropout, seed=call.seed,
         per_head=int(call.per_head), SCORE=call.score, ADD_DOT=call.add_dot, H1=units, H2=outs,
-        BLOCK_H=max(2, kernels.triton.next_power_of_2(units)), HAS_KEEP=call.keep is not None,
+        BLOCK_H=max(2, kernels.triton.next_power_of_2(units)), HAS_KEEP=call.keep is not None, CAUSAL=call.causal,
         DROPOUT=call.dropout > 0.0, DOT_FP32=kernels.interpreted() or query.dtype == torch.float16,
         BLOCK_D=max(16, kernels.triton.next_power_of_2(dim)),
     ), keep

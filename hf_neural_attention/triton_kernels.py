@@ -16,7 +16,9 @@ the MLP weights' gradients, reduced afterwards) and one per query block (dQ, dqp
 mask from (seed + batch*head, row * Lk + column), the same numbers in forward and backward.
 
 Masks: any boolean keep pattern broadcastable to [B, H, Lq, Lk] (causal, padding, sliding window), read tile by tile;
-additive float biases are not handled here (the chunked path runs). Grouped-query keys arrive repeated per head.
+a keep pattern that is exactly the bottom-right causal one is not read at all (CAUSAL: computed from the indices, and
+the tiles above the diagonal are skipped, as FlashAttention does). Additive float biases are not handled here (the
+chunked path runs). Grouped-query keys arrive repeated per head.
 
 Part of the flat folder saved checkpoints copy for `trust_remote_code`: imports only torch, triton (optional) and its
 siblings. Triton's interpreter (TRITON_INTERPRET=1) runs these kernels on the CPU; it computes bfloat16 tl.dot
@@ -82,12 +84,29 @@ if triton is not None:
         return tl.where(keep, values, 0.0), s
 
     @triton.jit
-    def _load_keep(keep_ptr, stride_kq, stride_kk, rows, cols, LQ, LK, HAS_KEEP: tl.constexpr):
+    def _load_keep(keep_ptr, stride_kq, stride_kk, rows, cols, LQ, LK, HAS_KEEP: tl.constexpr,
+                   CAUSAL: tl.constexpr):
         inside = (rows[:, None] < LQ) & (cols[None, :] < LK)
+        if CAUSAL:  # bottom-right aligned: query i is key slot LK - LQ + i
+            inside = inside & (cols[None, :] <= rows[:, None] + (LK - LQ))
         if HAS_KEEP:
             kept = tl.load(keep_ptr + rows[:, None] * stride_kq + cols[None, :] * stride_kk, mask=inside, other=0)
             return inside & (kept != 0)
         return inside
+
+    @triton.jit
+    def _key_end(block, LQ, LK, BLOCK_M: tl.constexpr, CAUSAL: tl.constexpr):
+        """One past the last key a query block may see: causal blocks stop at their diagonal."""
+        if CAUSAL:
+            return tl.minimum(LK, (block + 1) * BLOCK_M + (LK - LQ))
+        return LK
+
+    @triton.jit
+    def _query_start(block, LQ, LK, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr):
+        """The first query block that sees any key of a key block: causal rows above it see none."""
+        if CAUSAL:
+            return tl.maximum(block * BLOCK_N - (LK - LQ), 0) // BLOCK_M * BLOCK_M
+        return 0
 
     @triton.jit
     def _dropout_keep(seed, bh, rows, cols, LK, p):
@@ -98,7 +117,7 @@ if triton is not None:
         Q, K, V, QP, KP, W2, B2, W3, B3, KEEP, OUT, ROW_MAX, ROW_SUM,
         stride_kb, stride_kh, stride_kq, stride_kk, H, LQ, LK, D, dot_scale, dropout_p, seed, per_head,
         SCORE: tl.constexpr, ADD_DOT: tl.constexpr, H1: tl.constexpr, H2: tl.constexpr, BLOCK_H: tl.constexpr,
-        HAS_KEEP: tl.constexpr, DROPOUT: tl.constexpr, DOT_FP32: tl.constexpr,
+        HAS_KEEP: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, DOT_FP32: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     ):
         block, bh = tl.program_id(0), tl.program_id(1)
@@ -114,14 +133,14 @@ if triton is not None:
         row_max = tl.zeros([BLOCK_M], dtype=tl.float32) + (NEG_ if SCORE == NEURAL_ else 0.0)
         row_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-        for start in range(0, LK, BLOCK_N):
+        for start in range(0, _key_end(block, LQ, LK, BLOCK_M, CAUSAL), BLOCK_N):
             cols = start + tl.arange(0, BLOCK_N)
             kv_mask = (cols[:, None] < LK) & (dims[None, :] < D)
             k = tl.load(K + bh * LK * D + cols[:, None] * D + dims[None, :], mask=kv_mask, other=0.0)
             v = tl.load(V + bh * LK * D + cols[:, None] * D + dims[None, :], mask=kv_mask, other=0.0)
             if DOT_FP32:
                 k, v = k.to(tl.float32), v.to(tl.float32)
-            keep = _load_keep(keep_ptr, stride_kq, stride_kk, rows, cols, LQ, LK, HAS_KEEP)
+            keep = _load_keep(keep_ptr, stride_kq, stride_kk, rows, cols, LQ, LK, HAS_KEEP, CAUSAL)
             values, s = _tile(q, k, QP + bh * LQ * H1, KP + bh * LK * H1, W2 + group * H2 * H1, B2 + group * H2,
                               W3 + group * H2, b3, rows, cols, LQ, LK, keep, dot_scale, SCORE, ADD_DOT, H1, H2, BLOCK_H)
             if SCORE == NEURAL_ or SCORE == SOFTMAX_SQUARE_:
@@ -217,8 +236,8 @@ if triton is not None:
         DQ, DK, DV, DQP, DKP, GRAD_WEIGHTS,
         stride_kb, stride_kh, stride_kq, stride_kk, H, LQ, LK, D, dot_scale, dropout_p, seed, per_head,
         SCORE: tl.constexpr, ADD_DOT: tl.constexpr, H1: tl.constexpr, H2: tl.constexpr, BLOCK_H: tl.constexpr,
-        BLOCK_H2: tl.constexpr, HAS_KEEP: tl.constexpr, DROPOUT: tl.constexpr, DOT_FP32: tl.constexpr,
-        FOR_KEYS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+        BLOCK_H2: tl.constexpr, HAS_KEEP: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
+        DOT_FP32: tl.constexpr, FOR_KEYS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     ):
         """FOR_KEYS: one key block per program, looping over query blocks: dK, dV, dkp and the program's partial sums
         of the MLP weights' gradients. Else one query block per program, looping over key blocks: dQ, dqp."""
@@ -246,7 +265,7 @@ if triton is not None:
             grad_b2 = tl.zeros([BLOCK_H2], dtype=tl.float32)
             grad_w3 = tl.zeros([BLOCK_H2], dtype=tl.float32)
             grad_b3 = 0.0
-            for start in range(0, LQ, BLOCK_M):
+            for start in range(_query_start(block, LQ, LK, BLOCK_M, BLOCK_N, CAUSAL), LQ, BLOCK_M):
                 rows = start + tl.arange(0, BLOCK_M)
                 row_mask = (rows[:, None] < LQ) & (dims[None, :] < D)
                 q = tl.load(Q + bh * LQ * D + rows[:, None] * D + dims[None, :], mask=row_mask, other=0.0)
@@ -256,7 +275,7 @@ if triton is not None:
                 row_dot = tl.load(ROW_DOT + bh * LQ + rows, mask=rows < LQ, other=0.0)
                 row_max = tl.load(ROW_MAX + bh * LQ + rows, mask=rows < LQ, other=0.0)
                 row_sum = tl.load(ROW_SUM + bh * LQ + rows, mask=rows < LQ, other=1.0)
-                keep = _load_keep(keep_ptr, stride_kq, stride_kk, rows, own, LQ, LK, HAS_KEEP)
+                keep = _load_keep(keep_ptr, stride_kq, stride_kk, rows, own, LQ, LK, HAS_KEEP, CAUSAL)
                 weights, ds, dlogit = _tile_gradients(
                     q, k, v, do, row_dot, row_max, row_sum, qp_ptr, kp_ptr, w2_ptr, b2_ptr, w3_ptr, b3, rows, own,
                     LQ, LK, keep, dot_scale, dropout_p, seed, bh, SCORE, ADD_DOT, H1, H2, BLOCK_H, DROPOUT)
@@ -293,14 +312,14 @@ if triton is not None:
             qp = tl.load(qp_ptr + own[:, None] * H1 + units[None, :], mask=(own[:, None] < LQ) & (units[None, :] < H1), other=0.0)
             grad_q = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
             grad_qp = tl.zeros([BLOCK_M, BLOCK_H], dtype=tl.float32)
-            for start in range(0, LK, BLOCK_N):
+            for start in range(0, _key_end(block, LQ, LK, BLOCK_M, CAUSAL), BLOCK_N):
                 cols = start + tl.arange(0, BLOCK_N)
                 col_mask = (cols[:, None] < LK) & (dims[None, :] < D)
                 k = tl.load(K + bh * LK * D + cols[:, None] * D + dims[None, :], mask=col_mask, other=0.0)
                 v = tl.load(V + bh * LK * D + cols[:, None] * D + dims[None, :], mask=col_mask, other=0.0)
                 if DOT_FP32:
                     k, v = k.to(tl.float32), v.to(tl.float32)
-                keep = _load_keep(keep_ptr, stride_kq, stride_kk, own, cols, LQ, LK, HAS_KEEP)
+                keep = _load_keep(keep_ptr, stride_kq, stride_kk, own, cols, LQ, LK, HAS_KEEP, CAUSAL)
                 weights, ds, dlogit = _tile_gradients(
                     q, k, v, do, row_dot, row_max, row_sum, qp_ptr, kp_ptr, w2_ptr, b2_ptr, w3_ptr, b3, own, cols,
                     LQ, LK, keep, dot_scale, dropout_p, seed, bh, SCORE, ADD_DOT, H1, H2, BLOCK_H, DROPOUT)

@@ -13,7 +13,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 import hf_neural_attention as hfna
 from hf_neural_attention import triton_attention, triton_kernels
-from hf_neural_attention.masks import split_attention_mask
+from hf_neural_attention.masks import causal_keep, split_attention_mask
 from hf_neural_attention.registry import build_variant
 from hf_neural_attention.runtime import fast_paths
 from conftest import ALL_BUILDERS, VOCAB, converted
@@ -66,10 +66,10 @@ def neural_reference(q, k, keep, module):
     return torch.softmax(scores, dim=-1)
 
 
-def run(variant, q, k, v, keep, settings, dropout=0.0, seed=3):
+def run(variant, q, k, v, keep, settings, dropout=0.0, seed=3, causal=False):
     """Output and gradients (q, k, v, then the variant's parameters) under the given fast-path settings."""
     q, k, v = (t.detach().clone().requires_grad_() for t in (q, k, v))
-    mask = split_attention_mask(keep, q.shape[2], k.shape[2], False, q.device)
+    mask = split_attention_mask(keep, q.shape[2], k.shape[2], causal, q.device)
     torch.manual_seed(seed)  # the dropout seed is drawn from the global generator
     with fast_paths(True, **settings):
         output = variant.attention_output(q, k, v, mask, D**-0.5, dropout, dropout > 0.0)
@@ -117,6 +117,26 @@ def test_neural_kernels_match_chunked_path_and_formula(options, q_len, k_len):
     fused = run(variant, q, k, v, keep, TRITON)
     assert_same(fused, run(variant, q, k, v, keep, CHUNKED))
     weights = neural_reference(q.double(), k.double(), keep, neural_variant(options).double())
+    torch.testing.assert_close(fused[0].double(), weights @ v.double(), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["rational", "softmax_square", "neural"])
+@pytest.mark.parametrize("q_len,k_len", [(40, 40), (20, 37)])
+def test_a_causal_mask_is_computed_in_the_kernels_and_skips_tiles(name, q_len, k_len, monkeypatch):
+    """The exact causal pattern (as Transformers hands it, [B, 1, Lq, Lk] bool) is not read: CAUSAL computes it from
+    indices and skips the tiles above the diagonal; still equal to the chunked path and the float64 formula."""
+    settings = []
+    launch = triton_attention._launch_settings
+    monkeypatch.setattr(triton_attention, "_launch_settings", lambda *a: settings.append(launch(*a)) or settings[-1])
+    variant = neural_variant({}) if name == "neural" else build_variant("expressive", H, D, form=name, scale=True)
+    q, k, v, _ = inputs(q_len, k_len)
+    keep = causal_keep(q_len, k_len, q.device).expand(B, 1, q_len, k_len)
+    fused = run(variant, q, k, v, keep, TRITON, causal=True)
+    assert settings and all(s[0]["CAUSAL"] and not s[0]["HAS_KEEP"] for s in settings)
+    assert_same(fused, run(variant, q, k, v, keep, CHUNKED, causal=True))
+    double = neural_variant({}).double() if name == "neural" else variant
+    reference = neural_reference if name == "neural" else expressive_reference
+    weights = reference(q.double(), k.double(), keep, double)
     torch.testing.assert_close(fused[0].double(), weights @ v.double(), rtol=0, atol=1e-5)
 
 
