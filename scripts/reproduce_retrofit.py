@@ -1,17 +1,20 @@
-"""Retrofit: is converting a trained dot-product model and fine-tuning briefly as good as training the variant from
-scratch for the same total number of steps?
+"""Retrofit: should I convert my trained dot-product checkpoint to variant X and fine-tune it, or keep fine-tuning the
+dot-product model? The control the question needs is the dot model continued for the same fine-tuning budget.
 
-Protocol per seed (stock Trainer, same data, batch, optimizer and schedule shape everywhere):
-    pretrain          a GPT-2 with dot-product attention, P steps
-    dot-scratch       dot-product attention from scratch for P + F steps (what the total budget gives the baseline)
-    <v>-converted     the pretrained model converted to variant v, before any fine-tuning (its new parameters are
-                      initialised as on a fresh model; cdape's zero-initialised convolution preserves the function)
-    <v>-retrofit      the converted model fine-tuned for F steps
-    <v>-scratch       variant v from scratch for P + F steps
-for v in expressive, neural (first layer, the paper's placement), cdape. Reported: test perplexity (mean ± sd over
-seeds) and the per-seed paired difference retrofit - scratch (negative = retrofit better).
+Protocol per seed (stock Trainer, same data, batch and optimizer everywhere):
+    pretrain              a GPT-2 with dot-product attention, P steps (its own warm-up + cosine schedule)
+then, from that checkpoint, F fine-tuning steps with a FRESH schedule (5 % warm-up, cosine decay over the F steps)
+in every arm:
+    dot-continued         the control: the pretrained model, unchanged, trained on
+    cdape-preserving      converted to cdape (zero-initialised output convolution: the function is preserved)
+    neural-add-preserving converted to neural with combine="add" (last MLP layer zero-initialised: preserved)
+    neural-replacing      converted to neural with combine="replace" (the paper's scorer replaces q.k)
+    expressive-replacing  converted to expressive (a different function from the first step)
+Neural runs in the first layer (its paper default), cdape and expressive in every layer. Reported per arm: validation
+perplexity at the start of fine-tuning (the function-preserving arms must equal dot's), after 10 % of F and at the
+end, the final test perplexity, mean ± sd over seeds, and a per-seed paired reading of arm − dot-continued.
 
-    python scripts/reproduce_retrofit.py                     # default CPU budget (about 25 minutes)
+    python scripts/reproduce_retrofit.py                     # default CPU budget (about 20 minutes alone)
     python scripts/reproduce_retrofit.py --pretrain-steps 20000 --finetune-steps 2000 --hidden-size 512 --layers 8 \
         --heads 8 --dataset wikitext-103                       # a GPU
 Writes results/reproduce_retrofit/{results.json, results.md, results.png, cards/*.md}.
@@ -19,28 +22,32 @@ Writes results/reproduce_retrofit/{results.json, results.md, results.png, cards/
 
 from __future__ import annotations
 
+import math
 import sys
 import time
 from pathlib import Path
 
-import torch
-
-from hf_neural_attention import VariantGPT2LMHeadModel
 from hf_neural_attention.experiments.harness import (
     copy_model_card, describe_schedule, markdown_table, mean_sd, paired_reading, parse_reproduction_args, pyplot,
     reproduction_parser, save_figure, schedule, spread, train_arm, values_of, write_results)
-from hf_neural_attention.experiments.metrics import block_perplexity
-from hf_neural_attention.experiments.training import DataArguments, ModelArguments, prepare_data
+from hf_neural_attention.experiments.training import DataArguments, ModelArguments
 
 REPO = Path(__file__).resolve().parents[1]
-VARIANTS = ("expressive", "neural", "cdape")
+ARMS = {  # name: (variant, options)
+    "dot-continued": ("dot", None),
+    "cdape-preserving": ("cdape", None),
+    "neural-add-preserving": ("neural", {"combine": "add"}),
+    "neural-replacing": ("neural", {"combine": "replace"}),
+    "expressive-replacing": ("expressive", None),
+}
+PRESERVING = ("cdape-preserving", "neural-add-preserving")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = reproduction_parser(__doc__, "reproduce_retrofit", REPO)
-    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
-    parser.add_argument("--pretrain-steps", type=int, default=200)
-    parser.add_argument("--finetune-steps", type=int, default=50)
+    parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
+    parser.add_argument("--pretrain-steps", type=int, default=300)
+    parser.add_argument("--finetune-steps", type=int, default=150)
     parser.add_argument("--learning-rate", type=float, default=1e-3)
     parser.add_argument("--finetune-learning-rate", type=float, default=5e-4)
     parser.add_argument("--hidden-size", type=int, default=128)
@@ -50,100 +57,101 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--block-size", type=int, default=128)
     parser.add_argument("--vocab-size", type=int, default=4096)
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--max-eval-samples", type=int, default=256, help="validation/test blocks scored")
+    parser.add_argument("--max-eval-samples", type=int, default=128, help="validation/test blocks scored")
     args = parse_reproduction_args(parser, argv)
+    if "dot-continued" not in args.arms:
+        parser.error("--arms must include dot-continued: every verdict is against it")
+    if args.finetune_steps < 10:
+        parser.error("--finetune-steps must be >= 10 (the table reads the perplexity after 10 % of them)")
 
     output = Path(args.output)
     output.mkdir(parents=True, exist_ok=True)
     data_args = DataArguments(dataset=args.dataset, block_size=args.block_size, vocab_size=args.vocab_size,
                               max_eval_samples=args.max_eval_samples, cache_dir=args.cache_dir)
-    test_blocks = prepare_data(ModelArguments(architecture="gpt2"), data_args).test
-    total = args.pretrain_steps + args.finetune_steps
+    tenth = args.finetune_steps // 10
 
-    def model_args(variant: str, init_from: str | None = None) -> ModelArguments:
-        return ModelArguments(architecture="gpt2", attention_variant=variant, hidden_size=args.hidden_size,
-                              num_layers=args.layers, num_heads=args.heads, init_from=init_from,
-                              max_position_embeddings=args.block_size)
+    def model_args(variant: str, options: dict | None = None, init_from: str | None = None) -> ModelArguments:
+        return ModelArguments(architecture="gpt2", attention_variant=variant, attention_options=options,
+                              hidden_size=args.hidden_size, num_layers=args.layers, num_heads=args.heads,
+                              init_from=init_from, max_position_embeddings=args.block_size)
 
-    def train(name: str, seed: int, arguments: ModelArguments, steps: int, learning_rate: float) -> dict:
+    def train(name: str, seed: int, arguments: ModelArguments, steps: int, learning_rate: float, **extra) -> dict:
         started = time.perf_counter()
         results = train_arm(arguments, data_args, Path(args.runs_dir) / f"{name}-s{seed}", seed,
-                            per_device_eval_batch_size=64, eval_strategy="no",
+                            per_device_eval_batch_size=64, **extra,
                             **schedule(steps, args.batch_size, learning_rate, logging_steps=max(1, steps // 10)))
-        row = {"arm": name, "seed": seed, "steps": steps, "parameters": results["parameters"],
-               "test_perplexity": results["test_perplexity"], "seconds": time.perf_counter() - started}
         if seed == args.seeds[0]:
             copy_model_card(results["run_dir"], output / "cards" / f"{name}.md")
-        print(f"seed {seed} {name:<18} {steps:5d} steps  test ppl {row['test_perplexity']:.2f} "
-              f"({row['seconds']:.0f} s)", flush=True)
-        rows.append(row)
+        results["seconds"] = time.perf_counter() - started
         return results
 
     started = time.perf_counter()
     rows: list[dict] = []
     for seed in args.seeds:
-        pretrained = train("pretrain", seed, model_args("dot"), args.pretrain_steps, args.learning_rate)
+        pretrained = train("pretrain", seed, model_args("dot"), args.pretrain_steps, args.learning_rate,
+                           eval_strategy="no")
         pretrained_dir = str(Path(pretrained["run_dir"]) / "model")
-        train("dot-scratch", seed, model_args("dot"), total, args.learning_rate)
-        for variant in args.variants:
-            torch.manual_seed(seed)
-            converted = VariantGPT2LMHeadModel.from_pretrained(pretrained_dir, attention_variant=variant)
-            rows.append({"arm": f"{variant}-converted", "seed": seed, "steps": args.pretrain_steps,
-                         "parameters": sum(p.numel() for p in converted.parameters()),
-                         "test_perplexity": block_perplexity(converted, test_blocks[:]["input_ids"])})
-            train(f"{variant}-retrofit", seed, model_args(variant, init_from=pretrained_dir), args.finetune_steps,
-                  args.finetune_learning_rate)
-            train(f"{variant}-scratch", seed, model_args(variant), total, args.learning_rate)
+        for arm in args.arms:
+            variant, options = ARMS[arm]
+            # validation perplexity at the start (eval_on_start), every 10 % and at the end of a fresh schedule
+            results = train(arm, seed, model_args(variant, options, init_from=pretrained_dir), args.finetune_steps,
+                            args.finetune_learning_rate, eval_strategy="steps", eval_steps=tenth, eval_on_start=True)
+            curve = dict(zip(results["loss_curve"]["eval_steps"], results["loss_curve"]["eval_loss"]))
+            rows.append({"arm": arm, "seed": seed, "parameters": results["parameters"],
+                         "start": math.exp(curve[0]), "tenth": math.exp(curve[tenth]),
+                         "end": results["validation_perplexity"], "test_perplexity": results["test_perplexity"],
+                         "pretrain_test_perplexity": pretrained["test_perplexity"], "seconds": results["seconds"]})
+            print(f"seed {seed} {arm:<22} validation ppl start {rows[-1]['start']:.2f}  10 % {rows[-1]['tenth']:.2f}"
+                  f"  end {rows[-1]['end']:.2f}  test {rows[-1]['test_perplexity']:.2f} "
+                  f"({rows[-1]['seconds']:.0f} s)", flush=True)
 
-    arms = ["pretrain", "dot-scratch"] + [f"{v}-{kind}" for v in args.variants
-                                          for kind in ("converted", "retrofit", "scratch")]
-    summary, cells = {}, []
-    for arm in arms:
-        arm_rows = [r for r in rows if r["arm"] == arm]
-        values = values_of(arm_rows, "test_perplexity")
-        mean, sd = mean_sd(values)
-        summary[arm] = {"values": values, "mean": mean, "sd": sd}
-        steps = (f"{args.pretrain_steps} + {args.finetune_steps}" if arm.endswith("-retrofit")
-                 else f"{args.pretrain_steps} + 0" if arm.endswith("-converted") else str(arm_rows[0]["steps"]))
-        cells.append([arm, steps, f"{arm_rows[0]['parameters']:,}", spread(values),
-                      ", ".join(f"{v:.2f}" for v in values)])
-    comparison = []
-    by_seed = {(r["arm"], r["seed"]): r["test_perplexity"] for r in rows}
-    for variant in args.variants:
-        differences = [by_seed[(f"{variant}-retrofit", s)] - by_seed[(f"{variant}-scratch", s)] for s in args.seeds]
-        mean, sd = mean_sd(differences)
-        reading = paired_reading(differences, negative="retrofit better", positive="scratch better")
-        summary[variant] = {"differences": differences, "mean": mean, "sd": sd, "reading": reading}
-        comparison.append([variant, f"{spread(differences, signed=True)} ("
-                           + ", ".join(f"{d:+.2f}" for d in differences) + ")", reading])
-    setting = (f"GPT-2 d_model {args.hidden_size}, {args.layers} layers, {args.heads} heads on {args.dataset} "
-               f"(byte-level BPE {args.vocab_size}, blocks of {args.block_size}, batch {args.batch_size}); stock "
-               f"Trainer, {describe_schedule()}; pretraining and "
-               f"scratch lr {args.learning_rate}, fine-tuning lr {args.finetune_learning_rate}; P = "
-               f"{args.pretrain_steps}, F = {args.finetune_steps}; seeds {args.seeds}; test perplexity on "
-               f"{args.max_eval_samples} held-out blocks. Total run time {(time.perf_counter() - started) / 60:.0f} min.")
-    tables = (markdown_table(["arm", "steps", "parameters", "test perplexity (mean ± sd)", "per seed"], cells, "lrrrl"),
-              markdown_table(["variant", "retrofit − scratch (mean ± sd; per seed)", "reading"], comparison, "lrl"))
+    by_seed = {(r["arm"], r["seed"]): r for r in rows}
+    cells, comparison, summary = [], [], {}
+    for arm in args.arms:
+        values = {key: values_of(rows, key, arm=arm) for key in ("start", "tenth", "end", "test_perplexity")}
+        summary[arm] = {key: {"values": v, "mean": mean_sd(v)[0], "sd": mean_sd(v)[1]} for key, v in values.items()}
+        cells.append([arm, f"{by_seed[(arm, args.seeds[0])]['parameters']:,}",
+                      *(spread(values[key]) for key in ("start", "tenth", "end", "test_perplexity"))])
+        if arm == "dot-continued":
+            continue
+        differences = [by_seed[(arm, s)]["test_perplexity"] - by_seed[("dot-continued", s)]["test_perplexity"]
+                       for s in args.seeds]
+        start_gap = max(abs(by_seed[(arm, s)]["start"] / by_seed[("dot-continued", s)]["start"] - 1)
+                        for s in args.seeds)
+        reading = paired_reading(differences, negative=f"{arm} better", positive="dot-continued better")
+        summary[arm]["versus_dot"] = {"differences": differences, "reading": reading, "start_gap": start_gap}
+        comparison.append([arm, f"{spread(differences, signed=True)} ("
+                           + ", ".join(f"{d:+.2f}" for d in differences) + ")",
+                           f"{start_gap:.1e}" + (" (preserving)" if arm in PRESERVING else ""), reading])
+    setting = (f"GPT-2 d_model {args.hidden_size}, {args.layers} layers, {args.heads} heads (stock dropout 0.1) on "
+               f"{args.dataset} (byte-level BPE {args.vocab_size}, blocks of {args.block_size}, batch "
+               f"{args.batch_size}); stock Trainer, {describe_schedule()}; pretraining P = {args.pretrain_steps} "
+               f"steps at lr {args.learning_rate}; every arm then fine-tunes F = {args.finetune_steps} steps at lr "
+               f"{args.finetune_learning_rate} with a fresh schedule; seeds {args.seeds}; perplexities on "
+               f"{args.max_eval_samples} held-out validation/test blocks. Total run time "
+               f"{(time.perf_counter() - started) / 60:.0f} min.")
+    tables = (
+        markdown_table(["arm", "parameters", "validation ppl at start of fine-tuning", f"after 10 % ({tenth} steps)",
+                        "at the end", "test ppl at the end"], cells, "lrrrrr"),
+        markdown_table(["arm", "test ppl − dot-continued (mean ± sd; per seed)",
+                        "largest start gap to dot (relative)", "reading"], comparison, "lrrl"),
+    )
     write_results(output, f"{setting}\n\n" + "\n\n".join(tables), setting=vars(args), runs=rows, summary=summary)
-    plot(summary, args.variants, output / "results.png")
+    plot(summary, args.arms, output / "results.png")
     return 0
 
 
-def plot(summary: dict, variants: list[str], path: Path) -> None:
+def plot(summary: dict, arms: list[str], path: Path) -> None:
     figure, axis = pyplot().subplots(figsize=(7, 4))
-    kinds = (("converted", "C7"), ("retrofit", "C1"), ("scratch", "C0"))
-    for index, variant in enumerate(variants):
-        for offset, (kind, color) in zip((-0.2, 0.0, 0.2), kinds):
-            entry = summary[f"{variant}-{kind}"]
-            axis.errorbar([index + offset], [entry["mean"]], yerr=[entry["sd"]], marker="o", capsize=3, color=color,
-                          label=kind if index == 0 else None)
-            axis.scatter([index + offset] * len(entry["values"]), entry["values"], color=color, alpha=0.35, s=12)
-    dot = summary["dot-scratch"]
-    axis.axhline(dot["mean"], color="black", linestyle="--", linewidth=1, label="dot, scratch (total budget)")
-    axis.axhline(summary["pretrain"]["mean"], color="grey", linestyle=":", linewidth=1, label="dot, pretrained")
-    axis.set_xticks(range(len(variants)), variants)
+    for index, arm in enumerate(arms):
+        means = [summary[arm][key]["mean"] for key in ("start", "tenth", "end")]
+        sds = [summary[arm][key]["sd"] for key in ("start", "tenth", "end")]
+        axis.errorbar([0, 1, 2], means, yerr=sds, marker="o", capsize=3, label=arm, color=f"C{index}",
+                      linestyle="--" if arm == "dot-continued" else "-")
+    axis.set_xticks([0, 1, 2], ["start of fine-tuning", "after 10 %", "end"])
     axis.set_yscale("log")
-    axis.set_ylabel("test perplexity (log scale)")
+    axis.set_ylabel("validation perplexity (log scale)")
+    axis.legend(fontsize=8)
     save_figure(figure, path, grid="both")
 
 

@@ -37,24 +37,43 @@ def test_extrapolation_verdict_rule():
 
 
 def test_reproduce_retrofit_toy(tmp_path, data_cache):
-    """cdape's zero-initialised convolution preserves the pretrained function: the converted model's perplexity
-    equals the pretrained one's, seed by seed; every arm and file is written."""
+    """Every arm fine-tunes from the same pretrained dot model with a fresh schedule that actually trains; the
+    function-preserving arms start at dot-continued's perplexity, seed by seed; every file is written."""
     script = load_script("reproduce_retrofit")
     assert script.main([
-        "--variants", "cdape", "neural", "--pretrain-steps", "2", "--finetune-steps", "1", "--hidden-size", "32",
-        "--layers", "2", "--heads", "2", "--block-size", "32", "--vocab-size", "512", "--batch-size", "4",
-        "--max-eval-samples", "4", "--output", str(tmp_path / "results"), "--runs-dir", str(tmp_path / "runs"),
-        "--cache-dir", data_cache]) == 0
+        "--arms", "dot-continued", "cdape-preserving", "neural-add-preserving",
+        "--pretrain-steps", "3", "--finetune-steps", "10", "--hidden-size", "32", "--layers", "2", "--heads", "2",
+        "--block-size", "32", "--vocab-size", "512", "--batch-size", "4", "--max-eval-samples", "4",
+        "--output", str(tmp_path / "results"), "--runs-dir", str(tmp_path / "runs"), "--cache-dir", data_cache]) == 0
     results = json.loads((tmp_path / "results" / "results.json").read_text())
     by_arm = {(r["arm"], r["seed"]): r for r in results["runs"]}
     for seed in (0, 1, 2):
-        assert by_arm[("cdape-converted", seed)]["test_perplexity"] == pytest.approx(
-            by_arm[("pretrain", seed)]["test_perplexity"], rel=1e-5)
-        # neural, retrofitted without naming layers, takes its paper default: the first layer only
-        assert by_arm[("neural-converted", seed)]["parameters"] == by_arm[("neural-scratch", seed)]["parameters"]
-    assert {"pretrain.md", "cdape-retrofit.md", "neural-scratch.md"} <= {
-        p.name for p in (tmp_path / "results" / "cards").iterdir()}
+        dot = by_arm[("dot-continued", seed)]
+        for arm in ("cdape-preserving", "neural-add-preserving"):
+            assert by_arm[(arm, seed)]["start"] == pytest.approx(dot["start"], rel=1e-5)
+        assert dot["end"] != pytest.approx(dot["start"], rel=1e-6)  # the fresh schedule trains
+    table = (tmp_path / "results" / "results.md").read_text()
+    assert "dot-continued" in table and "(preserving)" in table
+    assert {"pretrain.md", "cdape-preserving.md"} <= {p.name for p in (tmp_path / "results" / "cards").iterdir()}
     assert (tmp_path / "results" / "results.png").stat().st_size > 0
+
+
+def test_neural_dead_unit_toy(tmp_path, data_cache):
+    """Rows for every activation and seed; the certificate agrees with the data: a certified dead unit gives uniform
+    attention, and leaky_relu is never certified dead."""
+    script = load_script("neural_dead_unit")
+    assert script.main([
+        "--seeds", "0", "1", "2", "--steps", "2", "--hidden-size", "64", "--layers", "1", "--heads", "1",
+        "--block-size", "32", "--vocab-size", "512", "--batch-size", "4", "--output", str(tmp_path / "results"),
+        "--runs-dir", str(tmp_path / "runs"), "--cache-dir", data_cache]) == 0
+    rows = json.loads((tmp_path / "results" / "results.json").read_text())["rows"]
+    assert {(r["activation"], r["seed"]) for r in rows} == {(a, s) for a in ("relu", "leaky_relu") for s in (0, 1, 2)}
+    for row in rows:
+        for stage in ("init", "trained"):
+            if row[f"{stage}_certificate"]:
+                assert row[f"{stage}_uniform"], row
+        assert row["activation"] == "relu" or not row["init_certificate"] and not row["trained_certificate"]
+    assert "| leaky_relu |" in (tmp_path / "results" / "results.md").read_text()
 
 
 def test_reproduce_neural_toy_image(tmp_path, data_cache):
