@@ -129,13 +129,10 @@ def warn_left_padding_without_positions(model: nn.Module, args: tuple, kwargs: d
             "(attention_mask.cumsum(-1) - 1, as generate does).", type(model).__name__)
 
 
-def _base_implementation(model: nn.Module, variant: str) -> str:
+def _base_implementation(model: nn.Module) -> str:
     """The stock implementation untouched layers keep: eager stays eager, everything else runs through SDPA
-    (flash and flex kernels take masks in other formats than the variants' boolean one). A variant checkpoint's
-    config names the variant itself (configuration_variants writes it): its untouched layers run SDPA."""
+    (flash and flex kernels take masks in other formats than the variants' boolean one)."""
     current = getattr(getattr(model, "config", None), "_attn_implementation", None) or "sdpa"
-    if current == variant:
-        return "sdpa"
     if current not in ("eager", "sdpa"):
         logger.warning("layers left untouched by convert() run %r attention through SDPA instead", current)
         return "sdpa"
@@ -160,7 +157,7 @@ def apply_variant(
     if any(hasattr(module, VARIANT_ATTRIBUTE) for _, module in modules):
         raise ValueError(f"{type(model).__name__} is already converted to an attention variant")
     targets = resolve_layers(layers, cls.default_layers, len(modules))
-    base = _base_implementation(model, variant)
+    base = _base_implementation(model)
     config = getattr(model, "config", None)
 
     # Build every variant module before touching the model, so a bad option leaves it unchanged.

@@ -35,6 +35,7 @@ from transformers.models.auto import modeling_auto
 from .configuration_variants import share_weight_renaming, variant_config_class
 from .attention_interface import register_variants  # noqa: F401 (importing it registers the variants)
 from .injection import apply_variant, find_attention_modules
+from .registry import VARIANTS
 from .variant import AttentionVariant
 
 logger = logging.getLogger(__name__)
@@ -141,11 +142,15 @@ class AttentionVariantMixin:
             # A generic head (e.g. LlamaForSequenceClassification) builds its base model with AutoModel.from_config,
             # which gives the variant base model: its layers already hold the variant.
             return
+        if config._attn_implementation in VARIANTS:
+            # a variant checkpoint's config names its variant (configuration_variants writes it): the layers the
+            # variant leaves untouched run SDPA, as they do in a model converted from a stock one
+            config._attn_implementation = "sdpa"
         targets = apply_variant(
             self, config.attention_variant, config.attention_variant_layers, **(config.attention_variant_options or {})
         )
         self.config.attention_variant_layers = targets
-        self.config._attn_implementation_internal = config.attention_variant
+        self.config._attn_implementation = config.attention_variant  # the setter reaches the sub-configs too
 
     def set_attn_implementation(self, attn_implementation: str | dict, *args: Any, **kwargs: Any) -> None:
         """Refuses to switch a converted model to another implementation: the config would keep saying the model

@@ -5,8 +5,10 @@ Per head, with down-projections to d' = proj_dim (paper: max(1, d_h // 32)):
     s_ij = MLP([q~_i ; k~_j])   widths 2d' -> d' -> max(1, d'//2) -> 1, ReLU between layers
     a_ij = softmax_j(s_ij + mask)
 No 1/sqrt(d_h) scaling (the reference defines one and never uses it). The MLP is shared by all heads unless
-per_head=True. activation="leaky_relu" (slope 0.01) replaces the paper's ReLU: with the paper's widths the last
-hidden layer has a single unit, and a dead ReLU there makes every score equal (see experiments/scorer_health.py). combine="add" scores q.k * scaling + MLP with the MLP's last layer zero-initialised, so a retrofit
+per_head=True. With the paper's widths the last hidden layer has a single unit, and a dead ReLU there makes every
+score equal (see experiments/scorer_health.py); two remedies, off by default: activation="leaky_relu" (slope 0.01)
+replaces the paper's ReLU, init="alive" starts every hidden layer after the first with a positive bias, so none is
+dead at init. combine="add" scores q.k * scaling + MLP with the MLP's last layer zero-initialised, so a retrofit
 starts exactly at the original model.
 
 The first MLP layer is affine, so W1 [q~_i ; k~_j] + b1 = (A q~_i + b1) + B k~_j: a broadcast add of a per-query
@@ -27,6 +29,7 @@ from .variant import AttentionVariant, Option, boolean, choice, positive_int, po
 
 NEURAL_COMBINE = ("replace", "add")
 NEURAL_ACTIVATIONS = ("relu", "leaky_relu")
+NEURAL_INITS = ("reference", "alive")
 LEAKY_SLOPE = 0.01
 PLANE_LIMIT = 64  # layers with at most this many weights run plane by plane (see _mlp_planes)
 
@@ -54,6 +57,9 @@ class NeuralAttention(AttentionVariant):
         "activation": Option("relu", choice(*NEURAL_ACTIVATIONS),
                              "the MLP's hidden activation: the paper's relu, or leaky_relu (slope 0.01), which "
                              "cannot die"),
+        "init": Option("reference", choice(*NEURAL_INITS),
+                       "'reference': nn.Linear's init, as the paper's code; 'alive': hidden layers after the first "
+                       "start with bias 1/sqrt(fan_in) > 0, so no unit is dead at init"),
     }
 
     def build(self) -> None:
@@ -79,6 +85,11 @@ class NeuralAttention(AttentionVariant):
         _linear_init_(self.key_down_weight.data, self.key_down_bias.data)
         for weight, bias in zip(self.mlp_weights, self.mlp_biases):
             _linear_init_(weight.data, bias.data)
+        if self.init == "alive":
+            # Inputs of these layers are activations (>= 0 under ReLU), so a unit with a positive bias is live at
+            # least where they are small: no hidden layer is dead for every pair at init (scorer_health.py).
+            for weight, bias in zip(self.mlp_weights[1:-1], self.mlp_biases[1:-1]):
+                nn.init.constant_(bias, 1.0 / math.sqrt(weight.shape[-1]))
         if self.combine == "add":
             nn.init.zeros_(self.mlp_weights[-1])
             nn.init.zeros_(self.mlp_biases[-1])

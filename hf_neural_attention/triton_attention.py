@@ -103,6 +103,7 @@ def _launch_settings(call: KernelCall, query, key, query_part, w2, b2):
         per_head=int(call.per_head), SCORE=call.score, ADD_DOT=call.add_dot, H1=units, H2=outs,
         BLOCK_H=max(2, kernels.triton.next_power_of_2(units)), HAS_KEEP=call.keep is not None, CAUSAL=call.causal,
         DROPOUT=call.dropout > 0.0, DOT_FP32=kernels.interpreted() or query.dtype == torch.float16,
+        PRECISION="ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32",  # float32 products
         BLOCK_D=max(16, kernels.triton.next_power_of_2(dim)),
     ), keep
 

@@ -22,7 +22,9 @@ chunked path runs). Grouped-query keys arrive repeated per head.
 
 Part of the flat folder saved checkpoints copy for `trust_remote_code`: imports only torch, triton (optional) and its
 siblings. Triton's interpreter (TRITON_INTERPRET=1) runs these kernels on the CPU; it computes bfloat16 tl.dot
-wrongly, so there the products run in float32 (`interpreted()`), on a GPU in the input dtype.
+wrongly, so there the products run in float32 (`interpreted()`), on a GPU in the input dtype. Float32 products
+follow torch.get_float32_matmul_precision() (PRECISION: "ieee" for PyTorch's default "highest", else TF32), so a
+float32 model gets the products its chunked path would compute, not Triton's TF32 default.
 """
 
 from __future__ import annotations
@@ -59,10 +61,10 @@ if triton is not None:
     @triton.jit
     def _tile(q, k, qp_ptr, kp_ptr, w2_ptr, b2_ptr, w3_ptr, b3, rows, cols, LQ, LK, keep, dot_scale,
               SCORE: tl.constexpr, ADD_DOT: tl.constexpr, H1: tl.constexpr, H2: tl.constexpr,
-              BLOCK_H: tl.constexpr):
+              BLOCK_H: tl.constexpr, PRECISION: tl.constexpr):
         """Scores of one [BLOCK_M, BLOCK_N] tile: (values, s) where values are f (masked: 0) for the expressive
         scores and logits (masked: NEG) for neural; s is q.k x dot_scale (0 where not used)."""
-        s = tl.dot(q, tl.trans(k)) * dot_scale
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * dot_scale
         if SCORE == NEURAL_:
             units = tl.arange(0, BLOCK_H)
             qp = tl.load(qp_ptr + rows[:, None] * H1 + units[None, :], mask=(rows[:, None] < LQ) & (units[None, :] < H1), other=0.0)
@@ -118,7 +120,7 @@ if triton is not None:
         stride_kb, stride_kh, stride_kq, stride_kk, H, LQ, LK, D, dot_scale, dropout_p, seed, per_head,
         SCORE: tl.constexpr, ADD_DOT: tl.constexpr, H1: tl.constexpr, H2: tl.constexpr, BLOCK_H: tl.constexpr,
         HAS_KEEP: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, DOT_FP32: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+        PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     ):
         block, bh = tl.program_id(0), tl.program_id(1)
         b, h = bh // H, bh % H
@@ -142,7 +144,8 @@ if triton is not None:
                 k, v = k.to(tl.float32), v.to(tl.float32)
             keep = _load_keep(keep_ptr, stride_kq, stride_kk, rows, cols, LQ, LK, HAS_KEEP, CAUSAL)
             values, s = _tile(q, k, QP + bh * LQ * H1, KP + bh * LK * H1, W2 + group * H2 * H1, B2 + group * H2,
-                              W3 + group * H2, b3, rows, cols, LQ, LK, keep, dot_scale, SCORE, ADD_DOT, H1, H2, BLOCK_H)
+                              W3 + group * H2, b3, rows, cols, LQ, LK, keep, dot_scale, SCORE, ADD_DOT, H1, H2, BLOCK_H,
+                              PRECISION)
             if SCORE == NEURAL_ or SCORE == SOFTMAX_SQUARE_:
                 new_max = tl.maximum(row_max, tl.max(values, axis=1))
                 weights = tl.exp(values - new_max[:, None])
@@ -159,7 +162,7 @@ if triton is not None:
                 row_sum += tl.sum(weights, axis=1)
             if DROPOUT:
                 weights = tl.where(_dropout_keep(seed, bh, rows, cols, LK, dropout_p), weights / (1.0 - dropout_p), 0.0)
-            acc += tl.dot(weights.to(v.dtype), v)
+            acc += tl.dot(weights.to(v.dtype), v, input_precision=PRECISION)
         safe_sum = tl.where(row_sum > 0, row_sum, 1.0)
         out = acc / safe_sum[:, None]
         tl.store(OUT + bh * LQ * D + rows[:, None] * D + dims[None, :], out.to(OUT.dtype.element_ty),
@@ -171,12 +174,12 @@ if triton is not None:
     def _tile_gradients(q, k, v, do, row_dot, row_max, row_sum, qp_ptr, kp_ptr, w2_ptr, b2_ptr, w3_ptr, b3,
                         rows, cols, LQ, LK, keep, dot_scale, dropout_p, seed, bh,
                         SCORE: tl.constexpr, ADD_DOT: tl.constexpr, H1: tl.constexpr, H2: tl.constexpr,
-                        BLOCK_H: tl.constexpr, DROPOUT: tl.constexpr):
+                        BLOCK_H: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr):
         """One tile's backward, recomputed from the row statistics: (weights after dropout [M, N] for dV, ds [M, N]
         with dq = ds k and dk = ds^T q, and for neural dlogit [M, N] and the tile's hidden pre-activations
         [M, N, BLOCK_H]; zeros otherwise)."""
         values, s = _tile(q, k, qp_ptr, kp_ptr, w2_ptr, b2_ptr, w3_ptr, b3, rows, cols, LQ, LK, keep, dot_scale,
-                          SCORE, ADD_DOT, H1, H2, BLOCK_H)
+                          SCORE, ADD_DOT, H1, H2, BLOCK_H, PRECISION)
         inside = (rows[:, None] < LQ) & (cols[None, :] < LK)
         if SCORE == NEURAL_:
             weights = tl.where(inside, tl.exp(values - row_max[:, None]), 0.0) / row_sum[:, None]
@@ -185,7 +188,7 @@ if triton is not None:
             weights = values / row_sum[:, None]
         else:
             weights = values / row_sum[:, None]
-        grad_weights = tl.dot(do, tl.trans(v))  # dL/d(weights after dropout)
+        grad_weights = tl.dot(do, tl.trans(v), input_precision=PRECISION)  # dL/d(weights after dropout)
         if DROPOUT:
             kept = _dropout_keep(seed, bh, rows, cols, LK, dropout_p)
             weights_dropped = tl.where(kept, weights / (1.0 - dropout_p), 0.0)
@@ -237,7 +240,8 @@ if triton is not None:
         stride_kb, stride_kh, stride_kq, stride_kk, H, LQ, LK, D, dot_scale, dropout_p, seed, per_head,
         SCORE: tl.constexpr, ADD_DOT: tl.constexpr, H1: tl.constexpr, H2: tl.constexpr, BLOCK_H: tl.constexpr,
         BLOCK_H2: tl.constexpr, HAS_KEEP: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
-        DOT_FP32: tl.constexpr, FOR_KEYS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+        DOT_FP32: tl.constexpr, PRECISION: tl.constexpr, FOR_KEYS: tl.constexpr, BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     ):
         """FOR_KEYS: one key block per program, looping over query blocks: dK, dV, dkp and the program's partial sums
         of the MLP weights' gradients. Else one query block per program, looping over key blocks: dQ, dqp."""
@@ -278,9 +282,9 @@ if triton is not None:
                 keep = _load_keep(keep_ptr, stride_kq, stride_kk, rows, own, LQ, LK, HAS_KEEP, CAUSAL)
                 weights, ds, dlogit = _tile_gradients(
                     q, k, v, do, row_dot, row_max, row_sum, qp_ptr, kp_ptr, w2_ptr, b2_ptr, w3_ptr, b3, rows, own,
-                    LQ, LK, keep, dot_scale, dropout_p, seed, bh, SCORE, ADD_DOT, H1, H2, BLOCK_H, DROPOUT)
-                grad_v += tl.dot(tl.trans(weights).to(do.dtype), do)
-                grad_k += tl.dot(tl.trans(ds).to(q.dtype), q)
+                    LQ, LK, keep, dot_scale, dropout_p, seed, bh, SCORE, ADD_DOT, H1, H2, BLOCK_H, DROPOUT, PRECISION)
+                grad_v += tl.dot(tl.trans(weights).to(do.dtype), do, input_precision=PRECISION)
+                grad_k += tl.dot(tl.trans(ds).to(q.dtype), q, input_precision=PRECISION)
                 if SCORE == NEURAL_:
                     qp = tl.load(qp_ptr + rows[:, None] * H1 + units[None, :], mask=(rows[:, None] < LQ) & (units[None, :] < H1), other=0.0)
                     grad_pre, gw2, gb2, gw3, gb3 = _mlp_backward(dlogit, qp, kp, w2_ptr, b2_ptr, w3_ptr, H1, H2, BLOCK_H, BLOCK_H2)
@@ -322,8 +326,8 @@ if triton is not None:
                 keep = _load_keep(keep_ptr, stride_kq, stride_kk, own, cols, LQ, LK, HAS_KEEP, CAUSAL)
                 weights, ds, dlogit = _tile_gradients(
                     q, k, v, do, row_dot, row_max, row_sum, qp_ptr, kp_ptr, w2_ptr, b2_ptr, w3_ptr, b3, own, cols,
-                    LQ, LK, keep, dot_scale, dropout_p, seed, bh, SCORE, ADD_DOT, H1, H2, BLOCK_H, DROPOUT)
-                grad_q += tl.dot(ds.to(k.dtype), k)
+                    LQ, LK, keep, dot_scale, dropout_p, seed, bh, SCORE, ADD_DOT, H1, H2, BLOCK_H, DROPOUT, PRECISION)
+                grad_q += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
                 if SCORE == NEURAL_:
                     kp = tl.load(kp_ptr + cols[:, None] * H1 + units[None, :], mask=(cols[:, None] < LK) & (units[None, :] < H1), other=0.0)
                     grad_pre, _, _, _, _ = _mlp_backward(dlogit, qp, kp, w2_ptr, b2_ptr, w3_ptr, H1, H2, BLOCK_H, BLOCK_H2)

@@ -110,7 +110,8 @@ def test_layers_default_explicit_and_untouched():
     assert getattr(attention[1], FALLBACK_ATTRIBUTE) == "sdpa"
     assert neural.config.attention_variant == "neural"
     assert neural.config.attention_variant_options == {
-        "proj_dim": 1, "hidden_dims": [1, 1], "per_head": False, "combine": "replace"}
+        "proj_dim": 1, "hidden_dims": [1, 1], "per_head": False, "combine": "replace", "activation": "relu",
+        "init": "reference"}
 
     cdape = converted(ALL_BUILDERS["llama"], "cdape", layers=None, perturb=False)
     assert cdape.config.attention_variant_layers == [0, 1]

@@ -18,7 +18,9 @@ from conftest import load_without_the_package
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "legacy_checkpoints"
 CASES = {
     "gpt2-neural": (AutoModelForCausalLM, hfna.VariantGPT2LMHeadModel, "neural",
-                    {"proj_dim": 4, "hidden_dims": [4, 2], "per_head": True, "combine": "add"}),
+                    {"proj_dim": 4, "hidden_dims": [4, 2], "per_head": True, "combine": "add",
+                     # options added since the fixture was saved load with their defaults, the old behaviour
+                     "activation": "relu", "init": "reference"}),
     "llama-cdape": (AutoModelForCausalLM, hfna.VariantLlamaForCausalLM, "cdape",
                     {"kernel_size": 5, "hidden_size": 8, "bias": "kerple", "zero_init": False}),
     "vit-expressive": (AutoModelForImageClassification, hfna.VariantViTForImageClassification, "expressive",

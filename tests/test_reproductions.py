@@ -59,20 +59,27 @@ def test_reproduce_retrofit_toy(tmp_path, data_cache):
 
 
 def test_neural_dead_unit_toy(tmp_path, data_cache):
-    """Rows for every activation and seed; the certificate agrees with the data: a certified dead unit gives uniform
-    attention, and leaky_relu is never certified dead."""
+    """Rows for every arm and seed; the certificate agrees with the data: a certified dead unit gives uniform
+    attention; leaky_relu is never certified dead, alive_init never at init."""
     script = load_script("neural_dead_unit")
-    assert script.main([
-        "--seeds", "0", "1", "2", "--steps", "2", "--hidden-size", "64", "--layers", "1", "--heads", "1",
-        "--block-size", "32", "--vocab-size", "512", "--batch-size", "4", "--output", str(tmp_path / "results"),
-        "--runs-dir", str(tmp_path / "runs"), "--cache-dir", data_cache]) == 0
+    common = ["--seeds", "0", "1", "2", "--steps", "2", "--hidden-size", "64", "--layers", "1", "--heads", "1",
+              "--block-size", "32", "--vocab-size", "512", "--batch-size", "4", "--runs-dir", str(tmp_path / "runs"),
+              "--cache-dir", data_cache]
+    assert script.main([*common, "--arms", "relu", "alive_init", "--output", str(tmp_path / "first")]) == 0
+    # an arm added later keeps the earlier rows; other settings are refused
+    with pytest.raises(SystemExit, match="other settings: \\['steps'\\]"):
+        script.main([*common[:5], "3", *common[6:], "--arms", "leaky_relu",
+                     "--keep-rows-from", str(tmp_path / "first" / "results.json")])
+    assert script.main([*common, "--arms", "leaky_relu", "--output", str(tmp_path / "results"),
+                        "--keep-rows-from", str(tmp_path / "first" / "results.json")]) == 0
     rows = json.loads((tmp_path / "results" / "results.json").read_text())["rows"]
-    assert {(r["activation"], r["seed"]) for r in rows} == {(a, s) for a in ("relu", "leaky_relu") for s in (0, 1, 2)}
+    assert {(r["arm"], r["seed"]) for r in rows} == {(a, s) for a in script.ARMS for s in (0, 1, 2)}
     for row in rows:
         for stage in ("init", "trained"):
             if row[f"{stage}_certificate"]:
                 assert row[f"{stage}_uniform"], row
-        assert row["activation"] == "relu" or not row["init_certificate"] and not row["trained_certificate"]
+        assert row["arm"] != "leaky_relu" or not row["init_certificate"] and not row["trained_certificate"]
+        assert row["arm"] != "alive_init" or not row["init_certificate"] and not row["init_uniform"]
     assert "| leaky_relu |" in (tmp_path / "results" / "results.md").read_text()
 
 

@@ -4,7 +4,8 @@ The paper's MLP for d_h = 64 is 4 -> 2 -> 1 -> 1: one ReLU unit before the outpu
 weights and bias are all <= 0 is dead for every input once its inputs are themselves ReLU outputs (>= 0): from the
 second hidden layer on, that is a certificate read from the weights alone. When every unit of such a layer is dead,
 the scorer outputs its last bias for every (query, key) pair, the layer's attention is uniform over the visible keys,
-and no gradient reaches the MLP again. `activation="leaky_relu"` cannot die this way.
+and no gradient reaches the MLP again. `activation="leaky_relu"` cannot die this way; `init="alive"` (positive biases)
+is never dead at init.
 """
 
 from __future__ import annotations
@@ -59,7 +60,8 @@ class NeuralScorerMonitor(TrainerCallback):
                 logger.warning(
                     "step %d: the neural attention scorer of %s no longer depends on its inputs (weight groups %s: "
                     "every unit of a hidden layer is a dead ReLU); that layer's attention is uniform and its MLP gets "
-                    "no gradient. activation='leaky_relu' avoids it (README, neural options).", step, name, groups)
+                    "no gradient. Restarting with init='alive' or activation='leaky_relu' avoids it (README, neural "
+                    "options).", step, name, groups)
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         if model is not None:
