@@ -15,6 +15,7 @@ siblings.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -24,6 +25,14 @@ from .expressive import ExpressiveAttention
 from .masks import KeyMask, causal_keep
 from .neural import NeuralAttention
 from .variant import AttentionVariant
+
+class Tiles(NamedTuple):
+    """One launch's tile: query rows x key columns per program, and warps per program."""
+
+    block_m: int
+    block_n: int
+    num_warps: int
+
 
 @dataclass
 class KernelCall:
@@ -37,12 +46,23 @@ class KernelCall:
     dropout: float
     seed: int
     per_head: bool
-    block_m: int
-    block_n: int
+    forward_tiles: Tiles
+    backward_tiles: Tiles  # the row statistics do not depend on the tiling, so backward may tile differently
 
 
-def _blocks(query: torch.Tensor) -> tuple[int, int]:
-    return (16, 16) if kernels.interpreted() else (64, 64)  # tl.dot needs 16; the interpreter is slow per element
+# GPU tiles per score, (forward, backward): the largest of those compiled for sm_90 at d_h = 64 (the paper MLP for
+# neural) that keep every kernel within 255 registers per thread without spilling to local memory
+# (scripts/check_triton_compile.py; the sweep is in results/triton_compile/results.md). Speed on a GPU is unmeasured.
+# The interpreter gets the smallest tiles tl.dot takes (16): it is slow per element.
+_EXPRESSIVE_TILES = (Tiles(128, 64, 8), Tiles(64, 32, 4))
+GPU_TILES = {kernels.SCORE_RATIONAL: _EXPRESSIVE_TILES, kernels.SCORE_SQUARE: _EXPRESSIVE_TILES,
+             kernels.SCORE_SOFTMAX_SQUARE: _EXPRESSIVE_TILES,
+             kernels.SCORE_NEURAL: (Tiles(64, 64, 8), Tiles(64, 32, 8))}
+INTERPRETER_TILES = (Tiles(16, 16, 4), Tiles(16, 16, 4))
+
+
+def _tiles(score: int) -> tuple[Tiles, Tiles]:
+    return INTERPRETER_TILES if kernels.interpreted() else GPU_TILES[score]
 
 
 def _is_causal(mask: KeyMask, q_len: int, k_len: int) -> bool:
@@ -69,18 +89,18 @@ def triton_attention_output(variant: AttentionVariant, query: torch.Tensor, key:
     causal = _is_causal(mask, query.shape[2], key.shape[2])
     keep = None if causal else _keep_bytes(mask)
     seed = draw_dropout_seed() % (2**31 - 2**20) if dropout > 0.0 else 0
-    block_m, block_n = _blocks(query)
     empty = query.new_zeros(1, dtype=torch.float32)
     if isinstance(variant, ExpressiveAttention):
-        call = KernelCall(kernels.EXPRESSIVE_SCORES[variant.form], False, scaling if variant.scale else 1.0, keep,
-                          causal, dropout, seed, False, block_m, block_n)
+        score = kernels.EXPRESSIVE_SCORES[variant.form]
+        call = KernelCall(score, False, scaling if variant.scale else 1.0, keep, causal, dropout, seed, False,
+                          *_tiles(score))
         return _FusedAttention.apply(call, query, key, value, empty, empty, empty, empty, empty, empty)
     if isinstance(variant, NeuralAttention) and len(variant.mlp_weights) == 3 and variant.activation == "relu":
         rows, shared = variant.prepare(query, key, mask, scaling)
         query_part, key_part, w2, w3, b2, b3 = rows[0], *shared[:5]  # prepare: [key_part, W2, W3, b2, b3, (key)]
         add = variant.combine == "add"
-        call = KernelCall(kernels.SCORE_NEURAL, add, scaling, keep, causal, dropout, seed, variant.per_head, block_m,
-                          block_n)
+        call = KernelCall(kernels.SCORE_NEURAL, add, scaling, keep, causal, dropout, seed, variant.per_head,
+                          *_tiles(kernels.SCORE_NEURAL))
         return _FusedAttention.apply(call, rows[1] if add else query, shared[-1] if add else key, value,
                                      query_part, key_part, w2, b2, w3.flatten(1), b3.flatten())
     return None
@@ -89,6 +109,16 @@ def triton_attention_output(variant: AttentionVariant, query: torch.Tensor, key:
 def _flat(tensor: torch.Tensor) -> torch.Tensor:
     """[B, H, L, X] -> contiguous [B * H, L, X]."""
     return tensor.reshape(-1, *tensor.shape[2:]).contiguous()
+
+
+def _float32_products(dtype: torch.dtype) -> str:
+    """tl.dot's input precision for float32 operands. float32 models follow torch.get_float32_matmul_precision():
+    IEEE products for PyTorch's default "highest" (CUDA cores, as cuBLAS then computes), TF32 tensor cores otherwise.
+    float16 inputs are upcast to float32 for range (DOT_FP32); TF32 (10-bit mantissa, 8-bit exponent) holds every
+    float16 value exactly, so those products keep float16's precision and float32's range on tensor cores."""
+    if dtype == torch.float16 or torch.get_float32_matmul_precision() != "highest":
+        return "tf32"
+    return "ieee"
 
 
 def _launch_settings(call: KernelCall, query, key, query_part, w2, b2):
@@ -103,7 +133,7 @@ def _launch_settings(call: KernelCall, query, key, query_part, w2, b2):
         per_head=int(call.per_head), SCORE=call.score, ADD_DOT=call.add_dot, H1=units, H2=outs,
         BLOCK_H=max(2, kernels.triton.next_power_of_2(units)), HAS_KEEP=call.keep is not None, CAUSAL=call.causal,
         DROPOUT=call.dropout > 0.0, DOT_FP32=kernels.interpreted() or query.dtype == torch.float16,
-        PRECISION="ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32",  # float32 products
+        PRECISION=_float32_products(query.dtype),
         BLOCK_D=max(16, kernels.triton.next_power_of_2(dim)),
     ), keep
 
@@ -119,9 +149,10 @@ class _FusedAttention(torch.autograd.Function):
         out = torch.empty_like(flat[0], dtype=value.dtype)
         row_max = torch.empty(batch * heads, q_len, device=query.device, dtype=torch.float32)
         row_sum = torch.empty_like(row_max)
-        grid = (kernels.triton.cdiv(q_len, call.block_m), batch * heads)
+        tiles = call.forward_tiles
+        grid = (kernels.triton.cdiv(q_len, tiles.block_m), batch * heads)
         kernels._forward_kernel[grid](*flat, *parts, *weights, keep, out, row_max, row_sum,
-                                      BLOCK_M=call.block_m, BLOCK_N=call.block_n, **settings)
+                                      BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, num_warps=tiles.num_warps, **settings)
         ctx.call, ctx.settings, ctx.shape = call, settings, query.shape
         ctx.save_for_backward(query, key, value, query_part, key_part, w2, b2, w3, b3, out, row_max, row_sum, keep)
         return out.view(batch, heads, q_len, dim)
@@ -140,15 +171,16 @@ class _FusedAttention(torch.autograd.Function):
         weights = [t.float().contiguous() for t in (w2, b2, w3, b3)]
         grads = [torch.zeros(t.shape, device=t.device, dtype=torch.float32) for t in flat]  # dq, dk, dv
         grad_parts = [torch.zeros_like(t, dtype=torch.float32) for t in parts]
-        key_blocks = kernels.triton.cdiv(k_len, call.block_n)
+        tiles = call.backward_tiles
+        key_blocks = kernels.triton.cdiv(k_len, tiles.block_n)
         size = settings["H2"] * settings["H1"] + 2 * settings["H2"] + 1
         partial = torch.zeros(batch * heads * key_blocks, size if neural else 1, device=query.device)
         block_h2 = max(2, kernels.triton.next_power_of_2(settings["H2"]))
         common = [*flat, grad_out, row_dot, row_max, row_sum, *parts, *weights, keep, *grads, *grad_parts, partial]
-        for for_keys, blocks in ((True, key_blocks), (False, kernels.triton.cdiv(q_len, call.block_m))):
+        for for_keys, blocks in ((True, key_blocks), (False, kernels.triton.cdiv(q_len, tiles.block_m))):
             kernels._backward_kernel[(blocks, batch * heads)](
-                *common, BLOCK_H2=block_h2, FOR_KEYS=for_keys, BLOCK_M=call.block_m, BLOCK_N=call.block_n,
-                **settings)
+                *common, BLOCK_H2=block_h2, FOR_KEYS=for_keys, BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n,
+                num_warps=tiles.num_warps, **settings)
         grad_q, grad_k, grad_v = (g.view(batch, heads, -1, dim).to(t.dtype) for g, t in zip(grads, (query, key, value)))
         if not neural:
             return None, grad_q, grad_k, grad_v, None, None, None, None, None, None

@@ -23,8 +23,8 @@ chunked path runs). Grouped-query keys arrive repeated per head.
 Part of the flat folder saved checkpoints copy for `trust_remote_code`: imports only torch, triton (optional) and its
 siblings. Triton's interpreter (TRITON_INTERPRET=1) runs these kernels on the CPU; it computes bfloat16 tl.dot
 wrongly, so there the products run in float32 (`interpreted()`), on a GPU in the input dtype. Float32 products
-follow torch.get_float32_matmul_precision() (PRECISION: "ieee" for PyTorch's default "highest", else TF32), so a
-float32 model gets the products its chunked path would compute, not Triton's TF32 default.
+(PRECISION) follow torch.get_float32_matmul_precision() for float32 models and use TF32 for upcast float16 inputs
+(triton_attention._float32_products).
 """
 
 from __future__ import annotations

@@ -5,6 +5,12 @@ heads, dropout (against the same Philox mask), bfloat16, a whole model, and the 
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 import triton
@@ -16,6 +22,7 @@ from hf_neural_attention import triton_attention, triton_kernels
 from hf_neural_attention.masks import causal_keep, split_attention_mask
 from hf_neural_attention.registry import build_variant
 from hf_neural_attention.runtime import fast_paths
+from hf_neural_attention.triton_attention import Tiles
 from conftest import ALL_BUILDERS, VOCAB, converted
 from test_formulas import Holder
 
@@ -122,9 +129,13 @@ def test_neural_kernels_match_chunked_path_and_formula(options, q_len, k_len):
 
 @pytest.mark.parametrize("name", ["rational", "softmax_square", "neural"])
 @pytest.mark.parametrize("q_len,k_len", [(40, 40), (20, 37)])
-def test_a_causal_mask_is_computed_in_the_kernels_and_skips_tiles(name, q_len, k_len, monkeypatch):
+@pytest.mark.parametrize("tiles", [None, (Tiles(32, 16, 4), Tiles(16, 32, 4))], ids=["square", "rectangular"])
+def test_a_causal_mask_is_computed_in_the_kernels_and_skips_tiles(name, q_len, k_len, tiles, monkeypatch):
     """The exact causal pattern (as Transformers hands it, [B, 1, Lq, Lk] bool) is not read: CAUSAL computes it from
-    indices and skips the tiles above the diagonal; still equal to the chunked path and the float64 formula."""
+    indices and skips the tiles above the diagonal; still equal to the chunked path and the float64 formula. Also with
+    rectangular tiles that differ between forward and backward, as the GPU tiles do."""
+    if tiles is not None:
+        monkeypatch.setattr(triton_attention, "INTERPRETER_TILES", tiles)
     settings = []
     launch = triton_attention._launch_settings
     monkeypatch.setattr(triton_attention, "_launch_settings", lambda *a: settings.append(launch(*a)) or settings[-1])
@@ -192,11 +203,12 @@ def test_dropout_uses_one_philox_mask_in_forward_and_backward(name, monkeypatch)
 
 
 @pytest.mark.parametrize("name", ["expressive", "neural"])
-def test_bfloat16_inputs_accumulate_in_float32(name):
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_half_inputs_accumulate_in_float32(name, dtype):
     variant = build_variant("expressive", H, D, form="rational") if name == "expressive" else neural_variant({})
-    q, k, v, keep = inputs(19, 19, dtype=torch.bfloat16)
+    q, k, v, keep = inputs(19, 19, dtype=dtype)
     fused = run(variant, q, k, v, keep, TRITON)
-    assert fused[0].dtype == torch.bfloat16
+    assert fused[0].dtype == dtype
     exact = run(variant.float(), q.float(), k.float(), v.float(), keep, CHUNKED)  # the same bf16 values, in fp32
     torch.testing.assert_close(fused[0].float(), exact[0], rtol=0, atol=2e-2)
     for fused_grad, exact_grad in zip(fused[1][:3], exact[1][:3]):
@@ -261,3 +273,37 @@ def test_gpu_benchmark_refuses_clearly_without_a_gpu(monkeypatch, capsys):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert benchmark_cuda.main(["--sizes", "1024"]) == 2
     assert "--device cuda needs a CUDA GPU" in capsys.readouterr().err
+
+
+def test_float32_products_follow_pytorchs_precision_setting():
+    """IEEE products for float32 under PyTorch's default "highest", TF32 when the user allows it; upcast float16
+    always TF32, which holds every float16 value exactly (so no precision is lost against float16 itself)."""
+    choose = triton_attention._float32_products
+    before = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("highest")
+        assert (choose(torch.float32), choose(torch.float16)) == ("ieee", "tf32")
+        torch.set_float32_matmul_precision("high")
+        assert choose(torch.float32) == "tf32"
+    finally:
+        torch.set_float32_matmul_precision(before)
+    values = torch.randn(10_000, generator=torch.Generator().manual_seed(0)).half().float()
+    as_tf32 = (values.view(torch.int32) & ~0x1FFF).view(torch.float32)  # keep TF32's 10 mantissa bits
+    assert torch.equal(as_tf32, values)
+
+
+def test_the_kernels_compile_for_an_h100(tmp_path):
+    """What only the GPU compiler checks (tl.dot's shape and dtype rules, layouts, shared memory, registers), which
+    the interpreter skips: the neural launches (the most code; bf16, causal, dropout, the GPU tiles) compiled to a
+    cubin for sm_90 with the ptxas in the triton wheel, in a process without TRITON_INTERPRET. The whole matrix of
+    configurations and both GPU generations: scripts/check_triton_compile.py, results/triton_compile/."""
+    env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
+    result = subprocess.run(
+        [sys.executable, str(Path(__file__).resolve().parents[1] / "scripts" / "check_triton_compile.py"),
+         "--configs", "neural-bf16-causal-dropout", "--targets", "90", "--output", str(tmp_path)],
+        capture_output=True, text=True, timeout=600, env=env)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    records = json.loads((tmp_path / "results.json").read_text())["records"]
+    assert [r["kernel"] for r in records] == ["forward", "backward[keys]", "backward[queries]"]
+    assert [r["num_warps"] for r in records] == [8, 8, 8]  # the GPU tiles, not the interpreter's
+    assert all(r["spilled"] == 0 for r in records), records
