@@ -26,6 +26,7 @@ from .masks import KeyMask, causal_keep
 from .neural import NeuralAttention
 from .variant import AttentionVariant
 
+
 class Tiles(NamedTuple):
     """One launch's tile: query rows x key columns per program, and warps per program."""
 
@@ -50,8 +51,8 @@ class KernelCall:
     backward_tiles: Tiles  # the row statistics do not depend on the tiling, so backward may tile differently
 
 
-# GPU tiles per score, (forward, backward): the largest of those compiled for sm_90 at d_h = 64 (the paper MLP for
-# neural) that keep every kernel within 255 registers per thread without spilling to local memory
+# GPU tiles per score, (forward, backward): the largest of those compiled for sm_90 in bf16 at d_h = 64 (the paper
+# MLP for neural) that keep every kernel within 255 registers per thread without spilling to local memory
 # (scripts/check_triton_compile.py; the sweep is in results/triton_compile/results.md). Speed on a GPU is unmeasured.
 # The interpreter gets the smallest tiles tl.dot takes (16): it is slow per element.
 _EXPRESSIVE_TILES = (Tiles(128, 64, 8), Tiles(64, 32, 4))

@@ -11,7 +11,7 @@ after training records, per arm (relu: the paper; leaky_relu; alive_init: ReLU w
 and the test perplexity. Same data, steps, schedule and seed in every arm; the seed fixes the initial weights (the
 same draws in every arm; alive_init then overwrites the hidden biases).
 
-    python scripts/neural_dead_unit.py                 # 10 seeds x 2 activations (2-core CPU: about 12 minutes)
+    python scripts/neural_dead_unit.py                 # 10 seeds x 3 arms: 30 min on the 2-core CPU (shared with the test suite)
     python scripts/neural_dead_unit.py --seeds 0 1 2 --steps 50     # a quick look
 Writes results/neural_dead_unit/{results.json, results.md}.
 """

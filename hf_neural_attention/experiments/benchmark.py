@@ -7,7 +7,7 @@ variants' plain paths and faithful re-statements of the papers' reference implem
     python scripts/benchmark.py --sizes 256 512 --methods eager expressive --levels layer --out /tmp/bench
     python scripts/benchmark.py --dtypes fp32 bf16 --dropouts stock --levels model   # the stock training setting
 
-Every (level, method, n) configuration runs in a fresh process, which first measures the peak memory of one step and
+Every (level, method, n) configuration runs in a fresh process (benchmark_worker.py), which first measures the peak memory of one step and
 then times several. Writes results.csv, results.md, time.png and memory.png.
 
 Setting (the project's issue 5): GPT-2 geometry, d_model 512, 8 heads (d_h 64), batch 1, causal, and two axes:
@@ -49,12 +49,12 @@ import argparse
 import csv
 import json
 import os
-import re
-import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from .benchmark_worker import VOCAB, cpu_busy_seconds
 
 PACKAGE_PARENT = Path(__file__).resolve().parents[2]  # where the workers import hf_neural_attention from
 
@@ -68,146 +68,8 @@ TRAIN_METHODS = (
 )
 INFERENCE_METHODS = ("sdpa", "eager", "expressive", "expressive_flex", "neural", "cdape")
 METHODS = TRAIN_METHODS + ("expressive_flex",)
-VARIANT_OF = {
-    "expressive": ("expressive", {}), "neural": ("neural", {}), "cdape": ("cdape", {}),
-    "cdape_kerple": ("cdape", {"bias": "kerple"}), "expressive_flex": ("expressive", {}),
-    "neural_reference": ("neural", {}), "cdape_reference": ("cdape", {"bias": "kerple"}),
-}
-for _name in ("expressive", "neural", "cdape"):
-    VARIANT_OF[f"{_name}_plain"] = VARIANT_OF[_name]
-D_MODEL, HEADS, VOCAB = 512, 8, 4096
 # Targets of issue 5 at n = 2048 (ratio to eager attention: time, memory).
 TARGETS = {"neural": (1.3, 1.3), "expressive": (1.1, 1.1), "cdape": (3.5, 1.5)}
-
-
-# ---- the reference implementations, re-stated ---------------------------------------------------------------------
-
-def neural_reference_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """NeuralAttention.forward of the reference code from the q/k/v heads on, with `neural`'s parameters."""
-    import torch
-
-    variant = module.attention_variant
-    q = torch.nn.functional.linear(query, variant.query_down_weight[0], variant.query_down_bias[0])
-    k = torch.nn.functional.linear(key, variant.key_down_weight[0], variant.key_down_bias[0])
-    q = q.unsqueeze(3).repeat(1, 1, 1, q.shape[2], 1)  # [b, h, n, n, d']
-    k = k.unsqueeze(2).repeat(1, 1, k.shape[2], 1, 1)
-    qk_cat = torch.cat((q, k), dim=-1)  # [b, h, n, n, 2d']
-    score = qk_cat
-    last = len(variant.mlp_weights) - 1
-    for index, (weight, bias) in enumerate(zip(variant.mlp_weights, variant.mlp_biases)):
-        score = torch.nn.functional.linear(score, weight[0], bias[0])
-        if index != last:
-            score = torch.relu(score)
-    score = score.squeeze(-1)
-    mask = torch.ones_like(score).triu_(1).bool()
-    score = score.masked_fill(mask, float("-inf"))
-    attention = torch.softmax(score, dim=-1)
-    out = torch.einsum("b h i j, b h j d -> b h i d", attention, value)
-    return out.transpose(1, 2).contiguous(), None
-
-
-def cdape_reference_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """Kerple_DAPEV2.forward of the reference code, with the scaled scores it is handed and the causal softmax."""
-    import torch
-
-    variant = module.attention_variant
-    x = torch.matmul(query, key.transpose(-1, -2)) * scaling  # [b, h, n, n]
-    n = x.shape[-1]
-    diff = torch.tril(torch.arange(n).view(n, 1).repeat(1, n) + torch.arange(0, -n, -1)).to(x.dtype)
-    p = variant.kerple_r1.clamp(min=1e-2)[:, None, None]
-    a = variant.kerple_r2.clamp(min=1e-2)[:, None, None]
-    bias = -p * torch.log(1 + a * diff)  # [h, n, n]
-    x_a_bias = torch.cat((x, torch.tile(bias, (x.shape[0], 1, 1, 1))), dim=1)  # [b, 2h, n, n]
-    hidden = torch.nn.functional.leaky_relu(variant.conv_in(torch.tril(x_a_bias)))
-    logits = x + bias + variant.conv_out(hidden)
-    causal = torch.ones(n, n, dtype=torch.bool).triu_(1)
-    attention = torch.softmax(logits.masked_fill(causal, float("-inf")), dim=-1)
-    return torch.matmul(attention, value).transpose(1, 2).contiguous(), None
-
-
-# ---- one configuration (worker process) ---------------------------------------------------------------------------
-
-def _status(field: str) -> int:
-    """A field of /proc/self/status in bytes (VmRSS, VmHWM)."""
-    match = re.search(rf"^{field}:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.MULTILINE)
-    return int(match.group(1)) * 1024
-
-
-def build(method: str, level: str, n: int, dtype: str = "fp32", dropout: str = "0"):
-    """(step function running one step of the configuration, model)."""
-    import torch
-    from transformers import AttentionInterface, GPT2Config, GPT2LMHeadModel
-    from transformers.masking_utils import AttentionMaskInterface, create_causal_mask
-
-    import hf_neural_attention as hfna
-    from hf_neural_attention.attention_interface import variant_mask
-
-    torch.manual_seed(0)
-    pdrop = 0.1 if dropout == "stock" else 0.0
-    config = GPT2Config(
-        n_layer=1, n_embd=D_MODEL, n_head=HEADS, n_positions=max(n, 1024), vocab_size=VOCAB,
-        resid_pdrop=pdrop, embd_pdrop=pdrop, attn_pdrop=pdrop, bos_token_id=0, eos_token_id=0,
-    )
-    model = GPT2LMHeadModel(config)
-    if method in ("sdpa", "eager"):
-        model.set_attn_implementation(method)
-    else:
-        variant, options = VARIANT_OF[method]
-        hfna.convert(model, variant, layers="all", **options)
-        if method.endswith("_reference"):
-            function = neural_reference_forward if method == "neural_reference" else cdape_reference_forward
-            AttentionInterface.register(method, function)
-            AttentionMaskInterface.register(method, variant_mask)
-            model.set_attn_implementation(method)
-    model.train()
-    fast = not method.endswith("_plain")
-    settings = {"flex_inference": method == "expressive_flex"}
-
-    def precision():
-        return torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bf16")
-
-    if level == "model":
-        ids = torch.randint(0, VOCAB, (1, n), generator=torch.Generator().manual_seed(1))
-
-        def step():
-            with hfna.fast_paths(fast, **settings), precision():
-                loss = model(input_ids=ids, labels=ids).loss
-            loss.backward()
-            model.zero_grad(set_to_none=True)
-
-        return step, model
-
-    attention = model.transformer.h[0].attn
-    generator = torch.Generator().manual_seed(1)
-    hidden = torch.randn(1, n, D_MODEL, generator=generator).requires_grad_()
-    grad = torch.randn(1, n, D_MODEL, generator=generator)
-    mask = create_causal_mask(config=model.config, inputs_embeds=hidden.detach(), attention_mask=None,
-                              past_key_values=None, position_ids=torch.arange(n)[None])
-
-    if level == "inference":
-        model.eval()
-
-        def step():
-            with torch.no_grad(), hfna.fast_paths(fast, **settings), precision():
-                attention(hidden, attention_mask=mask)
-
-        return step, model
-
-    def step():
-        with hfna.fast_paths(fast, **settings), precision():
-            output = attention(hidden, attention_mask=mask)[0]
-        output.backward(grad.to(output.dtype))
-        model.zero_grad(set_to_none=True)
-        hidden.grad = None
-
-    return step, model
-
-
-def cpu_busy_seconds() -> float:
-    """CPU seconds spent busy by the whole machine since boot (all cores), from /proc/stat."""
-    fields = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
-    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
-    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
 
 
 def machine_busy_fraction(seconds: float = 2.0) -> float:
@@ -228,62 +90,10 @@ def wait_for_idle(threshold: float, max_wait_s: float) -> float:
     return busy
 
 
-def _mallopt(option: int, value: int) -> None:
-    import ctypes
-
-    ctypes.CDLL("libc.so.6").mallopt(option, value)
-
-
-M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
-
-
-def worker(args) -> dict:
-    """One configuration: peak memory of one forward+backward, then the timed runs."""
-    import gc
-
-    # Memory phase: every allocation above 64 KiB is its own mapping, returned to the system when freed, so the
-    # resident set follows the live tensors.
-    _mallopt(M_MMAP_THRESHOLD, 64 * 1024)
-    import torch
-
-    torch.set_num_threads(args.threads)
-    step, _ = build(args.method, args.level, args.n, args.dtype, args.dropout)
-    result = {"dtype": args.dtype, "dropout": args.dropout, "level": args.level, "method": args.method, "n": args.n,
-              "threads": args.threads}
-    step()  # warm-up: one-off allocations (thread pools, lazy inits, compilation) are not the method's
-    gc.collect()
-    Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current resident set
-    baseline = _status("VmRSS")
-    step()
-    result["peak_mib"] = (_status("VmHWM") - baseline) / 2**20
-
-    # Timing phase: glibc's usual steady state (blocks below 32 MiB reused from the heap, larger ones mapped).
-    _mallopt(M_MMAP_THRESHOLD, 32 << 20)
-    _mallopt(M_TRIM_THRESHOLD, 64 << 20)
-    times = []
-    started = time.perf_counter()
-    busy_before, own_before = cpu_busy_seconds(), sum(os.times()[:2])
-    for index in range(args.warmup + args.repeats):
-        begin = time.perf_counter()
-        step()
-        elapsed = time.perf_counter() - begin
-        if index >= args.warmup:
-            times.append(elapsed)
-        # A slow configuration stops early once it has two timed runs and has used its time budget.
-        if len(times) >= 2 and time.perf_counter() - started > args.budget_s:
-            break
-    result.update(time_s=statistics.median(times), runs=len(times), min_s=min(times), max_s=max(times))
-    # CPU time other processes took while this one was timed, as a share of all cores: a noise indicator.
-    wall = time.perf_counter() - started
-    foreign = (cpu_busy_seconds() - busy_before) - (sum(os.times()[:2]) - own_before)
-    result["foreign_cpu"] = round(max(0.0, foreign) / (wall * (os.cpu_count() or 1)), 3)
-    return result
-
-
 # ---- the driver ---------------------------------------------------------------------------------------------------
 
 def run_config(setting, level, method, n, repeats, warmup, threads, budget_s, timeout_s) -> dict:
-    command = [sys.executable, __file__, "--worker", "--dtype", setting[0], "--dropout", setting[1],
+    command = [sys.executable, "-m", "hf_neural_attention.experiments.benchmark_worker", "--dtype", setting[0], "--dropout", setting[1],
                "--level", level, "--method", method, "--n", str(n),
                "--repeats", str(repeats), "--warmup", str(warmup), "--threads", str(threads),
                "--budget-s", str(budget_s)]
@@ -520,19 +330,7 @@ def main() -> None:
     parser.add_argument("--merge", action="store_true",
                         help="keep the rows of an earlier results.csv in --out that this run does not re-measure "
                              "(to re-run noisy or failed configurations)")
-    # worker mode (one configuration)
-    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--level", help=argparse.SUPPRESS)
-    parser.add_argument("--method", help=argparse.SUPPRESS)
-    parser.add_argument("--n", type=int, help=argparse.SUPPRESS)
-    parser.add_argument("--warmup", type=int, default=1, help=argparse.SUPPRESS)
-    parser.add_argument("--dtype", default="fp32", help=argparse.SUPPRESS)
-    parser.add_argument("--dropout", default="0", help=argparse.SUPPRESS)
     args = parser.parse_args()
-
-    if args.worker:
-        print(json.dumps(worker(args)))
-        return
 
     import platform
 
