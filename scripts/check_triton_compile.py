@@ -22,7 +22,10 @@ import argparse
 import inspect
 import json
 import os
+import re
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -99,10 +102,6 @@ class CompileInsteadOfLaunch:
 def _registers(compiled) -> tuple[int | None, int | None]:
     """Registers per thread and the stack frame, read from the cubin's resource usage (cuobjdump ships with triton).
     The kernels declare no local arrays, so a stack frame is spilled registers."""
-    import re
-    import subprocess
-    import tempfile
-
     tool = Path(sys.modules["triton"].__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
     with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
         cubin.write(compiled.asm["cubin"])
@@ -191,8 +190,10 @@ def main(argv: list[str] | None = None) -> int:
 
     (output / "results.md").write_text("\n".join([
         "# Triton kernels compiled for NVIDIA GPUs (no GPU needed)", "",
-        f"triton {triton.__version__}, torch {torch.__version__}; B 2, H 4, L 256, d_h 64, blocks 64 x 64 (the "
-        "launches a GPU run makes). Command: `python scripts/check_triton_compile.py`.", "",
+        f"triton {triton.__version__}, torch {torch.__version__}; B 2, H 4, L 256, d_h 64, the tiles of "
+        "triton_attention.GPU_TILES (the launches a GPU run makes). registers/thread and the stack frame from the "
+        "cubin (cuobjdump); the kernels have no local arrays, so a stack frame is spilled registers. Command: "
+        "`python scripts/check_triton_compile.py" + (" --sweep" if swept else "") + "`.", "",
         header, "|---|---|---|---:|---:|---:|---:|---:|", *rows, "",
         *(["## Candidate tiles (sm_90, the same tiles in forward and backward)", "",
             "| configuration | BLOCK_M x BLOCK_N, warps | kernel | registers/thread | spilled to stack (bytes) | shared (KiB) |",
