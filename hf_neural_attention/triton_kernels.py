@@ -111,6 +111,16 @@ if triton is not None:
         return 0
 
     @triton.jit
+    def _load_rows(matrix, rows, length, dims, D, DOT_FP32: tl.constexpr):
+        """Rows `rows` of one head's [length, D] matrix as a [rows, BLOCK_D] block, zero outside; float32 when the
+        products run in float32."""
+        block = tl.load(matrix + rows[:, None] * D + dims[None, :], mask=(rows[:, None] < length) & (dims[None, :] < D),
+                        other=0.0)
+        if DOT_FP32:
+            block = block.to(tl.float32)
+        return block
+
+    @triton.jit
     def _dropout_keep(seed, bh, rows, cols, LK, p):
         return tl.rand(seed + bh, rows[:, None] * LK + cols[None, :]) >= p
 
@@ -126,9 +136,7 @@ if triton is not None:
         b, h = bh // H, bh % H
         rows = block * BLOCK_M + tl.arange(0, BLOCK_M)
         dims = tl.arange(0, BLOCK_D)
-        q = tl.load(Q + bh * LQ * D + rows[:, None] * D + dims[None, :], mask=(rows[:, None] < LQ) & (dims[None, :] < D), other=0.0)
-        if DOT_FP32:
-            q = q.to(tl.float32)
+        q = _load_rows(Q + bh * LQ * D, rows, LQ, dims, D, DOT_FP32)
         keep_ptr = KEEP + b * stride_kb + h * stride_kh
         group = h * per_head  # the MLP's weights: one set per head, or one shared (group 0)
         b3 = tl.load(B3 + group) if SCORE == NEURAL_ else 0.0
@@ -137,11 +145,8 @@ if triton is not None:
         acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
         for start in range(0, _key_end(block, LQ, LK, BLOCK_M, CAUSAL), BLOCK_N):
             cols = start + tl.arange(0, BLOCK_N)
-            kv_mask = (cols[:, None] < LK) & (dims[None, :] < D)
-            k = tl.load(K + bh * LK * D + cols[:, None] * D + dims[None, :], mask=kv_mask, other=0.0)
-            v = tl.load(V + bh * LK * D + cols[:, None] * D + dims[None, :], mask=kv_mask, other=0.0)
-            if DOT_FP32:
-                k, v = k.to(tl.float32), v.to(tl.float32)
+            k = _load_rows(K + bh * LK * D, cols, LK, dims, D, DOT_FP32)
+            v = _load_rows(V + bh * LK * D, cols, LK, dims, D, DOT_FP32)
             keep = _load_keep(keep_ptr, stride_kq, stride_kk, rows, cols, LQ, LK, HAS_KEEP, CAUSAL)
             values, s = _tile(q, k, QP + bh * LQ * H1, KP + bh * LK * H1, W2 + group * H2 * H1, B2 + group * H2,
                               W3 + group * H2, b3, rows, cols, LQ, LK, keep, dot_scale, SCORE, ADD_DOT, H1, H2, BLOCK_H,
@@ -257,10 +262,8 @@ if triton is not None:
         own_len = LK if FOR_KEYS else LQ
         own_mask = (own[:, None] < own_len) & (dims[None, :] < D)
         if FOR_KEYS:
-            k = tl.load(K + bh * LK * D + own[:, None] * D + dims[None, :], mask=own_mask, other=0.0)
-            v = tl.load(V + bh * LK * D + own[:, None] * D + dims[None, :], mask=own_mask, other=0.0)
-            if DOT_FP32:
-                k, v = k.to(tl.float32), v.to(tl.float32)
+            k = _load_rows(K + bh * LK * D, own, LK, dims, D, DOT_FP32)
+            v = _load_rows(V + bh * LK * D, own, LK, dims, D, DOT_FP32)
             kp = tl.load(kp_ptr + own[:, None] * H1 + units[None, :], mask=(own[:, None] < LK) & (units[None, :] < H1), other=0.0)
             grad_k = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
             grad_v = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
@@ -271,11 +274,8 @@ if triton is not None:
             grad_b3 = 0.0
             for start in range(_query_start(block, LQ, LK, BLOCK_M, BLOCK_N, CAUSAL), LQ, BLOCK_M):
                 rows = start + tl.arange(0, BLOCK_M)
-                row_mask = (rows[:, None] < LQ) & (dims[None, :] < D)
-                q = tl.load(Q + bh * LQ * D + rows[:, None] * D + dims[None, :], mask=row_mask, other=0.0)
-                do = tl.load(DO + bh * LQ * D + rows[:, None] * D + dims[None, :], mask=row_mask, other=0.0)
-                if DOT_FP32:
-                    q, do = q.to(tl.float32), do.to(tl.float32)
+                q = _load_rows(Q + bh * LQ * D, rows, LQ, dims, D, DOT_FP32)
+                do = _load_rows(DO + bh * LQ * D, rows, LQ, dims, D, DOT_FP32)
                 row_dot = tl.load(ROW_DOT + bh * LQ + rows, mask=rows < LQ, other=0.0)
                 row_max = tl.load(ROW_MAX + bh * LQ + rows, mask=rows < LQ, other=0.0)
                 row_sum = tl.load(ROW_SUM + bh * LQ + rows, mask=rows < LQ, other=1.0)
@@ -306,10 +306,8 @@ if triton is not None:
                 tl.store(partial + H2 * H1 + H2 + outs, grad_w3, mask=outs < H2)
                 tl.store(partial + H2 * H1 + 2 * H2, grad_b3)
         else:
-            q = tl.load(Q + bh * LQ * D + own[:, None] * D + dims[None, :], mask=own_mask, other=0.0)
-            do = tl.load(DO + bh * LQ * D + own[:, None] * D + dims[None, :], mask=own_mask, other=0.0)
-            if DOT_FP32:
-                q, do = q.to(tl.float32), do.to(tl.float32)
+            q = _load_rows(Q + bh * LQ * D, own, LQ, dims, D, DOT_FP32)
+            do = _load_rows(DO + bh * LQ * D, own, LQ, dims, D, DOT_FP32)
             row_dot = tl.load(ROW_DOT + bh * LQ + own, mask=own < LQ, other=0.0)
             row_max = tl.load(ROW_MAX + bh * LQ + own, mask=own < LQ, other=0.0)
             row_sum = tl.load(ROW_SUM + bh * LQ + own, mask=own < LQ, other=1.0)
@@ -318,11 +316,8 @@ if triton is not None:
             grad_qp = tl.zeros([BLOCK_M, BLOCK_H], dtype=tl.float32)
             for start in range(0, _key_end(block, LQ, LK, BLOCK_M, CAUSAL), BLOCK_N):
                 cols = start + tl.arange(0, BLOCK_N)
-                col_mask = (cols[:, None] < LK) & (dims[None, :] < D)
-                k = tl.load(K + bh * LK * D + cols[:, None] * D + dims[None, :], mask=col_mask, other=0.0)
-                v = tl.load(V + bh * LK * D + cols[:, None] * D + dims[None, :], mask=col_mask, other=0.0)
-                if DOT_FP32:
-                    k, v = k.to(tl.float32), v.to(tl.float32)
+                k = _load_rows(K + bh * LK * D, cols, LK, dims, D, DOT_FP32)
+                v = _load_rows(V + bh * LK * D, cols, LK, dims, D, DOT_FP32)
                 keep = _load_keep(keep_ptr, stride_kq, stride_kk, own, cols, LQ, LK, HAS_KEEP, CAUSAL)
                 weights, ds, dlogit = _tile_gradients(
                     q, k, v, do, row_dot, row_max, row_sum, qp_ptr, kp_ptr, w2_ptr, b2_ptr, w3_ptr, b3, own, cols,
