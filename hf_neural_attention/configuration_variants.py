@@ -97,10 +97,16 @@ VariantLlamaConfig = variant_config_class(LlamaConfig, extra_fields={"use_rotary
 VariantViTConfig = variant_config_class(ViTConfig)
 
 
+def stock_class_named(variant_name: str, base: type) -> type | None:
+    """The Transformers class a `Variant<Stock>` name stands for, if it is a subclass of `base`; else None."""
+    stock = getattr(transformers, variant_name[len("Variant"):], None) if variant_name.startswith("Variant") else None
+    return stock if isinstance(stock, type) and issubclass(stock, base) else None
+
+
 def __getattr__(name: str) -> type:
     """`VariantQwen2Config` and the like, built on first access (how a checkpoint's auto_map reaches them)."""
-    stock = getattr(transformers, name[len("Variant"):], None) if name.startswith("Variant") else None
-    if isinstance(stock, type) and issubclass(stock, PretrainedConfig):
+    stock = stock_class_named(name, PretrainedConfig)
+    if stock is not None:
         return variant_config_class(stock)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 

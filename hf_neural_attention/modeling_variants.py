@@ -32,7 +32,7 @@ from transformers import (
 from transformers.dynamic_module_utils import custom_object_save
 from transformers.models.auto import modeling_auto
 
-from .configuration_variants import share_weight_renaming, variant_config_class
+from .configuration_variants import share_weight_renaming, stock_class_named, variant_config_class
 from .attention_interface import register_variants  # noqa: F401 (importing it registers the variants)
 from .injection import apply_variant, find_attention_modules
 from .registry import VARIANTS
@@ -308,7 +308,7 @@ VariantViTForImageClassification = variant_model_class(ViTForImageClassification
 
 def __getattr__(name: str) -> type:
     """`VariantQwen2ForCausalLM` and the like, built on first access (how a checkpoint's auto_map reaches them)."""
-    stock = getattr(transformers, name[len("Variant"):], None) if name.startswith("Variant") else None
-    if isinstance(stock, type) and issubclass(stock, PreTrainedModel):
+    stock = stock_class_named(name, PreTrainedModel)
+    if stock is not None:
         return variant_model_class(stock)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
