@@ -18,7 +18,6 @@ Writes results/neural_dead_unit/{results.json, results.md}.
 
 from __future__ import annotations
 
-import json
 import statistics
 import sys
 import time
@@ -28,8 +27,8 @@ import torch
 
 from hf_neural_attention import VariantGPT2Config, VariantGPT2LMHeadModel
 from hf_neural_attention.experiments.harness import (
-    arms_by_seeds, describe_schedule, markdown_table, parse_reproduction_args, reproduction_parser, schedule, spread,
-    train_built_arm, values_of, write_results)
+    arms_by_seeds, describe_schedule, earlier_rows, markdown_table, parse_reproduction_args, reproduction_parser,
+    schedule, spread, train_built_arm, values_of, write_results)
 from hf_neural_attention.experiments.metrics import block_perplexity
 from hf_neural_attention.experiments.scorer_health import dead_groups
 from hf_neural_attention.experiments.training import DataArguments, ModelArguments, prepare_data
@@ -60,16 +59,12 @@ def first_layer_state(model, probe: torch.Tensor) -> dict:
 
 
 def kept_rows(args) -> list[dict]:
-    """Rows of other arms from --keep-rows-from, after checking that they ran with the same settings (the seed fixes
-    each run, so they are the rows this run would produce)."""
+    """Rows of other arms from --keep-rows-from (checked to have run with the same settings)."""
     if args.keep_rows_from is None:
         return []
-    earlier = json.loads(Path(args.keep_rows_from).read_text())
-    ignored = ("arms", "activations", "keep_rows_from", "output", "runs_dir")
-    differ = [key for key, value in earlier["arguments"].items() if key not in ignored and vars(args).get(key) != value]
-    if differ:
-        raise SystemExit(f"--keep-rows-from ran with other settings: {differ}")
-    rows = [{"arm": row.pop("activation"), **row} if "activation" in row else row for row in earlier["rows"]]
+    rows = earlier_rows(args.keep_rows_from, vars(args), settings_key="arguments", rows_key="rows",
+                        ignored=("arms", "activations", "keep_rows_from", "output", "runs_dir"))
+    rows = [{"arm": row.pop("activation"), **row} if "activation" in row else row for row in rows]
     return [row for row in rows if row["arm"] not in args.arms]
 
 

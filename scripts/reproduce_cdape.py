@@ -20,11 +20,13 @@ windows give each token more, and longer-range, context).
     python scripts/reproduce_cdape.py                        # default: 32 min on 2 idle cores (measured)
     python scripts/reproduce_cdape.py --steps 1000 --arms rope rope+cdape nope nope+cdape   # 75 min: RoPE blows up
     python scripts/reproduce_cdape.py --steps 5000 --hidden-size 512 --layers 8 --seeds 0 1 2   # a GPU
+    python scripts/reproduce_cdape.py --keep-rows-from A/results.json B/results.json --output C ...   # merge runs
 Writes results/reproduce_cdape/{results.json, results.md, perplexity.png, cards/*.md}.
 """
 
 from __future__ import annotations
 
+import shutil
 import sys
 from pathlib import Path
 
@@ -33,9 +35,9 @@ import torch
 from hf_neural_attention import VariantLlamaConfig, VariantLlamaForCausalLM
 from hf_neural_attention.hub import build_model_card
 from hf_neural_attention.experiments.harness import (
-    BLOW_UP_GROWTH, FLAT_GROWTH, arms_by_seeds, describe_schedule, extrapolation_verdict, markdown_table, mean_sd,
-    parse_reproduction_args, pyplot, reproduction_parser, save_figure, schedule, spread, train_built_arm, values_of,
-    write_results)
+    BLOW_UP_GROWTH, FLAT_GROWTH, arms_by_seeds, describe_schedule, earlier_rows, extrapolation_verdict,
+    markdown_table, mean_sd, parse_reproduction_args, pyplot, reproduction_parser, save_figure, schedule, spread,
+    train_built_arm, values_of, write_results)
 from hf_neural_attention.experiments.metrics import block_perplexity
 from hf_neural_attention.experiments.training import DataArguments, ModelArguments, prepare_data
 
@@ -94,6 +96,22 @@ def train_arm(arm: str, seed: int, args, prepared, output: Path) -> dict:
             "perplexity": perplexities, "train_seconds": train_seconds}
 
 
+def kept_rows(args) -> list[dict]:
+    """The rows of --keep-rows-from files (checked to have run with the same settings) for the arms and seeds asked
+    for; those (arm, seed) pairs are not trained again."""
+    rows = []
+    for path in args.keep_rows_from or []:
+        for row in earlier_rows(path, vars(args), settings_key="setting", rows_key="runs",
+                                ignored=("arms", "seeds", "output", "runs_dir", "cache_dir", "keep_rows_from")):
+            if row["arm"] in args.arms and row["seed"] in args.seeds:
+                perplexity = {int(length): value for length, value in row["perplexity"].items()}  # JSON keys: strings
+                rows.append({**row, "perplexity": perplexity, "kept_from": str(path)})
+    pairs = [(row["arm"], row["seed"]) for row in rows]
+    if len(pairs) != len(set(pairs)):
+        raise SystemExit("--keep-rows-from: the files hold the same (arm, seed) more than once")
+    return rows
+
+
 def growth(row: dict, lengths: list[int]) -> float:
     """Perplexity at the longest evaluation length over perplexity at the first (the training length)."""
     return row["perplexity"][lengths[-1]] / row["perplexity"][lengths[0]]
@@ -150,6 +168,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--vocab-size", type=int, default=4096)
+    parser.add_argument("--keep-rows-from", nargs="+", metavar="RESULTS_JSON",
+                        help="results.json files of earlier runs with the same settings: their (arm, seed) rows are "
+                             "kept and not trained again (to add arms to a run, or to merge runs into one table)")
     parser.add_argument("--cdape-init", choices=["reference", "zero"], default="reference",
                         help="output convolution of the trained cdape arms: PyTorch's default init as in the reference "
                              "code, or zero (the library default, meant for retrofits)")
@@ -160,9 +181,17 @@ def main(argv: list[str] | None = None) -> int:
     prepared = prepare_data(ModelArguments(architecture="llama"),
                             DataArguments(dataset="stdlib-prose", block_size=args.train_length,
                                           vocab_size=args.vocab_size, cache_dir=args.cache_dir))
-    rows = arms_by_seeds(args.arms, args.seeds, lambda arm, seed: train_arm(arm, seed, args, prepared, output),
-                         lambda row: f"seed {row['seed']} {row['arm']:<13} " + " ".join(
-                             f"{n}:{p:.1f}" for n, p in row["perplexity"].items()) + f" ({row['train_seconds']:.0f}s)")
+    kept = kept_rows(args)
+    for row in kept:  # the kept arms' model cards, next to the new ones
+        card = Path(row["kept_from"]).parent / "cards" / f"{row['arm']}.md"
+        if row["seed"] == args.seeds[0] and card.exists() and card.resolve() != (output / "cards" / card.name).resolve():
+            shutil.copyfile(card, output / "cards" / card.name)
+    rows = kept + arms_by_seeds(
+        args.arms, args.seeds, lambda arm, seed: train_arm(arm, seed, args, prepared, output),
+        lambda row: f"seed {row['seed']} {row['arm']:<13} " + " ".join(
+            f"{n}:{p:.1f}" for n, p in row["perplexity"].items()) + f" ({row['train_seconds']:.0f}s)",
+        done={(row["arm"], row["seed"]) for row in kept})
+    rows.sort(key=lambda row: (row["seed"], list(ARMS).index(row["arm"])))
     table, summary = summarize(rows, args.eval_lengths)
     setting = (f"Llama, {args.layers} layers, d_model {args.hidden_size}, {args.heads} heads, trained at "
                f"{args.train_length} tokens for {args.steps} steps of batch {args.batch_size} on stdlib-prose "
@@ -181,9 +210,12 @@ def main(argv: list[str] | None = None) -> int:
         for base, verdict in verdict_by_base.items())
     per_arm = ", ".join(f"{arm} {mean_sd(values_of(rows, 'train_seconds', arm=arm))[0]:.0f} s" for arm in summary)
     minutes = sum(values_of(rows, "train_seconds")) / 60
-    write_results(output, f"{setting}\n\n{table}\n\n{rule}\n\n{verdict_lines}\n\nTraining time: {minutes:.1f} min "
-                          f"in all (arms: {per_arm} per seed).", setting=vars(args), runs=rows,
-                  verdicts=verdict_by_base)
+    timing = f"Training time: {minutes:.1f} min in all (arms: {per_arm} per seed)."
+    if kept:
+        timing += (" Rows kept from " + ", ".join(sorted({row["kept_from"] for row in kept}))
+                   + " (same settings; not trained again, their time included).")
+    write_results(output, f"{setting}\n\n{table}\n\n{rule}\n\n{verdict_lines}\n\n{timing}", setting=vars(args),
+                  runs=rows, verdicts=verdict_by_base)
     plot(summary, args.eval_lengths, args.train_length, output / "perplexity.png")
     return 0
 

@@ -53,6 +53,19 @@ def test_arms_by_seeds_goes_seed_by_seed_and_values_of_selects(capsys):
     assert capsys.readouterr().out.split() == ["a0", "b0", "a1", "b1", "a2", "b2"]
     assert harness.values_of(rows, "v", arm="b") == [0, 1, 2]
     assert harness.values_of(rows, "arm", seed=1) == ["a", "b"]
+    kept = harness.arms_by_seeds(["a", "b"], [0, 1], lambda arm, seed: {"arm": arm, "seed": seed},
+                                 lambda row: "", done={("a", 0), ("b", 1)})
+    assert [(r["arm"], r["seed"]) for r in kept] == [("b", 0), ("a", 1)]
+
+
+def test_earlier_rows_checks_the_settings(tmp_path):
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps({"setting": {"steps": 10, "arms": ["a"], "output": "x"}, "runs": [{"arm": "a"}]}))
+    settings = {"steps": 10, "arms": ["b"], "output": "y"}
+    assert harness.earlier_rows(path, settings, ignored=("arms", "output"), settings_key="setting",
+                                rows_key="runs") == [{"arm": "a"}]
+    with pytest.raises(SystemExit, match=r"other settings: arms=\['a'\] \(here \['b'\]\)$"):
+        harness.earlier_rows(path, settings, ignored=("output",), settings_key="setting", rows_key="runs")
 
 
 def test_paired_reading():

@@ -67,7 +67,7 @@ def test_neural_dead_unit_toy(tmp_path, data_cache):
               "--cache-dir", data_cache]
     assert script.main([*common, "--arms", "relu", "alive_init", "--output", str(tmp_path / "first")]) == 0
     # an arm added later keeps the earlier rows; other settings are refused
-    with pytest.raises(SystemExit, match="other settings: \\['steps'\\]"):
+    with pytest.raises(SystemExit, match=r"other settings: steps=2 \(here 3\)$"):
         script.main([*common[:5], "3", *common[6:], "--arms", "leaky_relu",
                      "--keep-rows-from", str(tmp_path / "first" / "results.json")])
     assert script.main([*common, "--arms", "leaky_relu", "--output", str(tmp_path / "results"),
@@ -99,15 +99,28 @@ def test_reproduce_neural_toy_image(tmp_path, data_cache):
     assert (tmp_path / "results" / "cards" / "image-neural-first.md").exists()
 
 
-def test_reproduce_cdape_toy(tmp_path, data_cache):
+def test_reproduce_cdape_toy(tmp_path, data_cache, monkeypatch):
     """Every arm trains and is scored at every length; Kerple alone trains only the Kerple parameters on top of NoPE
-    (its convolutions stay frozen); growth columns and one verdict per base arm are written."""
+    (its convolutions stay frozen); growth columns and one verdict per base arm are written. Two runs of some arms
+    each merge into one table without training again; a run with other settings is refused."""
     script = load_script("reproduce_cdape")
-    assert script.main([
-        "--steps", "2", "--hidden-size", "32", "--layers", "1", "--heads", "2", "--train-length", "32",
-        "--eval-lengths", "32", "64", "--eval-tokens", "256", "--batch-size", "4", "--vocab-size", "512",
-        "--output", str(tmp_path / "results"), "--runs-dir", str(tmp_path / "runs"), "--cache-dir", data_cache]) == 0
+    common = ["--steps", "2", "--hidden-size", "32", "--layers", "1", "--heads", "2", "--train-length", "32",
+              "--eval-lengths", "32", "64", "--eval-tokens", "256", "--batch-size", "4", "--vocab-size", "512",
+              "--runs-dir", str(tmp_path / "runs"), "--cache-dir", data_cache]
+    assert script.main([*common, "--arms", "rope", "rope+cdape", "nope", "nope+cdape",
+                        "--output", str(tmp_path / "first")]) == 0
+    assert script.main([*common, "--arms", "kerple", "kerple+cdape", "--output", str(tmp_path / "second")]) == 0
+    earlier = [str(tmp_path / name / "results.json") for name in ("first", "second")]
+    with pytest.raises(SystemExit, match=r"other settings: steps=2 \(here 3\)"):
+        script.main([*common[:1], "3", *common[2:], "--keep-rows-from", *earlier, "--output", str(tmp_path / "x")])
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a kept (arm, seed) was trained again")
+
+    monkeypatch.setattr(script, "train_arm", no_training)
+    assert script.main([*common, "--keep-rows-from", *earlier, "--output", str(tmp_path / "results")]) == 0
     results = json.loads((tmp_path / "results" / "results.json").read_text())
+    assert [(r["arm"], r["seed"]) for r in results["runs"]] == [(a, s) for s in (0, 1, 2) for a in script.ARMS]
     runs = {(r["arm"], r["seed"]): r for r in results["runs"]}
     assert set(runs) == {(arm, seed) for arm in script.ARMS for seed in (0, 1, 2)}
     assert all(set(r["perplexity"]) == {"32", "64"} and all(p > 1 for p in r["perplexity"].values())

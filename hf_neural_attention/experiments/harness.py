@@ -11,7 +11,7 @@ import json
 import math
 import shutil
 import statistics
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -82,15 +82,33 @@ def train_built_arm(model, train_dataset, output_dir: Path, seed: int, **trainin
 
 
 def arms_by_seeds(arms: Iterable[str], seeds: Iterable[int], train_one: Callable[[str, int], dict],
-                  describe: Callable[[dict], str]) -> list[dict]:
-    """Every arm for every seed (seed by seed, so a cut-short run has whole seeds): `train_one(arm, seed)` returns
-    one result row; `describe(row)` is printed as it comes. Returns the rows in training order."""
+                  describe: Callable[[dict], str], done: Collection[tuple[str, int]] = ()) -> list[dict]:
+    """Every arm for every seed (seed by seed, so a cut-short run has whole seeds) but the (arm, seed) pairs in `done`
+    (rows kept from an earlier run): `train_one(arm, seed)` returns one result row; `describe(row)` is printed as it
+    comes. Returns the new rows in training order."""
     rows = []
     for seed in seeds:
         for arm in arms:
+            if (arm, seed) in done:
+                continue
             rows.append(train_one(arm, seed))
             print(describe(rows[-1]), flush=True)
     return rows
+
+
+def earlier_rows(path: str | Path, settings: dict[str, Any], *, ignored: Iterable[str], settings_key: str,
+                 rows_key: str) -> list[dict]:
+    """The result rows of an earlier run of the same script (its results.json), after checking that it ran with the
+    same settings except `ignored` ones (arms, output folders): the seed fixes each run, so they are the rows this
+    run would produce. Raises SystemExit naming the settings that differ."""
+    earlier = json.loads(Path(path).read_text())
+    ignored = set(ignored)
+    differ = sorted(key for key, value in earlier[settings_key].items()
+                    if key not in ignored and settings.get(key) != value)
+    if differ:
+        raise SystemExit(f"{path} ran with other settings: " + ", ".join(
+            f"{key}={earlier[settings_key][key]!r} (here {settings.get(key)!r})" for key in differ))
+    return earlier[rows_key]
 
 
 def values_of(rows: Iterable[dict], field: str, **match: Any) -> list:
