@@ -19,6 +19,8 @@ windows give each token more, and longer-range, context).
 
     python scripts/reproduce_cdape.py                        # default: 32 min on 2 idle cores (measured)
     python scripts/reproduce_cdape.py --steps 1000 --arms rope rope+cdape nope nope+cdape   # 75 min: RoPE blows up
+    python scripts/reproduce_cdape.py --train-length 64 --steps 2000 --eval-lengths 64 128 256 512 1024 2048
+                                                # 92 min: all six arms where RoPE blows up (the README's row)
     python scripts/reproduce_cdape.py --steps 5000 --hidden-size 512 --layers 8 --seeds 0 1 2   # a GPU
     python scripts/reproduce_cdape.py --keep-rows-from A/results.json B/results.json --output C ...   # merge runs
 Writes results/reproduce_cdape/{results.json, results.md, perplexity.png, cards/*.md}.
