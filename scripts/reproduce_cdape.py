@@ -21,6 +21,7 @@ windows give each token more, and longer-range, context).
     python scripts/reproduce_cdape.py --steps 1000 --arms rope rope+cdape nope nope+cdape   # 75 min: RoPE blows up
     python scripts/reproduce_cdape.py --train-length 64 --steps 2000 --eval-lengths 64 128 256 512 1024 2048
                                                 # 92 min: all six arms where RoPE blows up (the README's row)
+    ... --arms rope rope+cdape --train-length 64 --steps 4000 (same lengths)   # 51 min: RoPE blows up in every seed
     python scripts/reproduce_cdape.py --steps 5000 --hidden-size 512 --layers 8 --seeds 0 1 2   # a GPU
     python scripts/reproduce_cdape.py --keep-rows-from A/results.json B/results.json --output C ...   # merge runs
 Writes results/reproduce_cdape/{results.json, results.md, perplexity.png, cards/*.md}.
