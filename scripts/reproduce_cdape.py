@@ -186,9 +186,9 @@ def main(argv: list[str] | None = None) -> int:
                                           vocab_size=args.vocab_size, cache_dir=args.cache_dir))
     kept = kept_rows(args)
     for row in kept:  # the kept arms' model cards, next to the new ones
-        card = Path(row["kept_from"]).parent / "cards" / f"{row['arm']}.md"
-        if row["seed"] == args.seeds[0] and card.exists() and card.resolve() != (output / "cards" / card.name).resolve():
-            shutil.copyfile(card, output / "cards" / card.name)
+        card, copy = Path(row["kept_from"]).parent / "cards" / f"{row['arm']}.md", output / "cards" / f"{row['arm']}.md"
+        if row["seed"] == args.seeds[0] and card.exists() and card.resolve() != copy.resolve():
+            shutil.copyfile(card, copy)
     rows = kept + arms_by_seeds(
         args.arms, args.seeds, lambda arm, seed: train_arm(arm, seed, args, prepared, output),
         lambda row: f"seed {row['seed']} {row['arm']:<13} " + " ".join(
