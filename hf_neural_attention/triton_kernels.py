@@ -121,6 +121,15 @@ if triton is not None:
         return block
 
     @triton.jit
+    def _load_row_statistics(ROW_DOT, ROW_MAX, ROW_SUM, head, rows, LQ):
+        """The backward pass's per-row inputs for rows `rows` of one head (starting at `head`): sum(dO * O), the
+        forward's row maximum and row sum (1 past the end, so padding rows never divide by 0)."""
+        inside = rows < LQ
+        return (tl.load(ROW_DOT + head + rows, mask=inside, other=0.0),
+                tl.load(ROW_MAX + head + rows, mask=inside, other=0.0),
+                tl.load(ROW_SUM + head + rows, mask=inside, other=1.0))
+
+    @triton.jit
     def _dropout_keep(seed, bh, rows, cols, LK, p):
         return tl.rand(seed + bh, rows[:, None] * LK + cols[None, :]) >= p
 
@@ -276,9 +285,7 @@ if triton is not None:
                 rows = start + tl.arange(0, BLOCK_M)
                 q = _load_rows(Q + bh * LQ * D, rows, LQ, dims, D, DOT_FP32)
                 do = _load_rows(DO + bh * LQ * D, rows, LQ, dims, D, DOT_FP32)
-                row_dot = tl.load(ROW_DOT + bh * LQ + rows, mask=rows < LQ, other=0.0)
-                row_max = tl.load(ROW_MAX + bh * LQ + rows, mask=rows < LQ, other=0.0)
-                row_sum = tl.load(ROW_SUM + bh * LQ + rows, mask=rows < LQ, other=1.0)
+                row_dot, row_max, row_sum = _load_row_statistics(ROW_DOT, ROW_MAX, ROW_SUM, bh * LQ, rows, LQ)
                 keep = _load_keep(keep_ptr, stride_kq, stride_kk, rows, own, LQ, LK, HAS_KEEP, CAUSAL)
                 weights, ds, dlogit = _tile_gradients(
                     q, k, v, do, row_dot, row_max, row_sum, qp_ptr, kp_ptr, w2_ptr, b2_ptr, w3_ptr, b3, rows, own,
@@ -308,9 +315,7 @@ if triton is not None:
         else:
             q = _load_rows(Q + bh * LQ * D, own, LQ, dims, D, DOT_FP32)
             do = _load_rows(DO + bh * LQ * D, own, LQ, dims, D, DOT_FP32)
-            row_dot = tl.load(ROW_DOT + bh * LQ + own, mask=own < LQ, other=0.0)
-            row_max = tl.load(ROW_MAX + bh * LQ + own, mask=own < LQ, other=0.0)
-            row_sum = tl.load(ROW_SUM + bh * LQ + own, mask=own < LQ, other=1.0)
+            row_dot, row_max, row_sum = _load_row_statistics(ROW_DOT, ROW_MAX, ROW_SUM, bh * LQ, own, LQ)
             qp = tl.load(qp_ptr + own[:, None] * H1 + units[None, :], mask=(own[:, None] < LQ) & (units[None, :] < H1), other=0.0)
             grad_q = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
             grad_qp = tl.zeros([BLOCK_M, BLOCK_H], dtype=tl.float32)
