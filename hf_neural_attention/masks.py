@@ -6,31 +6,39 @@ Part of the flat folder saved checkpoints copy for `trust_remote_code`: imports 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
 
-@dataclass
 class KeyMask:
     """An attention mask split into what the variants need.
 
     keep: bool [B or 1, H or 1, Lq, Lk], True where the query may attend the key; None means "attend everything".
+        For a purely causal mask it is built from indices on first use (the chunked engine and the kernels never
+        need it whole).
     bias: float [B or 1, H or 1, Lq, Lk], finite additive log-domain bias on kept positions; None means zero.
     causal: whether the mask came from (or stands for) a causal pattern, so a query's own slot is its last
         visible key.
+    pure_causal: keep is exactly the bottom-right aligned causal pattern (no padding, no window, Lq <= Lk), known
+        from how the mask was built, never by comparing an Lq x Lk tensor.
     """
 
-    keep: torch.Tensor | None
-    bias: torch.Tensor | None
-    causal: bool
+    __slots__ = ("_keep", "bias", "causal", "pure_causal", "_shape")
 
+    def __init__(self, keep: torch.Tensor | None, bias: torch.Tensor | None, causal: bool, *,
+                 pure_causal: tuple[int, int, torch.device] | None = None) -> None:
+        self._keep, self.bias, self.causal = keep, bias, causal
+        self.pure_causal = pure_causal is not None
+        self._shape = pure_causal
 
-def causal_keep(q_len: int, k_len: int, device: torch.device) -> torch.Tensor:
-    """bool [1, 1, Lq, Lk]: bottom-right aligned causal pattern (the queries are the last Lq key slots)."""
-    query_slots = torch.arange(k_len - q_len, k_len, device=device)[:, None]
-    key_slots = torch.arange(k_len, device=device)[None, :]
-    return (key_slots <= query_slots)[None, None]
+    @classmethod
+    def causal_pattern(cls, q_len: int, k_len: int, device: torch.device) -> KeyMask:
+        return cls(None, None, True, pure_causal=(q_len, k_len, device))
+
+    @property
+    def keep(self) -> torch.Tensor | None:
+        if self._keep is None and self.pure_causal:
+            self._keep = causal_keep(*self._shape)
+        return self._keep
 
 
 def split_attention_mask(
@@ -43,7 +51,9 @@ def split_attention_mask(
     several queries is never read as "no mask": the causal pattern is rebuilt, so causality cannot be lost silently.
     """
     if attention_mask is None:
-        if is_causal and q_len > 1:
+        if is_causal and 1 < q_len <= k_len:
+            return KeyMask.causal_pattern(q_len, k_len, device)
+        if is_causal and q_len > 1:  # more queries than keys: the first rows see nothing
             return KeyMask(causal_keep(q_len, k_len, device), None, True)
         return KeyMask(None, None, is_causal)
 
@@ -74,7 +84,7 @@ def query_key_slots(mask: KeyMask, q_len: int, k_len: int, device: torch.device)
     Returns query slots [B or 1, 1, Lq, 1] and key slots [1, 1, 1, Lk], both int64.
     """
     key_slots = torch.arange(k_len, device=device)
-    if mask.causal and mask.keep is not None:
+    if mask.causal and not mask.pure_causal and mask.keep is not None:
         # Last True index per row; a fully masked row (a padding query) gets slot 0, its output is never used.
         last_visible = (mask.keep.any(dim=1, keepdim=True) * key_slots).amax(dim=-1)  # [B, 1, Lq]
         query_slots = last_visible[..., None]
