@@ -4,7 +4,9 @@
 asyncio task only (a `contextvars` context) and, on exit, restores exactly the fields it changed. So two threads
 with their own `fast_paths` blocks never see each other's settings, and a block leaves the process as it found it.
 What a setting changes is speed and memory, never the numbers: every path draws the same dropout mask
-(dropout_mask.py) and computes the same rule. Measurements behind the defaults: benchmarks/results.md.
+(dropout_mask.py) and computes the same rule. A forward that autograd recomputes during backward (activation
+checkpointing) runs under the settings of its first run, whatever is in effect during backward (dispatch.py), so
+the recompute saves what the first run saved. Measurements behind the defaults: benchmarks/results.md.
 
 Part of the flat folder saved checkpoints copy for `trust_remote_code`: imports only torch and its siblings.
 """
@@ -68,6 +70,20 @@ def current_settings() -> FastPathSettings:
     if not overrides:
         return FAST_PATHS
     return FastPathSettings(**{name: overrides.get(name, getattr(FAST_PATHS, name)) for name in _FIELDS})
+
+
+class replaying_settings:  # noqa: N801
+    """Runs a block under exactly `settings` (every field), in this context only: how the dispatcher re-uses a
+    forward's settings when autograd recomputes that forward during backward (activation checkpointing)."""
+
+    def __init__(self, settings: FastPathSettings) -> None:
+        self.values = {name: getattr(settings, name) for name in _FIELDS}
+
+    def __enter__(self) -> None:
+        self.token = _OVERRIDES.set(self.values)
+
+    def __exit__(self, *exc_info) -> None:
+        _OVERRIDES.reset(self.token)
 
 
 class fast_paths:  # noqa: N801 (used like a function: `with fast_paths(False): ...`)
