@@ -45,11 +45,13 @@ def repeat_kv(hidden_states: torch.Tensor, n_rep: int) -> torch.Tensor:
 def attention_weights_requested(kwargs: dict) -> bool:
     """Whether the caller wants the attention weights: an `output_attentions` argument, or Transformers' output
     recorder collecting attentions for this forward (how `model(..., output_attentions=True)` works in 5.x)."""
-    if kwargs.get("output_attentions"):
-        return True
-    collector = _output_collector()
+    return bool(kwargs.get("output_attentions")) or _recorder_collects_attentions()
+
+
+@torch.compiler.assume_constant_result  # read when a compiled graph is traced: Dynamo cannot trace a ContextVar
+def _recorder_collects_attentions() -> bool:
     try:
-        collected = collector.get()
+        collected = _output_collector().get()
     except LookupError:
         return False
     return bool(collected) and any(str(name).endswith("attentions") for name in collected)

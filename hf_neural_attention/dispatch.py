@@ -125,6 +125,8 @@ def call_settings(variant: AttentionVariant) -> FastPathSettings:
     """The settings a call runs under: those in effect, remembered on the variant; during backward, those of the
     layer's last forward, so a recompute (activation checkpointing) takes the same engine and chunk layout as the
     first run, as non-reentrant checkpointing requires (it compares what both runs save)."""
+    if torch.compiler.is_compiling() or not torch.is_grad_enabled():  # traced once / nothing to recompute
+        return current_settings()
     remembered = variant.__dict__.get("_forward_settings")
     if remembered is not None and _in_backward():
         return remembered

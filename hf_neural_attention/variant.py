@@ -12,6 +12,7 @@ Part of the flat folder saved checkpoints copy for `trust_remote_code`: imports 
 
 from __future__ import annotations
 
+import weakref
 from typing import Any, Callable, ClassVar, Mapping
 
 import torch
@@ -71,6 +72,11 @@ def tracked(*tensors: torch.Tensor) -> bool:
     return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
+# Every live variant by id: the chunked engine's custom ops take this key instead of the object, so a compiled graph
+# holds an int. Registered on construction and on unpickling (deepcopy), never during a traced forward.
+LIVE_VARIANTS: weakref.WeakValueDictionary[int, AttentionVariant] = weakref.WeakValueDictionary()
+
+
 class AttentionVariant(nn.Module):
     """Base class of the variants. Subclasses set the class attributes and implement `score` (and `prepare` when
     the rule needs more than the query rows and the keys)."""
@@ -95,6 +101,11 @@ class AttentionVariant(nn.Module):
             setattr(self, option, given.get(option, spec.default))
         self.build()
         self.reset_parameters()
+        LIVE_VARIANTS[id(self)] = self
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        LIVE_VARIANTS[id(self)] = self
 
     @classmethod
     def check_options(cls, options: Mapping[str, Any] | None) -> dict[str, Any]:
