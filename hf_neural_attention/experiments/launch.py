@@ -5,8 +5,8 @@ and FSDP on CPU processes.
 many processes it started and which engine it configured (accelerate's `ACCELERATE_USE_FSDP`,
 `ACCELERATE_USE_DEEPSPEED`, `ACCELERATE_MIXED_PRECISION`); TrainingArguments decide what actually runs. Where they
 disagree the Trainer does not say so: N processes that each train alone into one output_dir, an FSDP or DeepSpeed
-config that quietly becomes plain DDP, a launch config's bf16 that is not applied. The check stops with the mismatch
-and the command that works.
+config that quietly becomes plain DDP, a launch config's bf16 that the recipe (and so results.json and the model card)
+does not state. The check stops with the mismatch and the command that works.
 
 `shard_on_cpu_processes` makes FSDP real on CPU processes: accelerate's FSDP2 preparation (`fully_shard` per
 transformer block) runs over gloo, but accelerate only turns FSDP on for accelerator devices; on CPU processes
