@@ -230,6 +230,15 @@ class AttentionVariantMixin:
         """Stock save (safetensors, config with auto_map, this folder's code), then the SAVE_HOOKS (the installed
         package writes a model card README.md). The auto_map names the variant class of every Auto class that serves
         this architecture, so any head (or the base model) loads from the checkpoint with trust_remote_code."""
+        variant_class = next(cls for cls in type(self).__mro__ if cls.__module__ == __name__)
+        if variant_class is not type(self):
+            # FSDP2's fully_shard gives a sharded model a subclass defined in torch (FSDPVariant...), whose module
+            # custom_object_save would copy and name in auto_map; the checkpoint holds the variant class's code
+            wrapper, self.__class__ = type(self), variant_class
+            try:
+                return self.save_pretrained(save_directory, *args, **kwargs)
+            finally:
+                self.__class__ = wrapper
         stock = self.stock_model_class
         if not (is_transformers_class(stock) and is_transformers_class(self.config_class.stock_config_class)):
             raise ValueError(

@@ -27,9 +27,16 @@ def dead_groups(scorer: NeuralAttention) -> list[int]:
         return []
     dead = torch.zeros(scorer.mlp_weights[0].shape[0], dtype=torch.bool)
     for weight, bias in zip(scorer.mlp_weights[1:-1], scorer.mlp_biases[1:-1]):  # [G, out, in], [G, out]
+        weight, bias = _whole(weight), _whole(bias)
         unit_dead = (weight <= 0).all(dim=-1) & (bias <= 0)  # [G, out]
         dead |= unit_dead.all(dim=-1).cpu()
     return [int(group) for group in dead.nonzero().flatten()]
+
+
+def _whole(parameter: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of a parameter that FSDP2 shards (a DTensor; every rank gathers, as every rank runs the
+    Trainer's callbacks), or the parameter itself."""
+    return parameter.full_tensor() if hasattr(parameter, "full_tensor") else parameter
 
 
 def dead_scorers(model: torch.nn.Module) -> dict[str, list[int]]:
