@@ -171,10 +171,10 @@ def tiny_word_tokenizer():
 
     vocab = {"<|endoftext|>": 0, "<unk>": 1}
     for word in TINY_WORDS:
-        vocab.setdefault(word, len(vocab))
+        vocab.setdefault("\u2581" + word, len(vocab))  # each word with its leading space, as SentencePiece marks it
     assert len(vocab) <= VOCAB
     backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    backend.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
+    backend.pre_tokenizer = pre_tokenizers.Metaspace()  # words split on spaces, each prefixed with \u2581
+    backend.decoder = decoders.Metaspace(prepend_scheme="never")  # each piece keeps its space, as GPT-2 BPE does
     return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<|endoftext|>", eos_token="<|endoftext|>",
                                    pad_token="<|endoftext|>", unk_token="<unk>")
