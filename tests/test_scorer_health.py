@@ -11,6 +11,7 @@ import torch
 from datasets import Dataset
 
 import hf_neural_attention as hfna
+from hf_neural_attention.dispatch import attention
 from hf_neural_attention.experiments.harness import training_arguments
 from hf_neural_attention.experiments.scorer_health import NeuralScorerMonitor, dead_groups, dead_scorers
 from hf_neural_attention.experiments.training import train_model
@@ -121,9 +122,7 @@ def test_leaky_relu_matches_its_formula_on_both_paths(fast):
     double.load_state_dict(scorer.state_dict())
     expected = leaky_reference(double, q, k, mask.keep) @ v
     with fast_paths(fast, min_size=0, chunk_size=4):
-        output = double.attention_output(q, k, v, mask, D**-0.5, 0.0, False)
-    if output is None:  # plain path
-        output = double.attention_weights(q, k, mask, D**-0.5) @ v
+        output, _ = attention(double, q, k, v, mask, D**-0.5, 0.0)  # the chunked engine, or the plain path
     torch.testing.assert_close(output, expected, rtol=1e-9, atol=1e-10)
     grads = torch.autograd.grad(output.sum(), [q, k])
     expected_grads = torch.autograd.grad(expected.sum(), [q, k])
@@ -199,6 +198,6 @@ def test_the_monitor_warns_once_for_a_scorer_dead_on_the_data(dead, tmp_path, ca
     assert len(warnings) == 1, warnings
     assert "transformer.h.0.attn" in warnings[0] and "heads [0, 1, 2, 3]" in warnings[0]
     assert "leaky_relu" in warnings[0] and "init='alive'" in warnings[0] and "uniform" in warnings[0]
-    assert "attention_output" not in vars(scorer) and "attention_weights" not in vars(scorer)  # probes removed
+    assert "prepare" not in vars(scorer) and "kernel_inputs" not in vars(scorer)  # probes removed
     monitor = next(c for c in trainer.callback_handler.callbacks if isinstance(c, NeuralScorerMonitor))
     assert monitor.probes == {}

@@ -78,12 +78,18 @@ def constant_on_data(scorer: NeuralAttention, query: torch.Tensor, key: torch.Te
     return [int(head) for head in (deviation <= PROBE_TOLERANCE).nonzero().flatten()]
 
 
+# The variant methods every engine calls first with the call's queries and keys: prepare (the chunked engine, and the
+# plain path through attention_weights) and kernel_inputs (the fused kernels). FlexAttention (inference only, where
+# enabled) calls neither; the probe then waits for a call that does.
+PROBED_METHODS = ("prepare", "kernel_inputs")
+
+
 class _DataProbe:
-    """Wraps one neural layer's two entry points (fast and plain path) until its next call, which it probes."""
+    """Wraps one neural layer's entry points until its next call, which it probes."""
 
     def __init__(self, scorer: NeuralAttention, report) -> None:
         self.scorer, self.report = scorer, report
-        for name in ("attention_output", "attention_weights"):
+        for name in PROBED_METHODS:
             setattr(scorer, name, self._wrap(getattr(scorer, name)))
 
     def _wrap(self, original):
@@ -99,7 +105,7 @@ class _DataProbe:
         return probed
 
     def remove(self) -> None:
-        for name in ("attention_output", "attention_weights"):
+        for name in PROBED_METHODS:
             self.scorer.__dict__.pop(name, None)  # back to the class's methods
 
 
