@@ -19,7 +19,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from . import dispatch
+from .dispatch import attention as dispatch_attention
 from .injection import FALLBACK_ATTRIBUTE, VARIANT_ATTRIBUTE
 from .masks import KeyMask, restrict_to_window, split_attention_mask
 from .registry import VARIANT_CLASSES, VARIANTS
@@ -148,7 +148,7 @@ def variant_attention_forward(
     key = repeat_kv(key, num_heads // key.shape[1])  # [B, H, Lk, D]
     value = repeat_kv(value, num_heads // value.shape[1])
     mask = call_mask(module, attention_mask, query.shape[2], key.shape[2], query.device, kwargs)
-    output, weights = dispatch.attention(
+    output, weights = dispatch_attention(
         variant, query, key, value, mask, head_dim**-0.5 if scaling is None else scaling,
         dropout if module.training else 0.0, attention_weights_requested(kwargs),
     )

@@ -27,6 +27,7 @@ import torch
 from .chunked import chunked_attention
 from .dropout_mask import draw_dropout_seed, dropout_scale, dropout_streams
 from .flex import flex_inference_output
+from .kernel_check import kernels_trusted, self_check_applies
 from .masks import KeyMask
 from .normalisation import operand_dtype
 from .runtime import (
@@ -72,6 +73,11 @@ def kernel_engine(variant: AttentionVariant, call: AttentionCall) -> EngineResul
         return f"the fused kernels do not run here: {inputs}"
     from .triton_attention import triton_attention_output  # triton is optional
 
+    if self_check_applies(call.value):
+        distrusted = kernels_trusted(
+            variant, inputs, call.value, lambda inputs_, value, mask: triton_attention_output(inputs_, value, mask))
+        if distrusted is not None:
+            return None  # said once by the check itself
     output = triton_attention_output(inputs, call.value, call.mask, call.dropout, call.seed)
     return f"the fused kernels do not run here: {output}" if isinstance(output, str) else output
 

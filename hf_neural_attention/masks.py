@@ -18,8 +18,8 @@ class KeyMask:
     bias: float [B or 1, H or 1, Lq, Lk], finite additive log-domain bias on kept positions; None means zero.
     causal: whether the mask came from (or stands for) a causal pattern, so a query's own slot is its last
         visible key.
-    pure_causal: keep is exactly the bottom-right aligned causal pattern (no padding, no window, Lq <= Lk), known
-        from how the mask was built, never by comparing an Lq x Lk tensor.
+    pure_causal: keep is exactly the bottom-right aligned causal pattern (no padding, no window, Lq <= Lk), as the
+        way the mask was built says; never found by comparing an Lq x Lk tensor.
     """
 
     __slots__ = ("_keep", "bias", "causal", "pure_causal", "_shape")

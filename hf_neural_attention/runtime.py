@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 BACKENDS = ("auto", "triton", "chunked")
+SELF_CHECKS = ("cuda", "always", "never")
 
 
 @dataclass
@@ -42,6 +43,8 @@ class FastPathSettings:
     backend: "auto" (the fused Triton kernels on CUDA tensors where triton is installed, else the chunked engine),
         "triton" (force the kernels; on CPU tensors only under TRITON_INTERPRET=1, as the tests run them) or
         "chunked" (never the kernels). See triton_attention.py.
+    kernel_self_check: compare the kernels with the chunked engine on the first call of each kernel case: "cuda"
+        (on CUDA tensors), "always" (also under the interpreter) or "never". See kernel_check.py.
     """
 
     enabled: bool = True
@@ -52,10 +55,12 @@ class FastPathSettings:
     min_size: int = 1 << 17
     flex_inference: bool = False
     backend: str = "auto"
+    kernel_self_check: str = "cuda"
 
     def __setattr__(self, name: str, value: Any) -> None:
-        if name == "backend" and value not in BACKENDS:
-            raise ValueError(f"FAST_PATHS.backend={value!r} is not valid; choose one of {list(BACKENDS)}")
+        choices = {"backend": BACKENDS, "kernel_self_check": SELF_CHECKS}.get(name)
+        if choices is not None and value not in choices:
+            raise ValueError(f"FAST_PATHS.{name}={value!r} is not valid; choose one of {list(choices)}")
         super().__setattr__(name, value)
 
 

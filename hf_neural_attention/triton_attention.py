@@ -69,8 +69,8 @@ def _keep_bytes(mask: KeyMask) -> torch.Tensor | None:
     return mask.keep.view(torch.int8) if mask.keep.dtype == torch.bool else mask.keep.to(torch.int8)
 
 
-def triton_attention_output(inputs: KernelInputs, value: torch.Tensor, mask: KeyMask, dropout: float,
-                            seed: torch.Tensor | None) -> torch.Tensor | str:
+def triton_attention_output(inputs: KernelInputs, value: torch.Tensor, mask: KeyMask, dropout: float = 0.0,
+                            seed: torch.Tensor | None = None) -> torch.Tensor | str:
     """[B, H, Lq, D] output of the fused kernels, or the reason they cannot take this call."""
     if mask.bias is not None:
         return "the mask carries an additive bias (pass a boolean mask)"
@@ -134,7 +134,9 @@ class _FusedAttention(torch.autograd.Function):
         flat = [_flat(t) for t in (query, key, value)]
         parts = [_flat(t.float()) if call.score == kernels.SCORE_NEURAL else t for t in (query_part, key_part)]
         weights = [t.float().contiguous() for t in (w2, b2, w3, b3)]
-        out = torch.empty_like(flat[0], dtype=value.dtype)
+        # float32 O: backward's row term sum(dO * O) from a rounded half-precision O is off by its rounding, which the
+        # softmax derivative's cancellation amplifies (neural's last bias, whose gradient is 0, got 0.03 in bf16).
+        out = torch.empty_like(flat[0], dtype=torch.float32)
         row_max = torch.empty(batch * heads, q_len, device=query.device, dtype=torch.float32)
         row_sum = torch.empty_like(row_max)
         tiles = call.forward_tiles
@@ -143,7 +145,7 @@ class _FusedAttention(torch.autograd.Function):
                                       BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, num_warps=tiles.num_warps, **settings)
         ctx.call, ctx.settings, ctx.shape = call, settings, query.shape
         ctx.save_for_backward(query, key, value, query_part, key_part, w2, b2, w3, b3, out, row_max, row_sum, keep)
-        return out.view(batch, heads, q_len, dim)
+        return out.view(batch, heads, q_len, dim).to(value.dtype)
 
     @staticmethod
     def backward(ctx, grad_output):

@@ -2,8 +2,8 @@
 declaration of one of its options with its validation.
 
 A variant states three things: its options (`options_spec`), its parameters (`build`, `reset_parameters`) and its
-score rule once (`prepare` + `score`), with how scores become weights (`normalisation`); and what each engine needs
-from it: the chunked engine the rule itself (and optionally its derivative, `score_vjp`), FlexAttention a
+score rule once (`prepare` + `score`), with how scores become weights (`normalisation`); and what each engine needs:
+the chunked engine needs the rule itself (and optionally its derivative, `score_vjp`), FlexAttention a
 `flex_score_mod`, the fused kernels their named `kernel_inputs`. The plain path (`attention_weights`: the whole score
 map under autograd, as the paper writes it) is built here; dispatch.py picks the engine.
 

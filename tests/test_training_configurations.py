@@ -12,7 +12,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 import hf_neural_attention as hfna
-from hf_neural_attention import dispatch
+from hf_neural_attention import attention_interface
 from hf_neural_attention.chunked import _RowChunkedAttention
 from hf_neural_attention.runtime import fast_paths
 from conftest import ALL_BUILDERS, VOCAB, converted
@@ -178,8 +178,8 @@ def test_autocast_bf16_casts_inputs_and_fast_path_is_as_accurate_as_plain(arch, 
     rest of the model amplifies chaotically (a one-ulp change of one attention output moves every later gradient), so
     the comparison is over all parameters at once."""
     received = []
-    original = dispatch.attention
-    monkeypatch.setattr(dispatch, "attention", lambda variant_, q, k, v, *args: received.append(
+    original = attention_interface.dispatch_attention
+    monkeypatch.setattr(attention_interface, "dispatch_attention", lambda variant_, q, k, v, *args: received.append(
         (q.dtype, k.dtype, v.dtype)) or original(variant_, q, k, v, *args))
     calls = []
     chunked_forward = _RowChunkedAttention.forward
