@@ -205,6 +205,7 @@ REMOTE_LOADER = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["without-package", "with-package"])
 def test_a_fresh_process_restores_every_architecture(mode, saved, tmp_path):
     """One head per architecture (its first task head that holds AutoModel's base model), plus AutoModel from that
@@ -271,6 +272,7 @@ def test_a_model_whose_config_is_not_its_config_class_is_refused_up_front():
     assert not added_parameters(model)  # nothing changed
 
 
+@pytest.mark.slow
 def test_retrofit_command_keeps_any_head(tmp_path):
     """hfna-retrofit loads the class the checkpoint was saved from (its architectures), so a Qwen2 sequence classifier
     stays one, and the function-preserving cdape gives the stock outputs."""

@@ -27,6 +27,7 @@ from conftest import ALL_BUILDERS, VOCAB, converted
 from test_formulas import Holder
 
 assert triton_kernels.interpreted(), "conftest must set TRITON_INTERPRET=1 before triton is imported"
+pytestmark = pytest.mark.triton
 
 B, H, D = 2, 2, 24  # a head dim that is no power of two (padded to 32 inside the kernels)
 SHAPES = [(19, 19), (5, 21), (16, 33)]  # odd lengths, a cache-shaped call (Lq < Lk), exact and ragged blocks
@@ -292,6 +293,7 @@ def test_float32_products_follow_pytorchs_precision_setting():
     assert torch.equal(as_tf32, values)
 
 
+@pytest.mark.slow
 def test_the_kernels_compile_for_an_h100(tmp_path):
     """What only the GPU compiler checks (tl.dot's shape and dtype rules, layouts, shared memory, registers), which
     the interpreter skips: the neural launches (the most code; bf16, causal, dropout, the GPU tiles) compiled to a
