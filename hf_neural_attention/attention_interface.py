@@ -4,8 +4,6 @@ function with AttentionMaskInterface) under the variant's name.
 Importing this file registers "dot", "expressive", "neural" and "cdape". The function prepares the inputs once
 (GQA, scaling, mask split), then branches: the variant's fast path unless the caller records the weights, else the
 plain path.
-
-Part of the flat folder saved checkpoints copy for `trust_remote_code`: imports only torch, transformers and siblings.
 """
 
 from __future__ import annotations

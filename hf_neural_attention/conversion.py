@@ -12,6 +12,7 @@ from typing import Any, Callable, Iterable
 from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
 
+from .auto_registration import register_architecture
 from .configuration_variants import VariantConfigMixin
 from .injection import FALLBACK_ATTRIBUTE, HOOK_ATTRIBUTE, VARIANT_ATTRIBUTE, apply_variant, find_attention_modules
 from .modeling_variants import AttentionVariantMixin, is_transformers_class, variant_model_class
@@ -54,6 +55,7 @@ def convert(model: nn.Module, variant: str, layers: None | str | Iterable[int] =
     if variant_class is not None:
         model.config.__class__ = variant_class.config_class  # same fields plus the variant ones
         model.__class__ = variant_class
+        register_architecture(variant_class.config_class.stock_config_class)  # its checkpoints load through Auto*
     model.config.attention_variant_layers = targets
     if hasattr(model, "set_attn_implementation"):
         model.set_attn_implementation(variant)

@@ -2,8 +2,6 @@
 
 Every variant has a plain path that computes its whole score map under autograd, and a chunked fast path that gives
 the same numbers (up to rounding) with far less memory and time (see chunked.py). These settings choose between them.
-
-Part of the flat folder saved checkpoints copy for `trust_remote_code`: imports only torch and its siblings.
 """
 
 from __future__ import annotations

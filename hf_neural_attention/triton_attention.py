@@ -7,9 +7,6 @@ neural MLP with other than two hidden layers or another activation than ReLU, an
 float32/bfloat16/float16, triton installed but not importable.
 cdape stays on the chunked path: its convolution over the score map mixes neighbouring keys and all heads, so a tile
 would need a halo of scores from every head, and the chunked engine already keeps its memory linear in n.
-
-Part of the flat folder saved checkpoints copy for `trust_remote_code`: imports only torch, triton (optional) and its
-siblings.
 """
 
 from __future__ import annotations
@@ -20,6 +17,8 @@ from typing import NamedTuple
 import torch
 
 from . import triton_kernels as kernels
+from .triton_kernels import available  # noqa: F401 (Transformers ships a sibling with a checkpoint only when a
+# line reads "from .<sibling> import"; "from . import" alone left triton_kernels.py out: tests/test_shipped_code.py)
 from .chunked import draw_dropout_seed
 from .expressive import ExpressiveAttention
 from .masks import KeyMask, causal_keep

@@ -141,14 +141,7 @@ def test_checkpoint_folder_contents(saved_checkpoints):
         assert config["attention_variant_options"] == model.config.attention_variant_options
         assert config["auto_map"]["AutoConfig"].startswith("configuration_variants.Variant")
         assert config["auto_map"][AUTO_FOR_ARCH[arch].__name__].startswith("modeling_variants.Variant")
-        for code in folder.glob("*.py"):  # checkpoint code imports only torch, transformers, hub and siblings
-            for line in code.read_text().splitlines():
-                line = line.strip()
-                if line.startswith(("import ", "from ")) and not line.startswith("from ."):
-                    module = line.split()[1].split(".")[0]
-                    assert module in {"__future__", "torch", "transformers", "huggingface_hub", "dataclasses",
-                                      "typing", "math", "functools", "importlib", "inspect", "logging", "os",
-                                      "tempfile", "pathlib", "triton"}, f"{code.name}: {line}"
+        # what the shipped code may import: tests/test_shipped_code.py
 
 
 @pytest.mark.slow

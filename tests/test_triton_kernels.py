@@ -253,6 +253,7 @@ def test_the_kernels_are_chosen_only_where_they_apply(monkeypatch):
         hfna.FAST_PATHS.backend = "gpu"
 
 
+@pytest.mark.slow  # a whole model through Triton's interpreter
 @pytest.mark.parametrize("variant", ["expressive", "neural"])
 def test_a_whole_model_trains_the_same_through_the_kernels(variant):
     ids = torch.randint(1, VOCAB, (2, 17), generator=torch.Generator().manual_seed(0))
