@@ -107,6 +107,15 @@ def is_transformers_class(cls: type) -> bool:
     return getattr(transformers, cls.__name__, None) is cls
 
 
+def refuse_what_no_checkpoint_rebuilds(model_class: type) -> None:
+    stock = model_class.stock_model_class
+    if not (is_transformers_class(stock) and is_transformers_class(model_class.config_class.stock_config_class)):
+        raise ValueError(
+            f"{model_class.__name__} cannot be saved as a variant checkpoint: {stock.__module__}.{stock.__name__} is "
+            "not a Transformers class, so neither this package nor the checkpoint's code could rebuild it on load. "
+            "Save its state_dict with your own class, or hf_neural_attention.revert(model) first.")
+
+
 class AttentionVariantMixin:
     """Shared by every variant model class; put it first in the bases, before the stock class."""
 
@@ -161,12 +170,7 @@ class AttentionVariantMixin:
     def save_pretrained(self, save_directory: str | os.PathLike, *args: Any, **kwargs: Any) -> None:
         """Stock save with an auto_map for every Auto class of the architecture, this folder's code next to it, then
         the SAVE_HOOKS (the installed package writes a model card README.md)."""
-        stock = self.stock_model_class
-        if not (is_transformers_class(stock) and is_transformers_class(self.config_class.stock_config_class)):
-            raise ValueError(
-                f"{type(self).__name__} cannot be saved as a variant checkpoint: {stock.__module__}.{stock.__name__} "
-                "is not a Transformers class, so neither this package nor the checkpoint's code could rebuild it on "
-                "load. Save its state_dict with your own class, or hf_neural_attention.revert(model) first.")
+        refuse_what_no_checkpoint_rebuilds(type(self))
         self.config.auto_map = auto_map(type(self), getattr(self.config, "auto_map", None))
         super().save_pretrained(save_directory, *args, **kwargs)
         if kwargs.get("is_main_process", True):
