@@ -100,6 +100,7 @@ def saved(tmp_path_factory):
     return checkpoints
 
 
+@pytest.mark.slow  # 53 heads of 11 architectures saved and reloaded
 @pytest.mark.parametrize("arch,auto,head,variant", CASES, ids=[f"{a}-{h}-{v}" for a, _, h, v in CASES])
 def test_every_head_round_trips_through_its_auto_class(arch, auto, head, variant, saved):
     folder, model = saved[arch, auto]
@@ -135,6 +136,7 @@ def same_base_layout(head: torch.nn.Module) -> bool:
     return stock_of(type(head.base_model)) is base_class and head.base_model_prefix == base_class.base_model_prefix
 
 
+@pytest.mark.slow  # the 53 saved heads
 @pytest.mark.parametrize("arch", list(CONFIGS))
 def test_base_auto_model_loads_from_every_head_checkpoint(arch, saved, caplog):
     """AutoModel ignores a head's weights, as Transformers does for feature extraction. Where the head does not hold
@@ -259,6 +261,7 @@ def test_a_fresh_process_restores_every_architecture(mode, saved, tmp_path):
             assert "trust_remote_code" in entry["before opt-in"], entry
 
 
+@pytest.mark.slow  # the 53 saved heads
 def test_a_stock_class_loading_a_variant_checkpoint_fails_on_first_use(saved):
     """With the package imported the variant's name is a known implementation, so the stock class loads (Transformers
     reports the unexpected variant weights) and its first forward says what is wrong."""

@@ -128,6 +128,7 @@ def test_neural_kernels_match_chunked_path_and_formula(options, q_len, k_len):
     torch.testing.assert_close(fused[0].double(), weights @ v.double(), rtol=0, atol=1e-5)
 
 
+@pytest.mark.slow  # a sweep of tile shapes through Triton's interpreter
 @pytest.mark.parametrize("name", ["rational", "softmax_square", "neural"])
 @pytest.mark.parametrize("q_len,k_len", [(40, 40), (20, 37)])
 @pytest.mark.parametrize("tiles", [None, (Tiles(32, 16, 4), Tiles(16, 32, 4))], ids=["square", "rectangular"])
