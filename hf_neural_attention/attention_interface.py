@@ -4,8 +4,6 @@ function with AttentionMaskInterface) under the variant's name.
 Importing this file registers "dot", "expressive", "neural" and "cdape". The function resolves the module's variant,
 prepares the inputs once (autocast dtype, GQA, scaling, the mask) and hands them to dispatch.py, which picks the
 engine.
-
-Part of the flat folder saved checkpoints copy for `trust_remote_code`: imports only torch, transformers and siblings.
 """
 
 from __future__ import annotations

@@ -5,8 +5,6 @@ only the inputs and one or two numbers per query row are kept for backward, wher
 recomputed (FlashAttention's scheme), with the score rule differentiated by autograd chunk by chunk unless the variant
 writes its derivative out (`AttentionVariant.score_vjp`). Keys that every row of a chunk masks (the future of a causal
 chunk) are skipped, and mask operations touch only the columns where some row of the chunk is masked.
-
-Part of the flat folder saved checkpoints copy for `trust_remote_code`: imports only torch and its siblings.
 """
 
 from __future__ import annotations

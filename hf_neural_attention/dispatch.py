@@ -11,9 +11,6 @@ changes speed and memory, never the numbers. An engine that does not apply says 
 attention (a GPU call leaving the kernels, a dtype the fast paths refuse, weights requested on a long sequence) are
 logged once each. Autocast is off inside: the attention function has already cast q, k, v to the autocast dtype,
 and each engine states the dtypes it computes in.
-
-Part of the flat folder saved checkpoints copy for `trust_remote_code`: imports only torch, triton (optional) and
-its siblings.
 """
 
 from __future__ import annotations

@@ -7,8 +7,6 @@ What a setting changes is speed and memory, never the numbers: every path draws 
 (dropout_mask.py) and computes the same rule. A forward that autograd recomputes during backward (activation
 checkpointing) runs under the settings of its first run, whatever is in effect during backward (dispatch.py), so
 the recompute saves what the first run saved. Measurements behind the defaults: benchmarks/results.md.
-
-Part of the flat folder saved checkpoints copy for `trust_remote_code`: imports only torch and its siblings.
 """
 
 from __future__ import annotations

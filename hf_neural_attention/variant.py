@@ -6,8 +6,6 @@ score rule once (`prepare` + `score`), with how scores become weights (`normalis
 the chunked engine needs the rule itself (and optionally its derivative, `score_vjp`), FlexAttention a
 `flex_score_mod`, the fused kernels their named `kernel_inputs`. The plain path (`attention_weights`: the whole score
 map under autograd, as the paper writes it) is built here; dispatch.py picks the engine.
-
-Part of the flat folder saved checkpoints copy for `trust_remote_code`: imports only torch and its siblings.
 """
 
 from __future__ import annotations
@@ -94,9 +92,20 @@ class AttentionVariant(nn.Module):
 
     def __init__(self, num_heads: int, head_dim: int, **options: Any) -> None:
         super().__init__()
+        self._set_up(num_heads, head_dim, self.check_options(options))
+
+    @classmethod
+    def from_checked_options(cls, num_heads: int, head_dim: int, options: Mapping[str, Any]) -> AttentionVariant:
+        """Built from options `check_options` returned: a caller that checked them once (apply_variant) does not
+        have them checked again for every layer."""
+        variant = cls.__new__(cls)
+        nn.Module.__init__(variant)
+        variant._set_up(num_heads, head_dim, options)
+        return variant
+
+    def _set_up(self, num_heads: int, head_dim: int, given: Mapping[str, Any]) -> None:
         self.num_heads = num_heads
         self.head_dim = head_dim
-        given = self.check_options(options)
         for option, spec in self.options_spec.items():
             setattr(self, option, given.get(option, spec.default))
         self.build()

@@ -225,6 +225,7 @@ def test_default_chunking_of_a_long_sequence_equals_plain_path():
     torch.testing.assert_close(fast, plain, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow  # compiles FlexAttention (torch.compile)
 @pytest.mark.parametrize("variant,options", [("expressive", {"form": "rational", "scale": True}), ("dot", {})])
 def test_flex_attention_inference_equals_plain_path(variant, options):
     """Compiled FlexAttention (forward only): masks, an additive bias and a fully masked row."""

@@ -13,6 +13,8 @@ from hf_neural_attention.runtime import fast_paths
 from test_fast_paths import build_mask, call
 from test_formulas import D, random_inputs
 
+pytestmark = pytest.mark.slow  # each test compiles FlexAttention (torch.compile)
+
 
 @pytest.fixture
 def flex_calls(monkeypatch):

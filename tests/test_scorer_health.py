@@ -88,6 +88,7 @@ def test_the_monitor_warns_once_per_dead_layer(caplog):
         NeuralScorerMonitor(check_every=0)
 
 
+@pytest.mark.slow
 def test_training_a_neural_model_runs_the_monitor(tmp_path):
     model = hfna.convert(tiny_gpt2(), "neural")
     ids = torch.randint(1, VOCAB, (8, 16), generator=torch.Generator().manual_seed(0))
