@@ -109,16 +109,16 @@ class NeuralAttention(AttentionVariant):
         [B, H, Lk, h1], with float32 results at least (the projections are tiny next to the pairwise MLP)."""
         dtype = compute_dtype(query.dtype)
         query, key = query.to(dtype), key.to(dtype)
-        down_q, down_k = self.query_down_weight.to(dtype), self.key_down_weight.to(dtype)
-        query_small = torch.einsum("bhqd,hpd->bhqp", query, self._per_head(down_q))
-        query_small = query_small + self._per_head(self.query_down_bias.to(dtype))[None, :, None, :]  # [B, H, Lq, d']
-        key_small = torch.einsum("bhkd,hpd->bhkp", key, self._per_head(down_k))
-        key_small = key_small + self._per_head(self.key_down_bias.to(dtype))[None, :, None, :]  # [B, H, Lk, d']
-
-        first_weight = self._per_head(self.mlp_weights[0].to(dtype))  # [H, h1, 2d']
-        query_part = torch.einsum("bhqp,hcp->bhqc", query_small, first_weight[..., : self.proj_dim])
-        query_part = query_part + self._per_head(self.mlp_biases[0].to(dtype))[None, :, None, :]  # [B, H, Lq, h1]
-        key_part = torch.einsum("bhkp,hcp->bhkc", key_small, first_weight[..., self.proj_dim :])  # [B, H, Lk, h1]
+        first = self.mlp_weights[0].to(dtype)  # [G, h1, 2d']
+        first_q, first_k = first[..., : self.proj_dim], first[..., self.proj_dim :]  # [G, h1, d'] each
+        # (x W^T + b) F^T = x (F W)^T + F b: the down-projection and the first layer as one [d_h -> h1] product per
+        # group, a plain matmul that broadcasts over batch and heads (the key cache is read once, not copied)
+        query_weight = first_q @ self.query_down_weight.to(dtype)  # [G, h1, d_h]
+        key_weight = first_k @ self.key_down_weight.to(dtype)
+        query_bias = (first_q @ self.query_down_bias.to(dtype)[..., None])[..., 0] + self.mlp_biases[0].to(dtype)
+        key_bias = (first_k @ self.key_down_bias.to(dtype)[..., None])[..., 0]  # [G, h1]
+        query_part = torch.matmul(query, query_weight.transpose(-1, -2)) + query_bias[:, None, :]  # [B, H, Lq, h1]
+        key_part = torch.matmul(key, key_weight.transpose(-1, -2)) + key_bias[:, None, :]  # [B, H, Lk, h1]
         return query_part, key_part
 
     def prepare(self, query: torch.Tensor, key: torch.Tensor, mask: KeyMask, scaling: float):
