@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test demo clean
+.PHONY: setup test test-floor demo clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -19,8 +19,28 @@ setup: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
+# The lowest versions pyproject allows (torch: 2.13.0, see .ci/floor_requirements.py), in a venv of their own, with
+# only the library's dependencies and pytest: a smoke subset of the library's tests (checkpoints and remote code,
+# damaged files, sliding windows, refusals, revert) that need nothing else (.ci/run).
+FLOOR_VENV := .venv-floor
+FLOOR_STAMP := $(FLOOR_VENV)/.installed
+FLOOR_TESTS := tests/test_checkpoints.py tests/test_legacy_checkpoints.py tests/test_corrupt_inputs.py \
+	tests/test_sliding_window.py tests/test_unsupported_features.py tests/test_revert.py \
+	tests/test_documented_paths_quiet.py
+
+$(FLOOR_STAMP): pyproject.toml Makefile .ci/floor_requirements.py
+	$(PYTHON) -m venv $(FLOOR_VENV)
+	$(PYTHON) .ci/floor_requirements.py > $(FLOOR_VENV)/floor.txt
+	$(FLOOR_VENV)/bin/pip install --quiet -r $(FLOOR_VENV)/floor.txt "pytest>=8"
+	$(FLOOR_VENV)/bin/pip install --quiet -e . -c $(FLOOR_VENV)/floor.txt  # fails if pyproject refuses a floor
+	touch $(FLOOR_STAMP)
+
+test-floor: $(FLOOR_STAMP)
+	$(FLOOR_VENV)/bin/pip list --format=freeze | grep -i -E "^(torch|transformers|huggingface.hub|safetensors)=="
+	$(FLOOR_VENV)/bin/python -m pytest -q -p no:cacheprovider $(FLOOR_TESTS)
+
 demo: $(STAMP)
 	$(BIN)/python scripts/demo.py
 
 clean:
-	rm -rf $(VENV) *.egg-info
+	rm -rf $(VENV) $(FLOOR_VENV) *.egg-info
