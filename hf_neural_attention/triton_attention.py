@@ -1,10 +1,9 @@
-"""The Triton path of the expressive and neural variants: what the fused kernels (triton_kernels.py) need from a
-variant, an autograd Function around them, and the rule that picks them.
+"""The Triton path: the fused kernels (triton_kernels.py) run on a variant's named kernel inputs (kernel_inputs.py),
+with an autograd Function around them.
 
-`triton_attention_output(variant, query, key, value, mask, scaling, dropout)` returns the [B, H, Lq, D] output, or
-None where the kernels do not cover the call (the chunked path runs): a variant other than expressive or neural, a
-neural MLP with other than two hidden layers or another activation than ReLU, an additive mask bias, a dtype outside
-float32/bfloat16/float16, triton installed but not importable.
+`triton_attention_output(inputs, value, mask, dropout, seed)` returns the [B, H, Lq, D] output, or the reason the
+kernels do not cover the call (dispatch.py says it once and the chunked path runs): an additive mask bias, an MLP
+activation the kernels lack, triton installed but not importable. Variants without kernels say so themselves.
 cdape stays on the chunked path: its convolution over the score map mixes neighbouring keys and all heads, so a tile
 would need a halo of scores from every head, and the chunked engine already keeps its memory linear in n.
 
@@ -20,11 +19,8 @@ from typing import NamedTuple
 import torch
 
 from . import triton_kernels as kernels
-from .chunked import draw_dropout_seed
-from .expressive import ExpressiveAttention
-from .masks import KeyMask, causal_keep
-from .neural import NeuralAttention
-from .variant import AttentionVariant
+from .kernel_inputs import ExpressiveKernelInputs, KernelInputs
+from .masks import KeyMask
 
 
 class Tiles(NamedTuple):
@@ -66,16 +62,6 @@ def _tiles(score: int) -> tuple[Tiles, Tiles]:
     return INTERPRETER_TILES if kernels.interpreted() else GPU_TILES[score]
 
 
-def _is_causal(mask: KeyMask, q_len: int, k_len: int) -> bool:
-    """Whether the keep pattern is exactly the bottom-right causal one (no padding, no window): then the kernels
-    compute it from indices instead of reading an Lq x Lk mask, and skip the tiles above the diagonal. Such a pattern
-    has no fully masked row, so skipping tiles cannot change a row's normalisation."""
-    keep = mask.keep
-    if not mask.causal or keep is None or q_len > k_len or keep.shape[-2:] != (q_len, k_len):
-        return False
-    return torch.equal(keep, causal_keep(q_len, k_len, keep.device).expand_as(keep))
-
-
 def _keep_bytes(mask: KeyMask) -> torch.Tensor | None:
     """The keep mask as int8 for the kernels: a view of a bool mask (same bytes), no copy."""
     if mask.keep is None:
@@ -83,28 +69,29 @@ def _keep_bytes(mask: KeyMask) -> torch.Tensor | None:
     return mask.keep.view(torch.int8) if mask.keep.dtype == torch.bool else mask.keep.to(torch.int8)
 
 
-def triton_attention_output(variant: AttentionVariant, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                            mask: KeyMask, scaling: float, dropout: float) -> torch.Tensor | None:
-    if mask.bias is not None or not kernels.available():  # triton found but not importable: the chunked path
-        return None
-    causal = _is_causal(mask, query.shape[2], key.shape[2])
+def triton_attention_output(inputs: KernelInputs, value: torch.Tensor, mask: KeyMask, dropout: float = 0.0,
+                            seed: torch.Tensor | None = None) -> torch.Tensor | str:
+    """[B, H, Lq, D] output of the fused kernels, or the reason they cannot take this call."""
+    if mask.bias is not None:
+        return "the mask carries an additive bias (pass a boolean mask)"
+    if not kernels.available():
+        return "triton is installed but cannot be imported"
+    causal = mask.pure_causal  # computed in the kernels from indices; tiles above the diagonal skipped
     keep = None if causal else _keep_bytes(mask)
-    seed = draw_dropout_seed() % (2**31 - 2**20) if dropout > 0.0 else 0
-    empty = query.new_zeros(1, dtype=torch.float32)
-    if isinstance(variant, ExpressiveAttention):
-        score = kernels.EXPRESSIVE_SCORES[variant.form]
-        call = KernelCall(score, False, scaling if variant.scale else 1.0, keep, causal, dropout, seed, False,
-                          *_tiles(score))
-        return _FusedAttention.apply(call, query, key, value, empty, empty, empty, empty, empty, empty)
-    if isinstance(variant, NeuralAttention) and len(variant.mlp_weights) == 3 and variant.activation == "relu":
-        rows, shared = variant.prepare(query, key, mask, scaling)
-        query_part, key_part, w2, w3, b2, b3 = rows[0], *shared[:5]  # prepare: [key_part, W2, W3, b2, b3, (key)]
-        add = variant.combine == "add"
-        call = KernelCall(kernels.SCORE_NEURAL, add, scaling, keep, causal, dropout, seed, variant.per_head,
-                          *_tiles(kernels.SCORE_NEURAL))
-        return _FusedAttention.apply(call, rows[1] if add else query, shared[-1] if add else key, value,
-                                     query_part, key_part, w2, b2, w3.flatten(1), b3.flatten())
-    return None
+    seed = int(seed) % (2**31 - 2**20) if dropout > 0.0 else 0
+    empty = value.new_zeros(1, dtype=torch.float32)
+    if isinstance(inputs, ExpressiveKernelInputs):
+        score = kernels.EXPRESSIVE_SCORES[inputs.form]
+        call = KernelCall(score, False, inputs.dot_scale, keep, causal, dropout, seed, False, *_tiles(score))
+        return _FusedAttention.apply(call, inputs.query, inputs.key, value, empty, empty, empty, empty, empty, empty)
+    if inputs.activation != "relu":
+        return f"the kernels cover neural's relu MLP; activation={inputs.activation!r} runs the chunked engine"
+    per_head = inputs.hidden_weight.shape[0] > 1
+    call = KernelCall(kernels.SCORE_NEURAL, inputs.add_dot, inputs.dot_scale, keep, causal, dropout, seed, per_head,
+                      *_tiles(kernels.SCORE_NEURAL))
+    return _FusedAttention.apply(call, inputs.query, inputs.key, value, inputs.query_part, inputs.key_part,
+                                 inputs.hidden_weight, inputs.hidden_bias, inputs.out_weight.flatten(1),
+                                 inputs.out_bias.flatten())
 
 
 def _flat(tensor: torch.Tensor) -> torch.Tensor:
@@ -147,7 +134,9 @@ class _FusedAttention(torch.autograd.Function):
         flat = [_flat(t) for t in (query, key, value)]
         parts = [_flat(t.float()) if call.score == kernels.SCORE_NEURAL else t for t in (query_part, key_part)]
         weights = [t.float().contiguous() for t in (w2, b2, w3, b3)]
-        out = torch.empty_like(flat[0], dtype=value.dtype)
+        # float32 O: backward's row term sum(dO * O) from a rounded half-precision O is off by its rounding, which the
+        # softmax derivative's cancellation amplifies (neural's last bias, whose gradient is 0, got 0.03 in bf16).
+        out = torch.empty_like(flat[0], dtype=torch.float32)
         row_max = torch.empty(batch * heads, q_len, device=query.device, dtype=torch.float32)
         row_sum = torch.empty_like(row_max)
         tiles = call.forward_tiles
@@ -156,7 +145,7 @@ class _FusedAttention(torch.autograd.Function):
                                       BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, num_warps=tiles.num_warps, **settings)
         ctx.call, ctx.settings, ctx.shape = call, settings, query.shape
         ctx.save_for_backward(query, key, value, query_part, key_part, w2, b2, w3, b3, out, row_max, row_sum, keep)
-        return out.view(batch, heads, q_len, dim)
+        return out.view(batch, heads, q_len, dim).to(value.dtype)
 
     @staticmethod
     def backward(ctx, grad_output):

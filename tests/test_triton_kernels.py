@@ -18,7 +18,7 @@ import triton.language as tl
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 import hf_neural_attention as hfna
-from hf_neural_attention import triton_attention, triton_kernels
+from hf_neural_attention import dispatch, triton_attention, triton_kernels
 from hf_neural_attention.masks import causal_keep, split_attention_mask
 from hf_neural_attention.registry import build_variant
 from hf_neural_attention.runtime import fast_paths
@@ -79,8 +79,8 @@ def run(variant, q, k, v, keep, settings, dropout=0.0, seed=3, causal=False):
     mask = split_attention_mask(keep, q.shape[2], k.shape[2], causal, q.device)
     torch.manual_seed(seed)  # the dropout seed is drawn from the global generator
     with fast_paths(True, **settings):
-        output = variant.attention_output(q, k, v, mask, D**-0.5, dropout, dropout > 0.0)
-    assert output is not None
+        output, weights = dispatch.attention(variant, q, k, v, mask, D**-0.5, dropout)
+    assert weights is None
     grad_output = torch.randn(output.shape, generator=torch.Generator().manual_seed(1), dtype=output.dtype)
     grads = torch.autograd.grad(output, [q, k, v, *variant.parameters()], grad_output)
     return output, grads
@@ -131,9 +131,9 @@ def test_neural_kernels_match_chunked_path_and_formula(options, q_len, k_len):
 @pytest.mark.parametrize("q_len,k_len", [(40, 40), (20, 37)])
 @pytest.mark.parametrize("tiles", [None, (Tiles(32, 16, 4), Tiles(16, 32, 4))], ids=["square", "rectangular"])
 def test_a_causal_mask_is_computed_in_the_kernels_and_skips_tiles(name, q_len, k_len, tiles, monkeypatch):
-    """The exact causal pattern (as Transformers hands it, [B, 1, Lq, Lk] bool) is not read: CAUSAL computes it from
-    indices and skips the tiles above the diagonal; still equal to the chunked path and the float64 formula. Also with
-    rectangular tiles that differ between forward and backward, as the GPU tiles do."""
+    """A purely causal call (no mask and is_causal, as Transformers hands a causal batch without padding) reads no
+    mask: CAUSAL computes it from indices and skips the tiles above the diagonal; still equal to the chunked path and
+    the float64 formula. Also with rectangular tiles that differ between forward and backward, as the GPU tiles do."""
     if tiles is not None:
         monkeypatch.setattr(triton_attention, "INTERPRETER_TILES", tiles)
     settings = []
@@ -142,9 +142,9 @@ def test_a_causal_mask_is_computed_in_the_kernels_and_skips_tiles(name, q_len, k
     variant = neural_variant({}) if name == "neural" else build_variant("expressive", H, D, form=name, scale=True)
     q, k, v, _ = inputs(q_len, k_len)
     keep = causal_keep(q_len, k_len, q.device).expand(B, 1, q_len, k_len)
-    fused = run(variant, q, k, v, keep, TRITON, causal=True)
+    fused = run(variant, q, k, v, None, TRITON, causal=True)
     assert settings and all(s[0]["CAUSAL"] and not s[0]["HAS_KEEP"] for s in settings)
-    assert_same(fused, run(variant, q, k, v, keep, CHUNKED, causal=True))
+    assert_same(fused, run(variant, q, k, v, None, CHUNKED, causal=True))
     double = neural_variant({}).double() if name == "neural" else variant
     reference = neural_reference if name == "neural" else expressive_reference
     weights = reference(q.double(), k.double(), keep, double)
@@ -184,7 +184,7 @@ def test_dropout_uses_one_philox_mask_in_forward_and_backward(name, monkeypatch)
     forward's mask exactly."""
     p, q_len, k_len = 0.3, 19, 21
     seeds = []
-    monkeypatch.setattr(triton_attention, "draw_dropout_seed", lambda: seeds.append(12345) or 12345)
+    monkeypatch.setattr(dispatch, "draw_dropout_seed", lambda device: seeds.append(12345) or torch.tensor(12345))
     variant = build_variant("expressive", H, D) if name == "expressive" else neural_variant({})
     q, k, v, keep = inputs(q_len, k_len, fully_masked_row=False)
     fused = run(variant, q, k, v, keep, TRITON, dropout=p)
@@ -244,7 +244,7 @@ def test_the_kernels_are_chosen_only_where_they_apply(monkeypatch):
     bias = torch.zeros(keep.shape).masked_fill(~keep, float("-inf")) + 0.5 * keep  # an additive bias: chunked
     mask = split_attention_mask(bias, 19, 19, False, q.device)
     with fast_paths(True, **TRITON):
-        variant.attention_output(q, k, v, mask, D**-0.5, 0.0, False)
+        dispatch.attention(variant, q, k, v, mask, D**-0.5, 0.0)
     assert calls == [1]
     with pytest.raises(ValueError, match=r"backend='cuda' is not valid; choose one of \['auto', 'triton', 'chunked'\]"):
         fast_paths(True, backend="cuda")
