@@ -21,7 +21,8 @@ test: $(STAMP)
 
 # The lowest versions pyproject allows (torch: 2.13.0, see .ci/floor_requirements.py), in a venv of their own, with
 # only the library's dependencies and pytest: a smoke subset of the library's tests (checkpoints and remote code,
-# damaged files, sliding windows, refusals, revert) that need nothing else (.ci/run).
+# damaged files, sliding windows, refusals, revert) that need nothing else (.ci/run). Measured from scratch on the
+# loaded 2-core machine: 3 min 30 s (venv and install 1 min 45 s, 134 tests 1 min 44 s).
 FLOOR_VENV := .venv-floor
 FLOOR_STAMP := $(FLOOR_VENV)/.installed
 FLOOR_TESTS := tests/test_checkpoints.py tests/test_legacy_checkpoints.py tests/test_corrupt_inputs.py \
