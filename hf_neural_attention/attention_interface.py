@@ -4,8 +4,6 @@ function with AttentionMaskInterface) under the variant's name.
 Importing this file registers "dot", "expressive", "neural" and "cdape". The function resolves the module's variant,
 prepares the inputs once (autocast dtype, GQA, scaling, the mask) and hands them to dispatch.py, which picks the
 engine.
-
-Part of the flat folder saved checkpoints copy for `trust_remote_code`: imports only torch, transformers and siblings.
 """
 
 from __future__ import annotations
@@ -45,11 +43,13 @@ def repeat_kv(hidden_states: torch.Tensor, n_rep: int) -> torch.Tensor:
 def attention_weights_requested(kwargs: dict) -> bool:
     """Whether the caller wants the attention weights: an `output_attentions` argument, or Transformers' output
     recorder collecting attentions for this forward (how `model(..., output_attentions=True)` works in 5.x)."""
-    if kwargs.get("output_attentions"):
-        return True
-    collector = _output_collector()
+    return bool(kwargs.get("output_attentions")) or _recorder_collects_attentions()
+
+
+@torch.compiler.assume_constant_result  # read when a compiled graph is traced: Dynamo cannot trace a ContextVar
+def _recorder_collects_attentions() -> bool:
     try:
-        collected = collector.get()
+        collected = _output_collector().get()
     except LookupError:
         return False
     return bool(collected) and any(str(name).endswith("attentions") for name in collected)

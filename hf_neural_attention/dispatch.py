@@ -11,9 +11,6 @@ changes speed and memory, never the numbers. An engine that does not apply says 
 attention (a GPU call leaving the kernels, a dtype the fast paths refuse, weights requested on a long sequence) are
 logged once each. Autocast is off inside: the attention function has already cast q, k, v to the autocast dtype,
 and each engine states the dtypes it computes in.
-
-Part of the flat folder saved checkpoints copy for `trust_remote_code`: imports only torch, triton (optional) and
-its siblings.
 """
 
 from __future__ import annotations
@@ -125,6 +122,8 @@ def call_settings(variant: AttentionVariant) -> FastPathSettings:
     """The settings a call runs under: those in effect, remembered on the variant; during backward, those of the
     layer's last forward, so a recompute (activation checkpointing) takes the same engine and chunk layout as the
     first run, as non-reentrant checkpointing requires (it compares what both runs save)."""
+    if torch.compiler.is_compiling() or not torch.is_grad_enabled():  # traced once / nothing to recompute
+        return current_settings()
     remembered = variant.__dict__.get("_forward_settings")
     if remembered is not None and _in_backward():
         return remembered

@@ -1,7 +1,5 @@
 """FlexAttention for inference: compiled `flex_attention` with a variant's score_mod, for the variants that state
 one (dot, expressive) when no gradient is needed (FAST_PATHS.flex_inference).
-
-Part of the flat folder saved checkpoints copy for `trust_remote_code`: imports only torch and its siblings.
 """
 
 from __future__ import annotations

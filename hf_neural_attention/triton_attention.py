@@ -6,9 +6,6 @@ kernels do not cover the call (dispatch.py says it once and the chunked path run
 activation the kernels lack, triton installed but not importable. Variants without kernels say so themselves.
 cdape stays on the chunked path: its convolution over the score map mixes neighbouring keys and all heads, so a tile
 would need a halo of scores from every head, and the chunked engine already keeps its memory linear in n.
-
-Part of the flat folder saved checkpoints copy for `trust_remote_code`: imports only torch, triton (optional) and its
-siblings.
 """
 
 from __future__ import annotations
@@ -21,6 +18,8 @@ import torch
 from . import triton_kernels as kernels
 from .kernel_inputs import ExpressiveKernelInputs, KernelInputs
 from .masks import KeyMask
+from .triton_kernels import available  # noqa: F401 (Transformers ships a sibling with a checkpoint only when a
+# line reads "from .<sibling> import"; "from . import" alone left triton_kernels.py out: tests/test_shipped_code.py)
 
 
 class Tiles(NamedTuple):

@@ -20,8 +20,7 @@ a keep pattern that is exactly the bottom-right causal one is not read at all (C
 the tiles above the diagonal are skipped, as FlashAttention does). Additive float biases are not handled here (the
 chunked path runs). Grouped-query keys arrive repeated per head.
 
-Part of the flat folder saved checkpoints copy for `trust_remote_code`: imports only torch, triton (optional) and its
-siblings. Triton's interpreter (TRITON_INTERPRET=1) runs these kernels on the CPU; it computes bfloat16 tl.dot
+Triton's interpreter (TRITON_INTERPRET=1) runs these kernels on the CPU; it computes bfloat16 tl.dot
 wrongly, so there the products run in float32 (`interpreted()`), on a GPU in the input dtype. Float32 products
 (PRECISION) follow torch.get_float32_matmul_precision() for float32 models and use TF32 for upcast float16 inputs
 (triton_attention._float32_products).

@@ -222,3 +222,29 @@ def test_variants_with_parameters_need_convert(variant):
     model.set_attn_implementation(variant)
     with pytest.raises(ValueError, match=rf"has no '{variant}' parameters\. A variant checkpoint .* use hf_neural_attention.convert"):
         model(torch.randint(1, VOCAB, (1, 4)))
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_convert_leaves_other_models_built_from_the_same_config_as_they_were(arch):
+    """A research script builds a baseline and a variant from one config object: convert gives the variant its own
+    copy, so the baseline keeps running stock attention and Auto classes still build stock models from the config."""
+    from transformers import AutoModelForCausalLM
+
+    config = ALL_BUILDERS[arch]().config
+    stock_class, implementation = type(config), config._attn_implementation
+    torch.manual_seed(0)
+    baseline = AutoModelForCausalLM.from_config(config).eval()
+    torch.manual_seed(0)
+    variant = hfna.convert(AutoModelForCausalLM.from_config(config).eval(), "neural")
+    ids = torch.randint(1, VOCAB, (2, 7), generator=torch.Generator().manual_seed(0))
+    assert type(config) is stock_class and config._attn_implementation == implementation
+    assert not hasattr(config, "attention_variant")
+    assert all(module.config is config for module in baseline.modules() if hasattr(module, "config"))
+    assert all(module.config is variant.config for module in variant.modules() if hasattr(module, "config"))
+    torch.manual_seed(0)
+    fresh = AutoModelForCausalLM.from_config(config).eval()
+    assert type(fresh) is type(baseline) and not added_parameters(fresh)
+    with torch.no_grad():
+        torch.testing.assert_close(baseline(ids).logits, fresh(ids).logits, rtol=0, atol=0)
+        variant(ids)
+    assert variant.config.attention_variant == "neural" and variant.config._attn_implementation == "neural"

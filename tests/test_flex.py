@@ -8,10 +8,12 @@ import torch
 
 import hf_neural_attention as hfna
 from hf_neural_attention import flex
-from hf_neural_attention.chunked import _RowChunkedAttention
+from hf_neural_attention import chunked
 from hf_neural_attention.runtime import fast_paths
 from test_fast_paths import build_mask, call
 from test_formulas import D, random_inputs
+
+pytestmark = pytest.mark.slow  # each test compiles FlexAttention (torch.compile)
 
 
 @pytest.fixture
@@ -29,7 +31,7 @@ def flex_calls(monkeypatch):
     def no_fallback(*args, **kwargs):
         raise AssertionError("the chunked engine ran instead of FlexAttention")
 
-    monkeypatch.setattr(_RowChunkedAttention, "forward", staticmethod(no_fallback))
+    monkeypatch.setattr(chunked, "_forward_chunks", no_fallback)
     return calls
 
 
