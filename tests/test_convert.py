@@ -11,6 +11,7 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, create_caus
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 import hf_neural_attention as hfna
+from hf_neural_attention.attention_interface import call_mask
 from hf_neural_attention.injection import FALLBACK_ATTRIBUTE, VARIANT_ATTRIBUTE
 from conftest import ALL_BUILDERS, VOCAB, added_parameters, converted, tiny_vit
 
@@ -30,12 +31,22 @@ def test_public_variants_and_registration():
 
 @pytest.mark.parametrize("variant", hfna.VARIANTS)
 def test_model_hands_the_variant_a_real_causal_mask(variant):
-    """Without a registered mask function Transformers would pass None; ours always builds the boolean pattern."""
+    """A padded batch gets the boolean pattern from our mask function (without one, Transformers would pass None); a
+    purely causal batch gets None, as SDPA does, and the attention function rebuilds the causal pattern from the
+    module's is_causal without materialising it."""
     config = GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=VOCAB)
     config._attn_implementation = variant
-    mask = create_causal_mask(config, torch.zeros(2, 5, 32), attention_mask=None, past_key_values=None)
+    padding = torch.ones(2, 5, dtype=torch.long)
+    padding[0, :2] = 0
+    mask = create_causal_mask(config, torch.zeros(2, 5, 32), attention_mask=padding, past_key_values=None)
     assert mask is not None and mask.dtype == torch.bool
-    assert torch.equal(mask[0, 0], torch.ones(5, 5, dtype=torch.bool).tril())
+    causal = torch.ones(5, 5, dtype=torch.bool).tril()
+    assert torch.equal(mask[:, 0], causal & padding.bool()[:, None, :])
+    assert create_causal_mask(config, torch.zeros(2, 5, 32), attention_mask=None, past_key_values=None) is None
+    layer = torch.nn.Module()
+    layer.is_causal = True
+    rebuilt = call_mask(layer, None, 5, 5, torch.device("cpu"), {})
+    assert rebuilt.pure_causal and torch.equal(rebuilt.keep[0, 0], causal)
 
 
 @pytest.mark.parametrize("arch", list(ALL_BUILDERS))
