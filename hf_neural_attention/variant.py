@@ -90,6 +90,12 @@ class AttentionVariant(nn.Module):
     shift_invariant: ClassVar[bool] = True
     flex_fully_masked: ClassVar[str] = "zero"  # what FlexAttention must give a fully masked row: "zero" or "uniform"
 
+    @property
+    def heads_share_rule(self) -> bool:
+        """Whether every head scores with the same rule and nothing mixes heads, so query heads may be handed over as
+        rows of one map (grouped-query decoding reads the key cache once; see dispatch.py)."""
+        return not self.has_parameters
+
     def __init__(self, num_heads: int, head_dim: int, **options: Any) -> None:
         super().__init__()
         self._set_up(num_heads, head_dim, self.check_options(options))
