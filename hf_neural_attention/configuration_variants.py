@@ -56,6 +56,17 @@ class VariantConfigMixin:
         validate_variant_options(self.attention_variant, self.attention_variant_options)
         parse_layer_spec(self.attention_variant_layers)
 
+    @classmethod
+    def get_config_dict(cls, pretrained_model_name_or_path, **kwargs: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+        """A stock checkpoint's config read by its own variant class (a retrofit:
+        `VariantGPT2LMHeadModel.from_pretrained("gpt2", attention_variant=...)`) is this config's base, not a foreign
+        model type: it is read as this model type, so Transformers does not warn that loading it "is not supported".
+        Any other model type is left as it is and still warned about."""
+        config_dict, kwargs = super().get_config_dict(pretrained_model_name_or_path, **kwargs)
+        if config_dict.get("model_type") == cls.stock_config_class.model_type:
+            config_dict = {**config_dict, "model_type": cls.model_type}
+        return config_dict, kwargs
+
     def to_dict(self) -> dict[str, Any]:
         return {**super().to_dict(), "attn_implementation": self.attention_variant}
 

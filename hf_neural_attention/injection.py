@@ -137,6 +137,28 @@ def _base_implementation(model: nn.Module) -> str:
     return current
 
 
+def refuse_unsupported_features(modules: list[tuple[str, nn.Module]]) -> None:
+    """Refuses, before anything changes, a model whose attention modules change their weights in a way no variant
+    implements: Gemma 2's logit soft-capping (its stock config sets attn_logit_softcapping=50.0) and learned attention
+    sinks. Otherwise the model would convert and then raise on its first forward (every layer, converted or not, runs
+    through the variant's attention function, which refuses these arguments)."""
+    for name, module in modules:
+        cap = getattr(module, "attn_logit_softcapping", None)
+        if cap is not None:
+            raise ValueError(
+                f"{type(module).__name__} ({name}) caps its attention logits (attn_logit_softcapping={cap!r}), which no "
+                "attention variant implements. Set attn_logit_softcapping=None in the config before the model is built "
+                "(e.g. Gemma2Config(..., attn_logit_softcapping=None), or from_pretrained(..., "
+                "attn_logit_softcapping=None)), then convert; the model's outputs change accordingly."
+            )
+        sinks = getattr(module, "sinks", None)
+        if isinstance(sinks, nn.Parameter):
+            raise ValueError(
+                f"{type(module).__name__} ({name}) has learned attention sinks (`sinks`), which no attention variant "
+                "implements, so it cannot be converted."
+            )
+
+
 def apply_variant(
     model: nn.Module, variant: str, layers: None | str | Iterable[int] = None, **options: Any
 ) -> list[int]:
@@ -154,6 +176,7 @@ def apply_variant(
         )
     if any(hasattr(module, VARIANT_ATTRIBUTE) for _, module in modules):
         raise ValueError(f"{type(model).__name__} is already converted to an attention variant")
+    refuse_unsupported_features(modules)
     targets = resolve_layers(layers, cls.default_layers, len(modules))
     base = _base_implementation(model)
     config = getattr(model, "config", None)

@@ -2,10 +2,12 @@
 print one comparison table and draw all loss curves in one figure.
 
     python scripts/demo.py [--recipe configs/gpt2_demo.yaml] [--variants dot expressive neural cdape]
-                           [--output outputs/demo] [--results results/demo] [any train.py override ...]
+                           [--output outputs/demo] [any train.py override ...]
 
 Each variant trains in its own process (scripts/train.py, the stock Trainer), so its memory is its own.
-Writes <results>/summary.md, <results>/summary.json and <results>/loss_curves.png; models go to <output>/<variant>.
+Writes <output>/summary.md, <output>/summary.json and <output>/loss_curves.png; each run goes to <output>/<variant>.
+The default <output>, outputs/demo, is ignored by git: a local run leaves the committed reference run in
+results/demo/ (docs/demo.md) as it is; `--output results/demo` replaces that reference run on purpose.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from hf_neural_attention import VARIANTS
 from hf_neural_attention.experiments.report import markdown_table, plot_loss_curves
 
 REPO = Path(__file__).resolve().parents[1]
+DEFAULT_OUTPUT = REPO / "outputs" / "demo"
 
 
 def number(value, digits: int = 0) -> str:
@@ -46,8 +49,8 @@ def main() -> int:
                         help="the default takes about 5 minutes for four variants on a 2-core CPU; "
                              "configs/gpt2_stdlib.yaml is the longer run (about 25 minutes)")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
-    parser.add_argument("--output", default=str(REPO / "outputs" / "demo"))
-    parser.add_argument("--results", default=str(REPO / "results" / "demo"))
+    parser.add_argument("--output", default=str(DEFAULT_OUTPUT),
+                        help="where the table, the figure and every run go (default: outputs/demo, ignored by git)")
     args, overrides = parser.parse_known_args()
 
     rows, curves = [], {}
@@ -63,14 +66,15 @@ def main() -> int:
         rows.append(result)
         curves[variant] = result["loss_curve"]
 
-    results_dir = Path(args.results)
+    results_dir = Path(args.output)
     results_dir.mkdir(parents=True, exist_ok=True)
     first = rows[0]
     setting = (f"{first['architecture']} ({first['parameters']:,} parameters with dot), dataset "
                f"{first['dataset']}, {first['steps']} steps, seed {first['seed']}, "
                f"{first['arguments']['data']['block_size']}-token blocks")
     summary = table(rows)
-    plot_loss_curves(curves, results_dir / "loss_curves.png", f"GPT-2 on {first['dataset']}: one run per variant")
+    plot_loss_curves(curves, results_dir / "loss_curves.png", f"GPT-2 on {first['dataset']}: one run per variant",
+                     reference="dot")
     (results_dir / "summary.md").write_text(f"{setting}\n\n{summary}\n")
     (results_dir / "summary.json").write_text(json.dumps(
         [{k: v for k, v in row.items() if k != "loss_curve"} for row in rows], indent=2, default=str))

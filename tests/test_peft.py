@@ -69,3 +69,61 @@ def test_lora_dropout_on_a_cdape_convolution_is_refused_in_training():
     model.eval()
     with torch.no_grad():
         model(input_ids=batch()["input_ids"])  # inference has no dropout: fine
+
+
+def test_dora_on_a_cdape_convolution_is_refused():
+    base = converted(CAUSAL_BUILDERS["llama"], "cdape")
+    model = get_peft_model(base, LoraConfig(r=2, lora_alpha=4, use_dora=True, target_modules=["conv_in"]))
+    with pytest.raises(ValueError, match="cdape supports LoRA on its convolutions, not DoRA"):
+        model(**batch())
+
+
+def test_any_other_wrapper_of_a_cdape_convolution_is_refused():
+    model = converted(CAUSAL_BUILDERS["llama"], "cdape")
+
+    class Wrapped(torch.nn.Module):  # hides the Conv2d: cdape cannot read its weights, so it must not skip it
+        def __init__(self, conv):
+            super().__init__()
+            self.inner = conv
+
+        def forward(self, x):
+            return self.inner(x)
+
+    variant = model.model.layers[0].self_attn.attention_variant
+    variant.conv_in = Wrapped(variant.conv_in)
+    with pytest.raises(ValueError, match="wraps one in a way it cannot read"):
+        model(**batch())
+
+
+@pytest.mark.parametrize("variant", ["neural", "cdape"])
+def test_modules_to_save_trains_the_whole_variant_module_and_reloads(variant, tmp_path):
+    """modules_to_save=["attention_variant"]: PEFT trains a copy of each variant module (the original stays as it
+    was), saves it with the adapter, and the reloaded PeftModel gives the same outputs."""
+    torch.manual_seed(0)
+    base = converted(CAUSAL_BUILDERS["llama"], variant, layers="all")
+    original = {n: p.detach().clone() for n, p in base.named_parameters() if ".attention_variant." in n}
+    model = get_peft_model(base, LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"],
+                                            modules_to_save=["attention_variant"])).train()
+    trained = [n for n, p in model.named_parameters() if p.requires_grad and "modules_to_save" in n]
+    assert trained and all(".attention_variant." in n for n in trained)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    loss = model(**batch()).loss
+    loss.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for n, p in model.named_parameters() if n in trained)
+    optimizer.step()
+    copies = {n: p for n, p in model.named_parameters() if n in trained}
+    assert any(not torch.equal(p, original[n.replace("base_model.model.", "").replace(
+        ".modules_to_save.default", "")]) for n, p in copies.items()), "the variant's copy did not train"
+    for name, parameter in original.items():  # PEFT's original modules are left alone
+        assert torch.equal(base.get_parameter(name.replace(".attention_variant.",
+                                                           ".attention_variant.original_module.")), parameter)
+    model.eval()
+    inputs = {"input_ids": batch()["input_ids"]}
+    with torch.no_grad():
+        expected = model(**inputs).logits
+    model.save_pretrained(tmp_path / "adapter")
+    torch.manual_seed(0)
+    fresh = converted(CAUSAL_BUILDERS["llama"], variant, layers="all")
+    reloaded = PeftModel.from_pretrained(fresh, tmp_path / "adapter").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(**inputs).logits, expected, rtol=1e-5, atol=1e-5)

@@ -43,6 +43,26 @@ def test_revert_gives_the_stock_models_outputs_exactly(arch, variant, tmp_path):
     assert "attention_variant" not in saved and "auto_map" not in saved and saved["model_type"] == arch
 
 
+@pytest.mark.parametrize("arch", list(ALL_BUILDERS))
+def test_revert_restores_eager_when_the_model_ran_eager(arch):
+    """The implementation the model had before convert comes back, not always SDPA; the layer convert left alone
+    kept eager meanwhile (so it matched the stock eager model's layer exactly)."""
+    torch.manual_seed(0)
+    stock = ALL_BUILDERS[arch]()
+    stock.set_attn_implementation("eager")
+    with torch.no_grad():
+        expected = stock(**inputs_for(arch)).logits
+    model = hfna.convert(stock, "cdape", layers=[0])
+    untouched = [m for m in model.modules() if hasattr(m, FALLBACK_ATTRIBUTE)]
+    assert untouched and all(getattr(m, FALLBACK_ATTRIBUTE) == "eager" for m in untouched)
+    with torch.no_grad():  # zero-initialised cdape keeps the outputs: the eager fallback layer is exact too
+        torch.testing.assert_close(model(**inputs_for(arch)).logits, expected, rtol=0, atol=1e-5)
+    hfna.revert(model)
+    assert model.config._attn_implementation == "eager"
+    with torch.no_grad():
+        assert torch.equal(model(**inputs_for(arch)).logits, expected)
+
+
 def test_revert_works_for_any_converted_head_and_refuses_an_unconverted_model():
     torch.manual_seed(0)
     stock = GPT2ForSequenceClassification(tiny_gpt2().config).eval()

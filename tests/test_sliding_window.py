@@ -7,7 +7,16 @@ import copy
 
 import pytest
 import torch
-from transformers import MistralConfig, MistralForCausalLM
+from transformers import (
+    Gemma2Config,
+    Gemma2ForCausalLM,
+    Gemma3ForCausalLM,
+    Gemma3TextConfig,
+    MistralConfig,
+    MistralForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 import hf_neural_attention as hfna
@@ -15,16 +24,33 @@ from conftest import RICH_OPTIONS, VOCAB, perturb_added_parameters
 from test_formulas import D, Holder, make_module, random_inputs
 
 WINDOW = 3
+NO_BAND = 64  # a window as long as the positions: no band at all
+COMMON = dict(num_hidden_layers=2, hidden_size=64, num_attention_heads=4, num_key_value_heads=2, intermediate_size=128,
+              vocab_size=VOCAB, max_position_embeddings=64, bos_token_id=0, eos_token_id=0, pad_token_id=0)
+# Each architecture's way of asking for sliding layers; Qwen2 and Gemma 2/3 mix sliding and full layers.
+CONFIGS = {
+    "mistral": lambda window: MistralConfig(**COMMON, sliding_window=window),
+    "qwen2": lambda window: Qwen2Config(**COMMON, use_sliding_window=True, sliding_window=window, max_window_layers=0,
+                                        layer_types=["sliding_attention", "full_attention"]),
+    # Gemma 2's stock attn_logit_softcapping (50.0) is refused by convert: no variant implements soft-capping.
+    "gemma2": lambda window: Gemma2Config(**COMMON, head_dim=16, sliding_window=window, attn_logit_softcapping=None,
+                                          layer_types=["sliding_attention", "full_attention"]),
+    "gemma3": lambda window: Gemma3TextConfig(**COMMON, head_dim=16, sliding_window=window,
+                                              layer_types=["sliding_attention", "full_attention"]),
+}
+MODELS = {"mistral": MistralForCausalLM, "qwen2": Qwen2ForCausalLM, "gemma2": Gemma2ForCausalLM,
+          "gemma3": Gemma3ForCausalLM}
+
+
+def tiny_sliding(arch: str = "mistral", window: int = WINDOW):
+    torch.manual_seed(0)
+    model = MODELS[arch](CONFIGS[arch](window)).eval()
+    model.set_attn_implementation("eager")
+    return model
 
 
 def tiny_mistral(window: int | None = WINDOW) -> MistralForCausalLM:
-    torch.manual_seed(0)
-    config = MistralConfig(num_hidden_layers=2, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
-                           intermediate_size=128, vocab_size=VOCAB, sliding_window=window, max_position_embeddings=64,
-                           bos_token_id=0, eos_token_id=0, pad_token_id=0)
-    model = MistralForCausalLM(config).eval()
-    model.set_attn_implementation("eager")
-    return model
+    return tiny_sliding("mistral", NO_BAND if window is None else window)
 
 
 def padded_batch():
@@ -34,12 +60,13 @@ def padded_batch():
     return ids, attention_mask
 
 
-def test_dot_variant_equals_the_stock_sliding_window_model():
-    stock = tiny_mistral()
+@pytest.mark.parametrize("arch", list(CONFIGS))
+def test_dot_variant_equals_the_stock_sliding_window_model(arch):
+    stock = tiny_sliding(arch)
     ids, attention_mask = padded_batch()
     with torch.no_grad():
         expected = stock(ids, attention_mask=attention_mask).logits
-        unbanded = tiny_mistral(window=None)
+        unbanded = tiny_sliding(arch, window=NO_BAND)
         unbanded.load_state_dict(stock.state_dict())
         assert (unbanded(ids, attention_mask=attention_mask).logits - expected).abs().max() > 1e-2  # the band matters
         model = hfna.convert(copy.deepcopy(stock), "dot")
@@ -51,9 +78,10 @@ def test_dot_variant_equals_the_stock_sliding_window_model():
         assert torch.equal(model.generate(ids[:1], **greedy), stock.generate(ids[:1], **greedy))
 
 
+@pytest.mark.parametrize("arch", list(CONFIGS))
 @pytest.mark.parametrize("variant", ["expressive", "neural", "cdape"])
-def test_every_variant_bands_with_the_cache_and_on_the_chunked_path(variant):
-    model = hfna.convert(tiny_mistral(), variant, layers="all", **RICH_OPTIONS[variant])
+def test_every_variant_bands_with_the_cache_and_on_the_chunked_path(arch, variant):
+    model = hfna.convert(tiny_sliding(arch), variant, layers="all", **RICH_OPTIONS[variant])
     perturb_added_parameters(model)
     ids, _ = padded_batch()
     ids = ids[:1]
