@@ -50,6 +50,13 @@ def interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
+def signed_threshold(p: float) -> int:
+    """dropout_mask.keep_threshold(p) - 2^31: the kernels compare the hash with its sign bit flipped, as int32."""
+    from .dropout_mask import keep_threshold
+
+    return keep_threshold(p) - 2**31 if p > 0.0 else -(2**31)
+
+
 if triton is not None:
     # the same constants as the module's, in the form jit functions may read globals
     NEG_ = tl.constexpr(NEG)
@@ -130,8 +137,39 @@ if triton is not None:
                 tl.load(ROW_SUM + head + rows, mask=inside, other=1.0))
 
     @triton.jit
-    def _dropout_keep(seed, bh, rows, cols, LK, p):
+    def _dropout_keep_philox(seed, bh, rows, cols, LK, p):
         return tl.rand(seed + bh, rows[:, None] * LK + cols[None, :]) >= p
+
+    @triton.jit
+    def _mix(x):
+        """dropout_mask.mix32 on uint32: logical shifts, wrapping products."""
+        x ^= x >> 16
+        x *= 0x21F0AAAD
+        x ^= x >> 15
+        x *= 0x735A2D97
+        x ^= x >> 15
+        return x
+
+    @triton.jit
+    def _dropout_stream(STREAMS, bh, DROPOUT: tl.constexpr):
+        """The (batch, head) pair's uint32 stream key (dropout_mask.dropout_streams, an int32 [B, H] tensor)."""
+        if DROPOUT:
+            return tl.load(STREAMS + bh).to(tl.uint32, bitcast=True)
+        return tl.zeros([], dtype=tl.uint32)
+
+    @triton.jit
+    def _dropout_row_keys(stream, rows, DROPOUT: tl.constexpr):
+        """Per query row (its index in the call): mix(stream ^ row)."""
+        if DROPOUT:
+            return _mix(stream ^ rows.to(tl.uint32, bitcast=True))
+        return rows.to(tl.uint32, bitcast=True)
+
+    @triton.jit
+    def _dropout_keep(row_keys, cols, threshold):
+        """[rows, cols] keep mask: mix(row_key ^ col) >= the uint32 threshold, compared as int32 after flipping the
+        sign bit (threshold arrives as signed_threshold(p))."""
+        hashed = _mix(row_keys[:, None] ^ cols[None, :].to(tl.uint32, bitcast=True))
+        return (hashed ^ 0x80000000).to(tl.int32, bitcast=True) >= threshold
 
     @triton.jit
     def _forward_kernel(
@@ -175,7 +213,7 @@ if triton is not None:
                 weights = values
                 row_sum += tl.sum(weights, axis=1)
             if DROPOUT:
-                weights = tl.where(_dropout_keep(seed, bh, rows, cols, LK, dropout_p), weights / (1.0 - dropout_p), 0.0)
+                weights = tl.where(_dropout_keep_philox(seed, bh, rows, cols, LK, dropout_p), weights / (1.0 - dropout_p), 0.0)
             acc += tl.dot(weights.to(v.dtype), v, input_precision=PRECISION)
         safe_sum = tl.where(row_sum > 0, row_sum, 1.0)
         out = acc / safe_sum[:, None]
@@ -204,7 +242,7 @@ if triton is not None:
             weights = values / row_sum[:, None]
         grad_weights = tl.dot(do, tl.trans(v), input_precision=PRECISION)  # dL/d(weights after dropout)
         if DROPOUT:
-            kept = _dropout_keep(seed, bh, rows, cols, LK, dropout_p)
+            kept = _dropout_keep_philox(seed, bh, rows, cols, LK, dropout_p)
             weights_dropped = tl.where(kept, weights / (1.0 - dropout_p), 0.0)
             grad_weights = tl.where(kept, grad_weights / (1.0 - dropout_p), 0.0)
         else:

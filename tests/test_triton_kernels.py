@@ -167,7 +167,7 @@ if triton is not None:
         """Writes the keep mask the kernels draw for one (batch * head) program row: the test's reference."""
         bh = tl.program_id(0)
         rows, cols = tl.arange(0, BLOCK), tl.arange(0, BLOCK)
-        kept = triton_kernels._dropout_keep(seed, bh, rows, cols, LK, p)
+        kept = triton_kernels._dropout_keep_philox(seed, bh, rows, cols, LK, p)
         inside = (rows[:, None] < LQ) & (cols[None, :] < LK)
         tl.store(OUT + bh * LQ * LK + rows[:, None] * LK + cols[None, :], kept.to(tl.int8), mask=inside)
 
@@ -307,3 +307,31 @@ def test_the_kernels_compile_for_an_h100(tmp_path):
     assert [r["kernel"] for r in records] == ["forward", "backward[keys]", "backward[queries]"]
     assert [r["num_warps"] for r in records] == [8, 8, 8]  # the GPU tiles, not the interpreter's
     assert all(r["spilled"] == 0 for r in records), records
+
+
+@pytest.mark.parametrize("q_len,k_len,causal,p", [(19, 21, False, 0.0), (20, 37, True, 0.0), (19, 21, False, 0.3),
+                                                  (40, 40, True, 0.3)])
+def test_the_dot_reference_kernel_of_the_cost_model_is_exact(q_len, k_len, causal, p):
+    """triton_dot_reference (FlashAttention-2's algorithm, counted by the cost model beside the project's kernels)
+    against float64 softmax attention with dropout_mask's mask: so its instruction counts are of a correct kernel."""
+    from hf_neural_attention.dropout_mask import dropout_scale, dropout_streams
+    from hf_neural_attention.triton_dot_reference import dot_reference_attention
+
+    q, k, v, keep = inputs(q_len, k_len)
+    if causal:
+        keep = causal_keep(q_len, k_len, q.device).expand(B, 1, q_len, k_len)
+    seed = torch.tensor(123456789123, dtype=torch.int64)
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    out = dot_reference_attention(q, k, v, keep, causal, D**-0.5, p, seed)
+    grad_output = torch.randn(out.shape, generator=torch.Generator().manual_seed(1))
+    grads = torch.autograd.grad(out, [q, k, v], grad_output)
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    weights = torch.softmax((q64 @ k64.transpose(-1, -2) * D**-0.5).masked_fill(~keep, float("-inf")), -1)
+    weights = weights.nan_to_num(0.0)  # a row with no visible key: zeros, as the kernel (and SDPA's flash) give
+    if p > 0:
+        weights = weights * dropout_scale(dropout_streams(seed, B, H), 0, q_len, k_len, p).double()
+    expected = weights @ v64
+    torch.testing.assert_close(out.double(), expected, rtol=0, atol=1e-5)
+    for index, grad in enumerate(torch.autograd.grad(expected, [q64, k64, v64], grad_output.double())):
+        torch.testing.assert_close(grads[index].double(), grad, rtol=0, atol=1e-4, msg=f"gradient {index}")
+
