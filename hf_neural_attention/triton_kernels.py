@@ -99,7 +99,8 @@ if triton is not None:
         if CAUSAL:  # bottom-right aligned: query i is key slot LK - LQ + i
             inside = inside & (cols[None, :] <= rows[:, None] + (LK - LQ))
         if HAS_KEEP:
-            kept = tl.load(keep_ptr + rows[:, None] * stride_kq + cols[None, :] * stride_kk, mask=inside, other=0)
+            kept = tl.load(keep_ptr + rows[:, None].to(tl.int64) * stride_kq + cols[None, :] * stride_kk, mask=inside,
+                           other=0)
             return inside & (kept != 0)
         return inside
 
@@ -181,10 +182,11 @@ if triton is not None:
     ):
         block, bh = tl.program_id(0), tl.program_id(1)
         b, h = bh // H, bh % H
+        bh = bh.to(tl.int64)  # every per-program base offset in 64 bits: B * H * L * D may pass 2^31
         rows = block * BLOCK_M + tl.arange(0, BLOCK_M)
         dims = tl.arange(0, BLOCK_D)
         q = _load_rows(Q + bh * LQ * D, rows, LQ, dims, D, DOT_FP32)
-        keep_ptr = KEEP + b * stride_kb + h * stride_kh
+        keep_ptr = KEEP + b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh
         group = h * per_head  # the MLP's weights: one set per head, or one shared (group 0)
         b3 = tl.load(B3 + group) if SCORE == NEURAL_ else 0.0
         row_max = tl.zeros([BLOCK_M], dtype=tl.float32) + (NEG_ if SCORE == NEURAL_ else 0.0)
@@ -299,11 +301,12 @@ if triton is not None:
         of the MLP weights' gradients. Else one query block per program, looping over key blocks: dQ, dqp."""
         block, bh = tl.program_id(0), tl.program_id(1)
         b, h = bh // H, bh % H
+        bh = bh.to(tl.int64)  # every per-program base offset in 64 bits
         group = h * per_head
         b3 = tl.load(B3 + group) if SCORE == NEURAL_ else 0.0
         w2_ptr, b2_ptr, w3_ptr = W2 + group * H2 * H1, B2 + group * H2, W3 + group * H2
         qp_ptr, kp_ptr = QP + bh * LQ * H1, KP + bh * LK * H1
-        keep_ptr = KEEP + b * stride_kb + h * stride_kh
+        keep_ptr = KEEP + b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh
         dims, units = tl.arange(0, BLOCK_D), tl.arange(0, BLOCK_H)
         own = block * (BLOCK_N if FOR_KEYS else BLOCK_M) + tl.arange(0, BLOCK_N if FOR_KEYS else BLOCK_M)
         own_len = LK if FOR_KEYS else LQ

@@ -335,3 +335,20 @@ def test_the_dot_reference_kernel_of_the_cost_model_is_exact(q_len, k_len, causa
     for index, grad in enumerate(torch.autograd.grad(expected, [q64, k64, v64], grad_output.double())):
         torch.testing.assert_close(grads[index].double(), grad, rtol=0, atol=1e-4, msg=f"gradient {index}")
 
+
+@pytest.mark.parametrize("name", ["rational", "neural"])
+def test_a_mask_whose_offsets_pass_2_to_the_31_is_read_exactly(name):
+    """64-bit offsets: a boolean keep mask that is a view into a 3 GiB buffer (batch 3, batch stride 3 * 2^29 bytes,
+    which fits in int32 while 2 * stride does not; only the allocation is big, its untouched pages are never
+    committed), through forward and backward against the chunked path on the same mask. With 32-bit offsets the
+    third batch's rows are read 1 GiB before the buffer (a segmentation fault)."""
+    generator = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(3, H, n, D, generator=generator) for n in (19, 21, 21))
+    keep = torch.rand(3, 1, 19, 21, generator=generator) < 0.7
+    keep[..., -1] = True
+    stride = 3 * 2**29
+    buffer = torch.empty(2 * stride + keep[0].numel(), dtype=torch.bool)
+    far = buffer.as_strided(keep.shape, (stride, keep[0].numel(), keep.shape[-1], 1))
+    far.copy_(keep)
+    variant = neural_variant({}) if name == "neural" else build_variant("expressive", H, D, form=name)
+    assert_same(run(variant, q, k, v, far, TRITON), run(variant, q, k, v, keep, CHUNKED))
