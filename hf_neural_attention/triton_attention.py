@@ -20,7 +20,7 @@ from typing import NamedTuple
 import torch
 
 from . import triton_kernels as kernels
-from .chunked import draw_dropout_seed
+from .dropout_mask import draw_dropout_seed, dropout_streams
 from .expressive import ExpressiveAttention
 from .masks import KeyMask, causal_keep
 from .neural import NeuralAttention
@@ -45,7 +45,7 @@ class KernelCall:
     keep: torch.Tensor | None  # int8, broadcastable to [B, H, Lq, Lk]; None: every key, or the causal pattern
     causal: bool  # the bottom-right causal pattern, computed in the kernels (tiles above the diagonal skipped)
     dropout: float
-    seed: int
+    streams: torch.Tensor | None  # int32 [B, H]: dropout_mask's stream key per (batch, head); None without dropout
     per_head: bool
     forward_tiles: Tiles
     backward_tiles: Tiles  # the row statistics do not depend on the tiling, so backward may tile differently
@@ -89,18 +89,18 @@ def triton_attention_output(variant: AttentionVariant, query: torch.Tensor, key:
         return None
     causal = _is_causal(mask, query.shape[2], key.shape[2])
     keep = None if causal else _keep_bytes(mask)
-    seed = draw_dropout_seed() % (2**31 - 2**20) if dropout > 0.0 else 0
+    streams = dropout_streams(draw_dropout_seed(query.device), query.shape[0], query.shape[1]) if dropout > 0.0 else None
     empty = query.new_zeros(1, dtype=torch.float32)
     if isinstance(variant, ExpressiveAttention):
         score = kernels.EXPRESSIVE_SCORES[variant.form]
-        call = KernelCall(score, False, scaling if variant.scale else 1.0, keep, causal, dropout, seed, False,
+        call = KernelCall(score, False, scaling if variant.scale else 1.0, keep, causal, dropout, streams, False,
                           *_tiles(score))
         return _FusedAttention.apply(call, query, key, value, empty, empty, empty, empty, empty, empty)
     if isinstance(variant, NeuralAttention) and len(variant.mlp_weights) == 3 and variant.activation == "relu":
         rows, shared = variant.prepare(query, key, mask, scaling)
         query_part, key_part, w2, w3, b2, b3 = rows[0], *shared[:5]  # prepare: [key_part, W2, W3, b2, b3, (key)]
         add = variant.combine == "add"
-        call = KernelCall(kernels.SCORE_NEURAL, add, scaling, keep, causal, dropout, seed, variant.per_head,
+        call = KernelCall(kernels.SCORE_NEURAL, add, scaling, keep, causal, dropout, streams, variant.per_head,
                           *_tiles(kernels.SCORE_NEURAL))
         return _FusedAttention.apply(call, rows[1] if add else query, shared[-1] if add else key, value,
                                      query_part, key_part, w2, b2, w3.flatten(1), b3.flatten())
@@ -130,20 +130,21 @@ def _launch_settings(call: KernelCall, query, key, query_part, w2, b2):
     outs = b2.shape[-1] if call.score == kernels.SCORE_NEURAL else 1
     return dict(
         stride_kb=keep.stride(0), stride_kh=keep.stride(1), stride_kq=keep.stride(2), stride_kk=keep.stride(3),
-        H=heads, LQ=q_len, LK=key.shape[2], D=dim, dot_scale=call.dot_scale, dropout_p=call.dropout, seed=call.seed,
+        H=heads, LQ=q_len, LK=key.shape[2], D=dim, dot_scale=call.dot_scale, dropout_p=call.dropout,
+        threshold=kernels.signed_threshold(call.dropout),
         per_head=int(call.per_head), SCORE=call.score, ADD_DOT=call.add_dot, H1=units, H2=outs,
         BLOCK_H=max(2, kernels.triton.next_power_of_2(units)), HAS_KEEP=call.keep is not None, CAUSAL=call.causal,
         DROPOUT=call.dropout > 0.0, DOT_FP32=kernels.interpreted() or query.dtype == torch.float16,
         PRECISION=_float32_products(query.dtype),
         BLOCK_D=max(16, kernels.triton.next_power_of_2(dim)),
-    ), keep
+    ), keep, (call.streams if call.streams is not None else query.new_zeros(1, dtype=torch.int32))
 
 
 class _FusedAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, call: KernelCall, query, key, value, query_part, key_part, w2, b2, w3, b3):
         batch, heads, q_len, dim = query.shape
-        settings, keep = _launch_settings(call, query, key, query_part, w2, b2)
+        settings, keep, streams = _launch_settings(call, query, key, query_part, w2, b2)
         flat = [_flat(t) for t in (query, key, value)]
         parts = [_flat(t.float()) if call.score == kernels.SCORE_NEURAL else t for t in (query_part, key_part)]
         weights = [t.float().contiguous() for t in (w2, b2, w3, b3)]
@@ -152,9 +153,9 @@ class _FusedAttention(torch.autograd.Function):
         row_sum = torch.empty_like(row_max)
         tiles = call.forward_tiles
         grid = (kernels.triton.cdiv(q_len, tiles.block_m), batch * heads)
-        kernels._forward_kernel[grid](*flat, *parts, *weights, keep, out, row_max, row_sum,
+        kernels._forward_kernel[grid](*flat, *parts, *weights, keep, streams, out, row_max, row_sum,
                                       BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, num_warps=tiles.num_warps, **settings)
-        ctx.call, ctx.settings, ctx.shape = call, settings, query.shape
+        ctx.call, ctx.settings, ctx.shape, ctx.streams = call, settings, query.shape, streams
         ctx.save_for_backward(query, key, value, query_part, key_part, w2, b2, w3, b3, out, row_max, row_sum, keep)
         return out.view(batch, heads, q_len, dim)
 
@@ -177,7 +178,8 @@ class _FusedAttention(torch.autograd.Function):
         size = settings["H2"] * settings["H1"] + 2 * settings["H2"] + 1
         partial = torch.zeros(batch * heads * key_blocks, size if neural else 1, device=query.device)
         block_h2 = max(2, kernels.triton.next_power_of_2(settings["H2"]))
-        common = [*flat, grad_out, row_dot, row_max, row_sum, *parts, *weights, keep, *grads, *grad_parts, partial]
+        common = [*flat, grad_out, row_dot, row_max, row_sum, *parts, *weights, keep, ctx.streams, *grads, *grad_parts,
+                  partial]
         for for_keys, blocks in ((True, key_blocks), (False, kernels.triton.cdiv(q_len, tiles.block_m))):
             kernels._backward_kernel[(blocks, batch * heads)](
                 *common, BLOCK_H2=block_h2, FOR_KEYS=for_keys, BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n,

@@ -12,8 +12,10 @@ weights (and, for exp-based scores, the running max), in float32 whatever the in
 qp and kp are the first MLP layer's per-query and per-key parts (neural.py's split, computed by `prepare` under
 autograd, so the gradients of the down-projections flow from the kernel's dqp, dkp). The backward recomputes each
 tile's scores from the saved row statistics: one kernel per key block (dK, dV, dkp and per-program partial sums of
-the MLP weights' gradients, reduced afterwards) and one per query block (dQ, dqp). Attention dropout draws a Philox
-mask from (seed + batch*head, row * Lk + column), the same numbers in forward and backward.
+the MLP weights' gradients, reduced afterwards) and one per query block (dQ, dqp). Attention dropout is
+dropout_mask's position-keyed hash (a uint32 stream key per (batch, head), mixed with the query row once per row and
+with the key column per element, about 10 integer operations), the same mask in forward and backward and on every
+path.
 
 Masks: any boolean keep pattern broadcastable to [B, H, Lq, Lk] (causal, padding, sliding window), read tile by tile;
 a keep pattern that is exactly the bottom-right causal one is not read at all (CAUSAL: computed from the indices, and
@@ -138,10 +140,6 @@ if triton is not None:
                 tl.load(ROW_SUM + head + rows, mask=inside, other=1.0))
 
     @triton.jit
-    def _dropout_keep_philox(seed, bh, rows, cols, LK, p):
-        return tl.rand(seed + bh, rows[:, None] * LK + cols[None, :]) >= p
-
-    @triton.jit
     def _mix(x):
         """dropout_mask.mix32 on uint32: logical shifts, wrapping products."""
         x ^= x >> 16
@@ -174,8 +172,8 @@ if triton is not None:
 
     @triton.jit
     def _forward_kernel(
-        Q, K, V, QP, KP, W2, B2, W3, B3, KEEP, OUT, ROW_MAX, ROW_SUM,
-        stride_kb, stride_kh, stride_kq, stride_kk, H, LQ, LK, D, dot_scale, dropout_p, seed, per_head,
+        Q, K, V, QP, KP, W2, B2, W3, B3, KEEP, STREAMS, OUT, ROW_MAX, ROW_SUM,
+        stride_kb, stride_kh, stride_kq, stride_kk, H, LQ, LK, D, dot_scale, dropout_p, threshold, per_head,
         SCORE: tl.constexpr, ADD_DOT: tl.constexpr, H1: tl.constexpr, H2: tl.constexpr, BLOCK_H: tl.constexpr,
         HAS_KEEP: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, DOT_FP32: tl.constexpr,
         PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -187,6 +185,7 @@ if triton is not None:
         dims = tl.arange(0, BLOCK_D)
         q = _load_rows(Q + bh * LQ * D, rows, LQ, dims, D, DOT_FP32)
         keep_ptr = KEEP + b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh
+        row_keys = _dropout_row_keys(_dropout_stream(STREAMS, bh, DROPOUT), rows, DROPOUT)
         group = h * per_head  # the MLP's weights: one set per head, or one shared (group 0)
         b3 = tl.load(B3 + group) if SCORE == NEURAL_ else 0.0
         row_max = tl.zeros([BLOCK_M], dtype=tl.float32) + (NEG_ if SCORE == NEURAL_ else 0.0)
@@ -215,7 +214,7 @@ if triton is not None:
                 weights = values
                 row_sum += tl.sum(weights, axis=1)
             if DROPOUT:
-                weights = tl.where(_dropout_keep_philox(seed, bh, rows, cols, LK, dropout_p), weights / (1.0 - dropout_p), 0.0)
+                weights = tl.where(_dropout_keep(row_keys, cols, threshold), weights / (1.0 - dropout_p), 0.0)
             acc += tl.dot(weights.to(v.dtype), v, input_precision=PRECISION)
         safe_sum = tl.where(row_sum > 0, row_sum, 1.0)
         out = acc / safe_sum[:, None]
@@ -226,7 +225,7 @@ if triton is not None:
 
     @triton.jit
     def _tile_gradients(q, k, v, do, row_dot, row_max, row_sum, qp_ptr, kp_ptr, w2_ptr, b2_ptr, w3_ptr, b3,
-                        rows, cols, LQ, LK, keep, dot_scale, dropout_p, seed, bh,
+                        rows, cols, LQ, LK, keep, dot_scale, dropout_p, row_keys, threshold,
                         SCORE: tl.constexpr, ADD_DOT: tl.constexpr, H1: tl.constexpr, H2: tl.constexpr,
                         BLOCK_H: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr):
         """One tile's backward, recomputed from the row statistics: (weights after dropout [M, N] for dV, ds [M, N]
@@ -244,7 +243,7 @@ if triton is not None:
             weights = values / row_sum[:, None]
         grad_weights = tl.dot(do, tl.trans(v), input_precision=PRECISION)  # dL/d(weights after dropout)
         if DROPOUT:
-            kept = _dropout_keep_philox(seed, bh, rows, cols, LK, dropout_p)
+            kept = _dropout_keep(row_keys, cols, threshold)
             weights_dropped = tl.where(kept, weights / (1.0 - dropout_p), 0.0)
             grad_weights = tl.where(kept, grad_weights / (1.0 - dropout_p), 0.0)
         else:
@@ -289,9 +288,9 @@ if triton is not None:
 
     @triton.jit
     def _backward_kernel(
-        Q, K, V, DO, ROW_DOT, ROW_MAX, ROW_SUM, QP, KP, W2, B2, W3, B3, KEEP,
+        Q, K, V, DO, ROW_DOT, ROW_MAX, ROW_SUM, QP, KP, W2, B2, W3, B3, KEEP, STREAMS,
         DQ, DK, DV, DQP, DKP, GRAD_WEIGHTS,
-        stride_kb, stride_kh, stride_kq, stride_kk, H, LQ, LK, D, dot_scale, dropout_p, seed, per_head,
+        stride_kb, stride_kh, stride_kq, stride_kk, H, LQ, LK, D, dot_scale, dropout_p, threshold, per_head,
         SCORE: tl.constexpr, ADD_DOT: tl.constexpr, H1: tl.constexpr, H2: tl.constexpr, BLOCK_H: tl.constexpr,
         BLOCK_H2: tl.constexpr, HAS_KEEP: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
         DOT_FP32: tl.constexpr, PRECISION: tl.constexpr, FOR_KEYS: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -307,6 +306,7 @@ if triton is not None:
         w2_ptr, b2_ptr, w3_ptr = W2 + group * H2 * H1, B2 + group * H2, W3 + group * H2
         qp_ptr, kp_ptr = QP + bh * LQ * H1, KP + bh * LK * H1
         keep_ptr = KEEP + b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh
+        stream = _dropout_stream(STREAMS, bh, DROPOUT)
         dims, units = tl.arange(0, BLOCK_D), tl.arange(0, BLOCK_H)
         own = block * (BLOCK_N if FOR_KEYS else BLOCK_M) + tl.arange(0, BLOCK_N if FOR_KEYS else BLOCK_M)
         own_len = LK if FOR_KEYS else LQ
@@ -330,7 +330,8 @@ if triton is not None:
                 keep = _load_keep(keep_ptr, stride_kq, stride_kk, rows, own, LQ, LK, HAS_KEEP, CAUSAL)
                 weights, ds, dlogit = _tile_gradients(
                     q, k, v, do, row_dot, row_max, row_sum, qp_ptr, kp_ptr, w2_ptr, b2_ptr, w3_ptr, b3, rows, own,
-                    LQ, LK, keep, dot_scale, dropout_p, seed, bh, SCORE, ADD_DOT, H1, H2, BLOCK_H, DROPOUT, PRECISION)
+                    LQ, LK, keep, dot_scale, dropout_p, _dropout_row_keys(stream, rows, DROPOUT), threshold, SCORE,
+                    ADD_DOT, H1, H2, BLOCK_H, DROPOUT, PRECISION)
                 grad_v += tl.dot(tl.trans(weights).to(do.dtype), do, input_precision=PRECISION)
                 grad_k += tl.dot(tl.trans(ds).to(q.dtype), q, input_precision=PRECISION)
                 if SCORE == NEURAL_:
@@ -360,6 +361,7 @@ if triton is not None:
             qp = tl.load(qp_ptr + own[:, None] * H1 + units[None, :], mask=(own[:, None] < LQ) & (units[None, :] < H1), other=0.0)
             grad_q = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
             grad_qp = tl.zeros([BLOCK_M, BLOCK_H], dtype=tl.float32)
+            row_keys = _dropout_row_keys(stream, own, DROPOUT)
             for start in range(0, _key_end(block, LQ, LK, BLOCK_M, CAUSAL), BLOCK_N):
                 cols = start + tl.arange(0, BLOCK_N)
                 k = _load_rows(K + bh * LK * D, cols, LK, dims, D, DOT_FP32)
@@ -367,7 +369,8 @@ if triton is not None:
                 keep = _load_keep(keep_ptr, stride_kq, stride_kk, own, cols, LQ, LK, HAS_KEEP, CAUSAL)
                 weights, ds, dlogit = _tile_gradients(
                     q, k, v, do, row_dot, row_max, row_sum, qp_ptr, kp_ptr, w2_ptr, b2_ptr, w3_ptr, b3, own, cols,
-                    LQ, LK, keep, dot_scale, dropout_p, seed, bh, SCORE, ADD_DOT, H1, H2, BLOCK_H, DROPOUT, PRECISION)
+                    LQ, LK, keep, dot_scale, dropout_p, row_keys, threshold, SCORE, ADD_DOT, H1, H2, BLOCK_H, DROPOUT,
+                    PRECISION)
                 grad_q += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
                 if SCORE == NEURAL_:
                     kp = tl.load(kp_ptr + cols[:, None] * H1 + units[None, :], mask=(cols[:, None] < LK) & (units[None, :] < H1), other=0.0)

@@ -1,7 +1,7 @@
 """The fused Triton kernels (expressive, neural) run through Triton's interpreter on this CPU (conftest sets
 TRITON_INTERPRET=1) and match the chunked path and the float64 formulas: outputs, and gradients of q, k, v and the
 neural MLP's weights, over block-boundary shapes, masks with fully masked rows, cache-shaped calls, grouped-query
-heads, dropout (against the same Philox mask), bfloat16, a whole model, and the rule that selects them."""
+heads, dropout (dropout_mask's position-keyed mask), bfloat16, a whole model, and the rule that selects them."""
 
 from __future__ import annotations
 
@@ -13,8 +13,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import triton
-import triton.language as tl
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 import hf_neural_attention as hfna
@@ -160,42 +158,32 @@ def test_neural_with_other_depths_falls_back_to_the_chunked_path(monkeypatch):
     assert not calls
 
 
-if triton is not None:
-
-    @triton.jit
-    def _dropout_mask_kernel(OUT, seed, LQ, LK, p, BLOCK: tl.constexpr):
-        """Writes the keep mask the kernels draw for one (batch * head) program row: the test's reference."""
-        bh = tl.program_id(0)
-        rows, cols = tl.arange(0, BLOCK), tl.arange(0, BLOCK)
-        kept = triton_kernels._dropout_keep_philox(seed, bh, rows, cols, LK, p)
-        inside = (rows[:, None] < LQ) & (cols[None, :] < LK)
-        tl.store(OUT + bh * LQ * LK + rows[:, None] * LK + cols[None, :], kept.to(tl.int8), mask=inside)
-
-
-def dropout_keep_map(seed: int, q_len: int, k_len: int, p: float) -> torch.Tensor:
-    out = torch.zeros(B * H, q_len, k_len, dtype=torch.int8)
-    _dropout_mask_kernel[(B * H,)](out, seed, q_len, k_len, p, BLOCK=32)
-    return out.view(B, H, q_len, k_len).bool()
-
-
 @pytest.mark.parametrize("name", ["expressive", "neural"])
-def test_dropout_uses_one_philox_mask_in_forward_and_backward(name, monkeypatch):
-    """Against the float64 weights with the kernels' own mask: output and gradients, so backward regenerated the
-    forward's mask exactly."""
-    p, q_len, k_len = 0.3, 19, 21
-    seeds = []
-    monkeypatch.setattr(triton_attention, "draw_dropout_seed", lambda: seeds.append(12345) or 12345)
+@pytest.mark.parametrize("causal", [False, True], ids=["padding", "causal"])
+def test_dropout_is_dropout_masks_position_keyed_mask_in_forward_and_backward(name, causal, monkeypatch):
+    """The kernels drop exactly dropout_mask.dropout_keep's weights (the mask every path draws, from the call's seed
+    and (batch, head, row, key)): output and gradients against the float64 weights times dropout_scale, so the
+    forward and both backward passes drew the same mask, with tiles that differ between passes."""
+    from hf_neural_attention.dropout_mask import dropout_scale, dropout_streams
+
+    p, q_len, k_len = 0.3, 19, 37
+    seed = torch.tensor(0x1234_5678_9ABC, dtype=torch.int64)
+    devices = []
+    monkeypatch.setattr(triton_attention, "draw_dropout_seed", lambda device: devices.append(device) or seed)
+    monkeypatch.setattr(triton_attention, "INTERPRETER_TILES", (Tiles(16, 32, 4), Tiles(32, 16, 4)))
     variant = build_variant("expressive", H, D) if name == "expressive" else neural_variant({})
     q, k, v, keep = inputs(q_len, k_len, fully_masked_row=False)
-    fused = run(variant, q, k, v, keep, TRITON, dropout=p)
-    assert seeds
-    dropped = dropout_keep_map(12345, q_len, k_len, p)
-    assert 0.55 < dropped.float().mean() < 0.85  # about 1 - p kept
+    if causal:
+        keep = causal_keep(q_len, k_len, q.device).expand(B, 1, q_len, k_len)
+    fused = run(variant, q, k, v, keep, TRITON, dropout=p, causal=causal)
+    assert devices == [q.device]
+    scale = dropout_scale(dropout_streams(seed, B, H), 0, q_len, k_len, p).double()
+    assert 0.6 < (scale > 0).double().mean() < 0.8  # about 1 - p kept
     q64, k64, v64 = (t.double().requires_grad_() for t in (q, k, v))
     double = variant.double() if name == "expressive" else neural_variant({}).double()
     reference = expressive_reference if name == "expressive" else neural_reference
     weights = reference(q64, k64, keep, double)
-    expected = (weights * dropped / (1 - p)) @ v64
+    expected = (weights * scale) @ v64
     torch.testing.assert_close(fused[0].double(), expected, rtol=0, atol=1e-5)
     grad_output = torch.randn(expected.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float32)
     for index, grad in enumerate(torch.autograd.grad(expected, [q64, k64, v64], grad_output.double())):
