@@ -3,8 +3,8 @@ variant, an autograd Function around them, and the rule that picks them.
 
 `triton_attention_output(variant, query, key, value, mask, scaling, dropout)` returns the [B, H, Lq, D] output, or
 None where the kernels do not cover the call (the chunked path runs): a variant other than expressive or neural, a
-neural MLP with other than two hidden layers or another activation than ReLU, an additive mask bias, a dtype outside
-float32/bfloat16/float16, triton installed but not importable.
+neural MLP with other than two hidden layers, a dtype outside float32/bfloat16/float16, triton installed but not
+importable. Boolean masks and additive float biases, relu and leaky_relu MLPs run in the kernels.
 cdape stays on the chunked path: its convolution over the score map mixes neighbouring keys and all heads, so a tile
 would need a halo of scores from every head, and the chunked engine already keeps its memory linear in n.
 
@@ -23,7 +23,7 @@ from . import triton_kernels as kernels
 from .dropout_mask import draw_dropout_seed, dropout_streams
 from .expressive import ExpressiveAttention
 from .masks import KeyMask, causal_keep
-from .neural import NeuralAttention
+from .neural import LEAKY_SLOPE, NeuralAttention
 from .variant import AttentionVariant
 
 
@@ -43,12 +43,14 @@ class KernelCall:
     add_dot: bool
     dot_scale: float
     keep: torch.Tensor | None  # int8, broadcastable to [B, H, Lq, Lk]; None: every key, or the causal pattern
+    bias: torch.Tensor | None  # the mask's additive float bias, broadcastable to [B, H, Lq, Lk]; None: zero
     causal: bool  # the bottom-right causal pattern, computed in the kernels (tiles above the diagonal skipped)
     dropout: float
     streams: torch.Tensor | None  # int32 [B, H]: dropout_mask's stream key per (batch, head); None without dropout
     per_head: bool
     forward_tiles: Tiles
     backward_tiles: Tiles  # the row statistics do not depend on the tiling, so backward may tile differently
+    slope: float = 0.0  # the neural MLP's activation: relu (0) or leaky_relu (LEAKY_SLOPE)
 
 
 # GPU tiles per score, (forward, backward): the largest of those compiled for sm_90 in bf16 at d_h = 64 (the paper
@@ -85,7 +87,7 @@ def _keep_bytes(mask: KeyMask) -> torch.Tensor | None:
 
 def triton_attention_output(variant: AttentionVariant, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                             mask: KeyMask, scaling: float, dropout: float) -> torch.Tensor | None:
-    if mask.bias is not None or not kernels.available():  # triton found but not importable: the chunked path
+    if not kernels.available():  # triton found but not importable: the chunked path
         return None
     causal = _is_causal(mask, query.shape[2], key.shape[2])
     keep = None if causal else _keep_bytes(mask)
@@ -93,15 +95,16 @@ def triton_attention_output(variant: AttentionVariant, query: torch.Tensor, key:
     empty = query.new_zeros(1, dtype=torch.float32)
     if isinstance(variant, ExpressiveAttention):
         score = kernels.EXPRESSIVE_SCORES[variant.form]
-        call = KernelCall(score, False, scaling if variant.scale else 1.0, keep, causal, dropout, streams, False,
-                          *_tiles(score))
+        call = KernelCall(score, False, scaling if variant.scale else 1.0, keep, mask.bias, causal, dropout, streams,
+                          False, *_tiles(score))
         return _FusedAttention.apply(call, query, key, value, empty, empty, empty, empty, empty, empty)
-    if isinstance(variant, NeuralAttention) and len(variant.mlp_weights) == 3 and variant.activation == "relu":
+    if isinstance(variant, NeuralAttention) and len(variant.mlp_weights) == 3:
         rows, shared = variant.prepare(query, key, mask, scaling)
         query_part, key_part, w2, w3, b2, b3 = rows[0], *shared[:5]  # prepare: [key_part, W2, W3, b2, b3, (key)]
         add = variant.combine == "add"
-        call = KernelCall(kernels.SCORE_NEURAL, add, scaling, keep, causal, dropout, streams, variant.per_head,
-                          *_tiles(kernels.SCORE_NEURAL))
+        slope = LEAKY_SLOPE if variant.activation == "leaky_relu" else 0.0
+        call = KernelCall(kernels.SCORE_NEURAL, add, scaling, keep, mask.bias, causal, dropout, streams,
+                          variant.per_head, *_tiles(kernels.SCORE_NEURAL), slope=slope)
         return _FusedAttention.apply(call, rows[1] if add else query, shared[-1] if add else key, value,
                                      query_part, key_part, w2, b2, w3.flatten(1), b3.flatten())
     return None
@@ -126,10 +129,14 @@ def _launch_settings(call: KernelCall, query, key, query_part, w2, b2):
     batch, heads, q_len, dim = query.shape
     keep = call.keep if call.keep is not None else query.new_zeros(1, 1, 1, 1, dtype=torch.int8)
     keep = keep.expand(batch, heads, q_len, key.shape[2])
+    bias = call.bias if call.bias is not None else query.new_zeros(1, 1, 1, 1, dtype=torch.float32)
+    bias = bias.expand(batch, heads, q_len, key.shape[2])
     units = query_part.shape[-1] if call.score == kernels.SCORE_NEURAL else 1
     outs = b2.shape[-1] if call.score == kernels.SCORE_NEURAL else 1
     return dict(
         stride_kb=keep.stride(0), stride_kh=keep.stride(1), stride_kq=keep.stride(2), stride_kk=keep.stride(3),
+        stride_bb=bias.stride(0), stride_bh=bias.stride(1), stride_bq=bias.stride(2), stride_bk=bias.stride(3),
+        HAS_BIAS=call.bias is not None, SLOPE=call.slope,
         H=heads, LQ=q_len, LK=key.shape[2], D=dim, dot_scale=call.dot_scale, dropout_p=call.dropout,
         threshold=kernels.signed_threshold(call.dropout),
         per_head=int(call.per_head), SCORE=call.score, ADD_DOT=call.add_dot, H1=units, H2=outs,
@@ -137,14 +144,14 @@ def _launch_settings(call: KernelCall, query, key, query_part, w2, b2):
         DROPOUT=call.dropout > 0.0, DOT_FP32=kernels.interpreted() or query.dtype == torch.float16,
         PRECISION=_float32_products(query.dtype),
         BLOCK_D=max(16, kernels.triton.next_power_of_2(dim)),
-    ), keep, (call.streams if call.streams is not None else query.new_zeros(1, dtype=torch.int32))
+    ), keep, bias, (call.streams if call.streams is not None else query.new_zeros(1, dtype=torch.int32))
 
 
 class _FusedAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, call: KernelCall, query, key, value, query_part, key_part, w2, b2, w3, b3):
         batch, heads, q_len, dim = query.shape
-        settings, keep, streams = _launch_settings(call, query, key, query_part, w2, b2)
+        settings, keep, bias, streams = _launch_settings(call, query, key, query_part, w2, b2)
         flat = [_flat(t) for t in (query, key, value)]
         parts = [_flat(t.float()) if call.score == kernels.SCORE_NEURAL else t for t in (query_part, key_part)]
         weights = [t.float().contiguous() for t in (w2, b2, w3, b3)]
@@ -153,15 +160,16 @@ class _FusedAttention(torch.autograd.Function):
         row_sum = torch.empty_like(row_max)
         tiles = call.forward_tiles
         grid = (kernels.triton.cdiv(q_len, tiles.block_m), batch * heads)
-        kernels._forward_kernel[grid](*flat, *parts, *weights, keep, streams, out, row_max, row_sum,
+        kernels._forward_kernel[grid](*flat, *parts, *weights, keep, bias, streams, out, row_max, row_sum,
                                       BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, num_warps=tiles.num_warps, **settings)
         ctx.call, ctx.settings, ctx.shape, ctx.streams = call, settings, query.shape, streams
-        ctx.save_for_backward(query, key, value, query_part, key_part, w2, b2, w3, b3, out, row_max, row_sum, keep)
+        ctx.save_for_backward(query, key, value, query_part, key_part, w2, b2, w3, b3, out, row_max, row_sum, keep,
+                              bias)
         return out.view(batch, heads, q_len, dim)
 
     @staticmethod
     def backward(ctx, grad_output):
-        query, key, value, query_part, key_part, w2, b2, w3, b3, out, row_max, row_sum, keep = ctx.saved_tensors
+        query, key, value, query_part, key_part, w2, b2, w3, b3, out, row_max, row_sum, keep, bias = ctx.saved_tensors
         call, settings = ctx.call, ctx.settings
         batch, heads, q_len, dim = ctx.shape
         k_len = key.shape[2]
@@ -178,8 +186,8 @@ class _FusedAttention(torch.autograd.Function):
         size = settings["H2"] * settings["H1"] + 2 * settings["H2"] + 1
         partial = torch.zeros(batch * heads * key_blocks, size if neural else 1, device=query.device)
         block_h2 = max(2, kernels.triton.next_power_of_2(settings["H2"]))
-        common = [*flat, grad_out, row_dot, row_max, row_sum, *parts, *weights, keep, ctx.streams, *grads, *grad_parts,
-                  partial]
+        common = [*flat, grad_out, row_dot, row_max, row_sum, *parts, *weights, keep, bias, ctx.streams, *grads,
+                  *grad_parts, partial]
         for for_keys, blocks in ((True, key_blocks), (False, kernels.triton.cdiv(q_len, tiles.block_m))):
             kernels._backward_kernel[(blocks, batch * heads)](
                 *common, BLOCK_H2=block_h2, FOR_KEYS=for_keys, BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n,

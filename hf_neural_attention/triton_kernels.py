@@ -19,8 +19,8 @@ path.
 
 Masks: any boolean keep pattern broadcastable to [B, H, Lq, Lk] (causal, padding, sliding window), read tile by tile;
 a keep pattern that is exactly the bottom-right causal one is not read at all (CAUSAL: computed from the indices, and
-the tiles above the diagonal are skipped, as FlashAttention does). Additive float biases are not handled here (the
-chunked path runs). Grouped-query keys arrive repeated per head.
+the tiles above the diagonal are skipped, as FlashAttention does). An additive float bias (HAS_BIAS, broadcastable
+the same way) is read tile by tile as the keep mask is. The neural MLP's activation is relu or leaky_relu (SLOPE). Grouped-query keys arrive repeated per head.
 
 Part of the flat folder saved checkpoints copy for `trust_remote_code`: imports only torch, triton (optional) and its
 siblings. Triton's interpreter (TRITON_INTERPRET=1) runs these kernels on the CPU; it computes bfloat16 tl.dot
@@ -68,31 +68,58 @@ if triton is not None:
     NEURAL_ = tl.constexpr(SCORE_NEURAL)
 
     @triton.jit
-    def _tile(q, k, qp_ptr, kp_ptr, w2_ptr, b2_ptr, w3_ptr, b3, rows, cols, LQ, LK, keep, dot_scale,
+    def _activate(x, SLOPE: tl.constexpr):
+        """The MLP's hidden activation: relu (SLOPE 0) or leaky_relu with that slope."""
+        if SLOPE == 0.0:
+            return tl.maximum(x, 0.0)
+        return tl.where(x > 0, x, x * SLOPE)
+
+    @triton.jit
+    def _activate_backward(x, grad, SLOPE: tl.constexpr):
+        """dL/dx from dL/d(activation(x))."""
+        return tl.where(x > 0, grad, grad * SLOPE)
+
+    @triton.jit
+    def _tile(q, k, qp_ptr, kp_ptr, w2_ptr, b2_ptr, w3_ptr, b3, rows, cols, LQ, LK, keep, bias, dot_scale,
               SCORE: tl.constexpr, ADD_DOT: tl.constexpr, H1: tl.constexpr, H2: tl.constexpr,
-              BLOCK_H: tl.constexpr, PRECISION: tl.constexpr):
+              BLOCK_H: tl.constexpr, PRECISION: tl.constexpr, HAS_BIAS: tl.constexpr, SLOPE: tl.constexpr):
         """Scores of one [BLOCK_M, BLOCK_N] tile: (values, s) where values are f (masked: 0) for the expressive
-        scores and logits (masked: NEG) for neural; s is q.k x dot_scale (0 where not used)."""
+        scores and logits (masked: NEG) for neural; s is q.k x dot_scale (0 where not used). An additive mask bias
+        (HAS_BIAS) adds to the logits and to softmax_square's s^2, and multiplies rational's and square's f by
+        exp(bias), as the chunked path's softmax and ratio rules do."""
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * dot_scale
         if SCORE == NEURAL_:
             units = tl.arange(0, BLOCK_H)
             qp = tl.load(qp_ptr + rows[:, None] * H1 + units[None, :], mask=(rows[:, None] < LQ) & (units[None, :] < H1), other=0.0)
             kp = tl.load(kp_ptr + cols[:, None] * H1 + units[None, :], mask=(cols[:, None] < LK) & (units[None, :] < H1), other=0.0)
-            hidden = tl.maximum(qp[:, None, :] + kp[None, :, :], 0.0)  # [M, N, BLOCK_H]
+            hidden = _activate(qp[:, None, :] + kp[None, :, :], SLOPE)  # [M, N, BLOCK_H]
             logits = tl.zeros_like(s) + b3
-            for o in range(H2):
+            for o in tl.static_range(H2):
                 w2 = tl.load(w2_ptr + o * H1 + units, mask=units < H1, other=0.0)
                 z = tl.sum(hidden * w2[None, None, :], axis=2) + tl.load(b2_ptr + o)
-                logits += tl.load(w3_ptr + o) * tl.maximum(z, 0.0)
+                logits += tl.load(w3_ptr + o) * _activate(z, SLOPE)
             if ADD_DOT:
                 logits += s
+            if HAS_BIAS:
+                logits += bias
             return tl.where(keep, logits, NEG_), s
         squared = s * s
         if SCORE == RATIONAL_:
             values = squared / (1.0 + squared)
         else:
             values = squared  # square; softmax_square exponentiates with the running max
+        if HAS_BIAS:
+            values = values + bias if SCORE == SOFTMAX_SQUARE_ else values * tl.exp(bias)
         return tl.where(keep, values, 0.0), s
+
+    @triton.jit
+    def _load_bias(bias_ptr, stride_bq, stride_bk, rows, cols, LQ, LK, HAS_BIAS: tl.constexpr):
+        """The additive mask bias of a tile in float32 (0 outside), or 0 without one."""
+        if HAS_BIAS:
+            inside = (rows[:, None] < LQ) & (cols[None, :] < LK)
+            return tl.load(bias_ptr + rows[:, None].to(tl.int64) * stride_bq + cols[None, :] * stride_bk, mask=inside,
+                           other=0.0).to(tl.float32)
+        return 0.0
 
     @triton.jit
     def _load_keep(keep_ptr, stride_kq, stride_kk, rows, cols, LQ, LK, HAS_KEEP: tl.constexpr,
@@ -172,10 +199,12 @@ if triton is not None:
 
     @triton.jit
     def _forward_kernel(
-        Q, K, V, QP, KP, W2, B2, W3, B3, KEEP, STREAMS, OUT, ROW_MAX, ROW_SUM,
-        stride_kb, stride_kh, stride_kq, stride_kk, H, LQ, LK, D, dot_scale, dropout_p, threshold, per_head,
+        Q, K, V, QP, KP, W2, B2, W3, B3, KEEP, BIAS, STREAMS, OUT, ROW_MAX, ROW_SUM,
+        stride_kb, stride_kh, stride_kq, stride_kk, stride_bb, stride_bh, stride_bq, stride_bk,
+        H, LQ, LK, D, dot_scale, dropout_p, threshold, per_head,
         SCORE: tl.constexpr, ADD_DOT: tl.constexpr, H1: tl.constexpr, H2: tl.constexpr, BLOCK_H: tl.constexpr,
-        HAS_KEEP: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, DOT_FP32: tl.constexpr,
+        HAS_KEEP: tl.constexpr, HAS_BIAS: tl.constexpr, SLOPE: tl.constexpr, CAUSAL: tl.constexpr,
+        DROPOUT: tl.constexpr, DOT_FP32: tl.constexpr,
         PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     ):
         block, bh = tl.program_id(0), tl.program_id(1)
@@ -185,6 +214,7 @@ if triton is not None:
         dims = tl.arange(0, BLOCK_D)
         q = _load_rows(Q + bh * LQ * D, rows, LQ, dims, D, DOT_FP32)
         keep_ptr = KEEP + b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh
+        bias_ptr = BIAS + b.to(tl.int64) * stride_bb + h.to(tl.int64) * stride_bh
         row_keys = _dropout_row_keys(_dropout_stream(STREAMS, bh, DROPOUT), rows, DROPOUT)
         group = h * per_head  # the MLP's weights: one set per head, or one shared (group 0)
         b3 = tl.load(B3 + group) if SCORE == NEURAL_ else 0.0
@@ -196,9 +226,10 @@ if triton is not None:
             k = _load_rows(K + bh * LK * D, cols, LK, dims, D, DOT_FP32)
             v = _load_rows(V + bh * LK * D, cols, LK, dims, D, DOT_FP32)
             keep = _load_keep(keep_ptr, stride_kq, stride_kk, rows, cols, LQ, LK, HAS_KEEP, CAUSAL)
+            bias = _load_bias(bias_ptr, stride_bq, stride_bk, rows, cols, LQ, LK, HAS_BIAS)
             values, s = _tile(q, k, QP + bh * LQ * H1, KP + bh * LK * H1, W2 + group * H2 * H1, B2 + group * H2,
-                              W3 + group * H2, b3, rows, cols, LQ, LK, keep, dot_scale, SCORE, ADD_DOT, H1, H2, BLOCK_H,
-                              PRECISION)
+                              W3 + group * H2, b3, rows, cols, LQ, LK, keep, bias, dot_scale, SCORE, ADD_DOT, H1, H2,
+                              BLOCK_H, PRECISION, HAS_BIAS, SLOPE)
             if SCORE == NEURAL_ or SCORE == SOFTMAX_SQUARE_:
                 new_max = tl.maximum(row_max, tl.max(values, axis=1))
                 weights = tl.exp(values - new_max[:, None])
@@ -225,14 +256,15 @@ if triton is not None:
 
     @triton.jit
     def _tile_gradients(q, k, v, do, row_dot, row_max, row_sum, qp_ptr, kp_ptr, w2_ptr, b2_ptr, w3_ptr, b3,
-                        rows, cols, LQ, LK, keep, dot_scale, dropout_p, row_keys, threshold,
+                        rows, cols, LQ, LK, keep, bias, dot_scale, dropout_p, row_keys, threshold,
                         SCORE: tl.constexpr, ADD_DOT: tl.constexpr, H1: tl.constexpr, H2: tl.constexpr,
-                        BLOCK_H: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr):
+                        BLOCK_H: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
+                        HAS_BIAS: tl.constexpr, SLOPE: tl.constexpr):
         """One tile's backward, recomputed from the row statistics: (weights after dropout [M, N] for dV, ds [M, N]
         with dq = ds k and dk = ds^T q, and for neural dlogit [M, N] and the tile's hidden pre-activations
         [M, N, BLOCK_H]; zeros otherwise)."""
-        values, s = _tile(q, k, qp_ptr, kp_ptr, w2_ptr, b2_ptr, w3_ptr, b3, rows, cols, LQ, LK, keep, dot_scale,
-                          SCORE, ADD_DOT, H1, H2, BLOCK_H, PRECISION)
+        values, s = _tile(q, k, qp_ptr, kp_ptr, w2_ptr, b2_ptr, w3_ptr, b3, rows, cols, LQ, LK, keep, bias,
+                          dot_scale, SCORE, ADD_DOT, H1, H2, BLOCK_H, PRECISION, HAS_BIAS, SLOPE)
         inside = (rows[:, None] < LQ) & (cols[None, :] < LK)
         if SCORE == NEURAL_:
             weights = tl.where(inside, tl.exp(values - row_max[:, None]), 0.0) / row_sum[:, None]
@@ -254,6 +286,8 @@ if triton is not None:
             ds = dlogit * dot_scale if ADD_DOT else tl.zeros_like(dlogit)
             return weights_dropped, ds, dlogit
         df = tl.where(keep, centred / row_sum[:, None], 0.0)
+        if HAS_BIAS and SCORE != SOFTMAX_SQUARE_:
+            df = df * tl.exp(bias)  # f = r(s) exp(bias): the ratio rule's bias scales df/ds
         if SCORE == RATIONAL_:
             denominator = 1.0 + s * s
             ds = df * 2.0 * s / (denominator * denominator)
@@ -265,34 +299,36 @@ if triton is not None:
 
     @triton.jit
     def _mlp_backward(dlogit, qp, kp, w2_ptr, b2_ptr, w3_ptr, H1: tl.constexpr, H2: tl.constexpr,
-                      BLOCK_H: tl.constexpr, BLOCK_H2: tl.constexpr):
+                      BLOCK_H: tl.constexpr, BLOCK_H2: tl.constexpr, SLOPE: tl.constexpr):
         """The pairwise MLP's backward on a tile: (dpre [M, N, BLOCK_H], dW2 [BLOCK_H2, BLOCK_H], db2 [BLOCK_H2],
         dW3 [BLOCK_H2], db3) with pre = qp_i + kp_j the first layer's pre-activations."""
         units, outs = tl.arange(0, BLOCK_H), tl.arange(0, BLOCK_H2)
         pre = qp[:, None, :] + kp[None, :, :]
-        hidden = tl.maximum(pre, 0.0)
+        hidden = _activate(pre, SLOPE)
         grad_hidden = tl.zeros_like(pre)
         grad_w2 = tl.zeros([BLOCK_H2, BLOCK_H], dtype=tl.float32)
         grad_b2 = tl.zeros([BLOCK_H2], dtype=tl.float32)
         grad_w3 = tl.zeros([BLOCK_H2], dtype=tl.float32)
-        for o in range(H2):
+        for o in tl.static_range(H2):
             w2 = tl.load(w2_ptr + o * H1 + units, mask=units < H1, other=0.0)
             z = tl.sum(hidden * w2[None, None, :], axis=2) + tl.load(b2_ptr + o)
-            grad_w3 += tl.where(outs == o, tl.sum(dlogit * tl.maximum(z, 0.0)), 0.0)
-            grad_z = tl.where(z > 0, dlogit * tl.load(w3_ptr + o), 0.0)
+            grad_w3 += tl.where(outs == o, tl.sum(dlogit * _activate(z, SLOPE)), 0.0)
+            grad_z = _activate_backward(z, dlogit * tl.load(w3_ptr + o), SLOPE)
             grad_b2 += tl.where(outs == o, tl.sum(grad_z), 0.0)
             grad_w2 += tl.where(outs[:, None] == o, tl.sum(tl.sum(grad_z[:, :, None] * hidden, axis=0), axis=0)[None, :], 0.0)
             grad_hidden += grad_z[:, :, None] * w2[None, None, :]
-        grad_pre = tl.where(pre > 0, grad_hidden, 0.0)
+        grad_pre = _activate_backward(pre, grad_hidden, SLOPE)
         return grad_pre, grad_w2, grad_b2, grad_w3, tl.sum(dlogit)
 
     @triton.jit
     def _backward_kernel(
-        Q, K, V, DO, ROW_DOT, ROW_MAX, ROW_SUM, QP, KP, W2, B2, W3, B3, KEEP, STREAMS,
+        Q, K, V, DO, ROW_DOT, ROW_MAX, ROW_SUM, QP, KP, W2, B2, W3, B3, KEEP, BIAS, STREAMS,
         DQ, DK, DV, DQP, DKP, GRAD_WEIGHTS,
-        stride_kb, stride_kh, stride_kq, stride_kk, H, LQ, LK, D, dot_scale, dropout_p, threshold, per_head,
+        stride_kb, stride_kh, stride_kq, stride_kk, stride_bb, stride_bh, stride_bq, stride_bk,
+        H, LQ, LK, D, dot_scale, dropout_p, threshold, per_head,
         SCORE: tl.constexpr, ADD_DOT: tl.constexpr, H1: tl.constexpr, H2: tl.constexpr, BLOCK_H: tl.constexpr,
-        BLOCK_H2: tl.constexpr, HAS_KEEP: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
+        BLOCK_H2: tl.constexpr, HAS_KEEP: tl.constexpr, HAS_BIAS: tl.constexpr, SLOPE: tl.constexpr,
+        CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
         DOT_FP32: tl.constexpr, PRECISION: tl.constexpr, FOR_KEYS: tl.constexpr, BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     ):
@@ -306,6 +342,7 @@ if triton is not None:
         w2_ptr, b2_ptr, w3_ptr = W2 + group * H2 * H1, B2 + group * H2, W3 + group * H2
         qp_ptr, kp_ptr = QP + bh * LQ * H1, KP + bh * LK * H1
         keep_ptr = KEEP + b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh
+        bias_ptr = BIAS + b.to(tl.int64) * stride_bb + h.to(tl.int64) * stride_bh
         stream = _dropout_stream(STREAMS, bh, DROPOUT)
         dims, units = tl.arange(0, BLOCK_D), tl.arange(0, BLOCK_H)
         own = block * (BLOCK_N if FOR_KEYS else BLOCK_M) + tl.arange(0, BLOCK_N if FOR_KEYS else BLOCK_M)
@@ -328,15 +365,17 @@ if triton is not None:
                 do = _load_rows(DO + bh * LQ * D, rows, LQ, dims, D, DOT_FP32)
                 row_dot, row_max, row_sum = _load_row_statistics(ROW_DOT, ROW_MAX, ROW_SUM, bh * LQ, rows, LQ)
                 keep = _load_keep(keep_ptr, stride_kq, stride_kk, rows, own, LQ, LK, HAS_KEEP, CAUSAL)
+                bias = _load_bias(bias_ptr, stride_bq, stride_bk, rows, own, LQ, LK, HAS_BIAS)
                 weights, ds, dlogit = _tile_gradients(
                     q, k, v, do, row_dot, row_max, row_sum, qp_ptr, kp_ptr, w2_ptr, b2_ptr, w3_ptr, b3, rows, own,
-                    LQ, LK, keep, dot_scale, dropout_p, _dropout_row_keys(stream, rows, DROPOUT), threshold, SCORE,
-                    ADD_DOT, H1, H2, BLOCK_H, DROPOUT, PRECISION)
+                    LQ, LK, keep, bias, dot_scale, dropout_p, _dropout_row_keys(stream, rows, DROPOUT), threshold,
+                    SCORE, ADD_DOT, H1, H2, BLOCK_H, DROPOUT, PRECISION, HAS_BIAS, SLOPE)
                 grad_v += tl.dot(tl.trans(weights).to(do.dtype), do, input_precision=PRECISION)
                 grad_k += tl.dot(tl.trans(ds).to(q.dtype), q, input_precision=PRECISION)
                 if SCORE == NEURAL_:
                     qp = tl.load(qp_ptr + rows[:, None] * H1 + units[None, :], mask=(rows[:, None] < LQ) & (units[None, :] < H1), other=0.0)
-                    grad_pre, gw2, gb2, gw3, gb3 = _mlp_backward(dlogit, qp, kp, w2_ptr, b2_ptr, w3_ptr, H1, H2, BLOCK_H, BLOCK_H2)
+                    grad_pre, gw2, gb2, gw3, gb3 = _mlp_backward(dlogit, qp, kp, w2_ptr, b2_ptr, w3_ptr, H1, H2, BLOCK_H,
+                                                                 BLOCK_H2, SLOPE)
                     grad_kp += tl.sum(grad_pre, axis=0)
                     grad_w2 += gw2
                     grad_b2 += gb2
@@ -367,14 +406,16 @@ if triton is not None:
                 k = _load_rows(K + bh * LK * D, cols, LK, dims, D, DOT_FP32)
                 v = _load_rows(V + bh * LK * D, cols, LK, dims, D, DOT_FP32)
                 keep = _load_keep(keep_ptr, stride_kq, stride_kk, own, cols, LQ, LK, HAS_KEEP, CAUSAL)
+                bias = _load_bias(bias_ptr, stride_bq, stride_bk, own, cols, LQ, LK, HAS_BIAS)
                 weights, ds, dlogit = _tile_gradients(
                     q, k, v, do, row_dot, row_max, row_sum, qp_ptr, kp_ptr, w2_ptr, b2_ptr, w3_ptr, b3, own, cols,
-                    LQ, LK, keep, dot_scale, dropout_p, row_keys, threshold, SCORE, ADD_DOT, H1, H2, BLOCK_H, DROPOUT,
-                    PRECISION)
+                    LQ, LK, keep, bias, dot_scale, dropout_p, row_keys, threshold, SCORE, ADD_DOT, H1, H2, BLOCK_H,
+                    DROPOUT, PRECISION, HAS_BIAS, SLOPE)
                 grad_q += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
                 if SCORE == NEURAL_:
                     kp = tl.load(kp_ptr + cols[:, None] * H1 + units[None, :], mask=(cols[:, None] < LK) & (units[None, :] < H1), other=0.0)
-                    grad_pre, _, _, _, _ = _mlp_backward(dlogit, qp, kp, w2_ptr, b2_ptr, w3_ptr, H1, H2, BLOCK_H, BLOCK_H2)
+                    grad_pre, _, _, _, _ = _mlp_backward(dlogit, qp, kp, w2_ptr, b2_ptr, w3_ptr, H1, H2, BLOCK_H, BLOCK_H2,
+                                                         SLOPE)
                     grad_qp += tl.sum(grad_pre, axis=1)
             tl.store(DQ + bh * LQ * D + own[:, None] * D + dims[None, :], grad_q, mask=own_mask)
             if SCORE == NEURAL_:

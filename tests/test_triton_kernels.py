@@ -149,6 +149,45 @@ def test_a_causal_mask_is_computed_in_the_kernels_and_skips_tiles(name, q_len, k
     torch.testing.assert_close(fused[0].double(), weights @ v.double(), rtol=0, atol=1e-5)
 
 
+def launches(monkeypatch) -> list[dict]:
+    """Records the launch settings of every kernel call from here on."""
+    settings = []
+    launch = triton_attention._launch_settings
+    monkeypatch.setattr(triton_attention, "_launch_settings", lambda *a: settings.append(launch(*a)[0]) or launch(*a))
+    return settings
+
+
+@pytest.mark.parametrize("activation", ["relu", "leaky_relu"])
+def test_each_neural_activation_runs_its_own_kernel(activation, monkeypatch):
+    """relu and leaky_relu (slope 0.01) both run in the kernels, each with its own slope: routing leaky_relu into
+    the relu kernel (or the reverse) changes the scores of every negative pre-activation and fails the comparison."""
+    settings = launches(monkeypatch)
+    variant = neural_variant({"activation": activation, "proj_dim": 4, "hidden_dims": [4, 3]})
+    q, k, v, keep = inputs(19, 21)
+    fused = run(variant, q, k, v, keep, TRITON)
+    assert settings and {s["SLOPE"] for s in settings} == {0.01 if activation == "leaky_relu" else 0.0}
+    assert_same(fused, run(variant, q, k, v, keep, CHUNKED))
+
+
+@pytest.mark.parametrize("name", ["rational", "square", "softmax_square", "neural", "neural-add"])
+def test_an_additive_float_bias_is_read_by_the_kernels(name, monkeypatch):
+    """A float mask (finite biases, -1e9 and the dtype's minimum for masked keys, a fully masked row) runs in the
+    kernels, read tile by tile, and equals the chunked path's softmax and ratio rules (logits + bias; f x exp(bias))."""
+    settings = launches(monkeypatch)
+    if name.startswith("neural"):
+        variant = neural_variant({"combine": "add"} if name == "neural-add" else {})
+    else:
+        variant = build_variant("expressive", H, D, form=name, scale=True)
+    q, k, v, keep = inputs(19, 21)
+    generator = torch.Generator().manual_seed(5)
+    bias = 0.5 * torch.randn(B, H, 19, 21, generator=generator)  # per head
+    bias = bias.masked_fill(~keep, torch.finfo(torch.float32).min)
+    bias[0, :, 3, :5] = -1e9  # a large finite bias: kept, weighs (almost) nothing
+    fused = run(variant, q, k, v, bias, TRITON)
+    assert settings and all(s["HAS_BIAS"] for s in settings)
+    assert_same(fused, run(variant, q, k, v, bias, CHUNKED))
+
+
 def test_neural_with_other_depths_falls_back_to_the_chunked_path(monkeypatch):
     calls = []
     monkeypatch.setattr(triton_attention._FusedAttention, "apply", lambda *a: calls.append(1))
@@ -229,11 +268,11 @@ def test_the_kernels_are_chosen_only_where_they_apply(monkeypatch):
     assert calls == [1]
     cdape = build_variant("cdape", H, D)  # stays on the chunked path, even when the kernels are forced
     assert_same(run(cdape, q, k, v, keep, TRITON), run(cdape, q, k, v, keep, CHUNKED), output_atol=0, grad_atol=0)
-    bias = torch.zeros(keep.shape).masked_fill(~keep, float("-inf")) + 0.5 * keep  # an additive bias: chunked
+    bias = torch.zeros(keep.shape).masked_fill(~keep, float("-inf")) + 0.5 * keep  # an additive bias: kernels too
     mask = split_attention_mask(bias, 19, 19, False, q.device)
     with fast_paths(True, **TRITON):
         variant.attention_output(q, k, v, mask, D**-0.5, 0.0, False)
-    assert calls == [1]
+    assert calls == [1, 1]
     with pytest.raises(ValueError, match=r"backend='cuda' is not valid; choose one of \['auto', 'triton', 'chunked'\]"):
         fast_paths(True, backend="cuda")
     with pytest.raises(ValueError, match="FAST_PATHS.backend='gpu' is not valid"):
