@@ -105,8 +105,9 @@ def triton_attention_output(variant: AttentionVariant, query: torch.Tensor, key:
         slope = LEAKY_SLOPE if variant.activation == "leaky_relu" else 0.0
         call = KernelCall(kernels.SCORE_NEURAL, add, scaling, keep, mask.bias, causal, dropout, streams,
                           variant.per_head, *_tiles(kernels.SCORE_NEURAL), slope=slope)
-        return _FusedAttention.apply(call, rows[1] if add else query, shared[-1] if add else key, value,
-                                     query_part, key_part, w2, b2, w3.flatten(1), b3.flatten())
+        # q and k in the input dtype (prepare's copies for combine="add" are float32 for float16 inputs)
+        return _FusedAttention.apply(call, query, key, value, query_part, key_part, w2, b2, w3.flatten(1),
+                                     b3.flatten())
     return None
 
 

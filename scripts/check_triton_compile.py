@@ -51,6 +51,7 @@ CONFIGS = {
     "neural-bf16-causal-dropout": ("neural", {}, "bf16", "causal", 0.1),
     "neural-add-per-head-bf16-padding": ("neural", {"combine": "add", "per_head": True}, "bf16", "padding", 0.1),
     "neural-fp16-causal": ("neural", {}, "fp16", "causal", 0.0),
+    "neural-add-fp16-causal-dropout": ("neural", {"combine": "add"}, "fp16", "causal", 0.1),
     "neural-fp32-none": ("neural", {}, "fp32", "none", 0.0),
     "rational-bf16-causal-dropout": ("expressive", {"form": "rational"}, "bf16", "causal", 0.1),
     "square-bf16-padding": ("expressive", {"form": "square", "scale": True}, "bf16", "padding", 0.0),

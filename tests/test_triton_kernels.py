@@ -242,6 +242,23 @@ def test_half_inputs_accumulate_in_float32(name, dtype):
         torch.testing.assert_close(fused_grad.float(), exact_grad, rtol=0, atol=5e-2)
 
 
+def test_float16_neural_add_hands_the_kernels_float16_q_and_k(monkeypatch):
+    """combine="add" in float16: q and k reach the kernels in float16 (upcast inside, TF32 products), not as
+    prepare's float32 copies, which ran IEEE float32 dots on CUDA cores and spilled (issue 23.5)."""
+    seen = []
+    original = triton_attention._FusedAttention.apply
+    monkeypatch.setattr(triton_attention._FusedAttention, "apply",
+                        lambda *a: seen.append((a[1].dtype, a[2].dtype)) or original(*a))
+    variant = neural_variant({"combine": "add"}).half()
+    q, k, v, keep = inputs(19, 19, dtype=torch.float16)
+    fused = run(variant, q, k, v, keep, TRITON)
+    assert seen == [(torch.float16, torch.float16)]
+    exact = run(variant.float(), q.float(), k.float(), v.float(), keep, CHUNKED)
+    torch.testing.assert_close(fused[0].float(), exact[0], rtol=0, atol=2e-2)
+    for fused_grad, exact_grad in zip(fused[1][:3], exact[1][:3]):
+        torch.testing.assert_close(fused_grad.float(), exact_grad, rtol=0, atol=5e-2)
+
+
 @pytest.mark.parametrize("name", ["expressive", "neural"])
 def test_grouped_query_heads_and_causal_cache_through_the_attention_function(name):
     variant = build_variant("expressive", H * 2, D) if name == "expressive" else build_variant("neural", H * 2, D)
