@@ -99,7 +99,8 @@ def triton_attention_output(variant: AttentionVariant, query: torch.Tensor, key:
                           False, *_tiles(score))
         return _FusedAttention.apply(call, query, key, value, empty, empty, empty, empty, empty, empty)
     if isinstance(variant, NeuralAttention) and len(variant.mlp_weights) == 3:
-        rows, shared = variant.prepare(query, key, mask, scaling)
+        groups = query.shape[1] // key.shape[1]  # grouped-query heads: prepare's key parts are per query head
+        rows, shared = variant.prepare(query, key.repeat_interleave(groups, 1) if groups > 1 else key, mask, scaling)
         query_part, key_part, w2, w3, b2, b3 = rows[0], *shared[:5]  # prepare: [key_part, W2, W3, b2, b3, (key)]
         add = variant.combine == "add"
         slope = LEAKY_SLOPE if variant.activation == "leaky_relu" else 0.0
@@ -138,7 +139,7 @@ def _launch_settings(call: KernelCall, query, key, query_part, w2, b2):
         stride_kb=keep.stride(0), stride_kh=keep.stride(1), stride_kq=keep.stride(2), stride_kk=keep.stride(3),
         stride_bb=bias.stride(0), stride_bh=bias.stride(1), stride_bq=bias.stride(2), stride_bk=bias.stride(3),
         HAS_BIAS=call.bias is not None, SLOPE=call.slope,
-        H=heads, LQ=q_len, LK=key.shape[2], D=dim, dot_scale=call.dot_scale, dropout_p=call.dropout,
+        H=heads, H_KV=key.shape[1], LQ=q_len, LK=key.shape[2], D=dim, dot_scale=call.dot_scale, dropout_p=call.dropout,
         threshold=kernels.signed_threshold(call.dropout),
         per_head=int(call.per_head), SCORE=call.score, ADD_DOT=call.add_dot, H1=units, H2=outs,
         BLOCK_H=max(2, kernels.triton.next_power_of_2(units)), HAS_KEEP=call.keep is not None, CAUSAL=call.causal,
@@ -189,11 +190,10 @@ class _FusedAttention(torch.autograd.Function):
         block_h2 = max(2, kernels.triton.next_power_of_2(settings["H2"]))
         common = [*flat, grad_out, row_dot, row_max, row_sum, *parts, *weights, keep, bias, ctx.streams, *grads,
                   *grad_parts, partial]
-        for for_keys, blocks in ((True, key_blocks), (False, kernels.triton.cdiv(q_len, tiles.block_m))):
-            kernels._backward_kernel[(blocks, batch * heads)](
-                *common, BLOCK_H2=block_h2, FOR_KEYS=for_keys, BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n,
-                num_warps=tiles.num_warps, **settings)
-        grad_q, grad_k, grad_v = (g.view(batch, heads, -1, dim).to(t.dtype) for g, t in zip(grads, (query, key, value)))
+        kernels._backward_kernel[(key_blocks, batch * heads)](
+            *common, BLOCK_H2=block_h2, BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, num_warps=tiles.num_warps,
+            **settings)
+        grad_q, grad_k, grad_v = (g.view(t.shape).to(t.dtype) for g, t in zip(grads, (query, key, value)))
         if not neural:
             return None, grad_q, grad_k, grad_v, None, None, None, None, None, None
         grad_qp, grad_kp = (g.view(batch, heads, -1, g.shape[-1]).to(t.dtype)

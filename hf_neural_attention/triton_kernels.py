@@ -11,8 +11,9 @@ weights (and, for exp-based scores, the running max), in float32 whatever the in
 
 qp and kp are the first MLP layer's per-query and per-key parts (neural.py's split, computed by `prepare` under
 autograd, so the gradients of the down-projections flow from the kernel's dqp, dkp). The backward recomputes each
-tile's scores from the saved row statistics: one kernel per key block (dK, dV, dkp and per-program partial sums of
-the MLP weights' gradients, reduced afterwards) and one per query block (dQ, dqp). Attention dropout is
+tile's scores from the saved row statistics in one kernel per key block (dK, dV, dkp and per-program partial sums
+of the MLP weights' gradients, reduced afterwards), adding dQ and dqp atomically in float32, as FlashAttention-2
+does, so the MLP and the exponentials run twice per tile in training (forward, backward), not three times. Attention dropout is
 dropout_mask's position-keyed hash (a uint32 stream key per (batch, head), mixed with the query row once per row and
 with the key column per element, about 10 integer operations), the same mask in forward and backward and on every
 path.
@@ -20,7 +21,9 @@ path.
 Masks: any boolean keep pattern broadcastable to [B, H, Lq, Lk] (causal, padding, sliding window), read tile by tile;
 a keep pattern that is exactly the bottom-right causal one is not read at all (CAUSAL: computed from the indices, and
 the tiles above the diagonal are skipped, as FlashAttention does). An additive float bias (HAS_BIAS, broadcastable
-the same way) is read tile by tile as the keep mask is. The neural MLP's activation is relu or leaky_relu (SLOPE). Grouped-query keys arrive repeated per head.
+the same way) is read tile by tile as the keep mask is.
+The neural MLP's activation is relu or leaky_relu (SLOPE). Grouped-query keys and values arrive once per key/value
+head (H_KV divides H; query head h reads kv head h // (H / H_KV)), and their gradients are added per group.
 
 Part of the flat folder saved checkpoints copy for `trust_remote_code`: imports only torch, triton (optional) and its
 siblings. Triton's interpreter (TRITON_INTERPRET=1) runs these kernels on the CPU; it computes bfloat16 tl.dot
@@ -201,7 +204,7 @@ if triton is not None:
     def _forward_kernel(
         Q, K, V, QP, KP, W2, B2, W3, B3, KEEP, BIAS, STREAMS, OUT, ROW_MAX, ROW_SUM,
         stride_kb, stride_kh, stride_kq, stride_kk, stride_bb, stride_bh, stride_bq, stride_bk,
-        H, LQ, LK, D, dot_scale, dropout_p, threshold, per_head,
+        H, H_KV, LQ, LK, D, dot_scale, dropout_p, threshold, per_head,
         SCORE: tl.constexpr, ADD_DOT: tl.constexpr, H1: tl.constexpr, H2: tl.constexpr, BLOCK_H: tl.constexpr,
         HAS_KEEP: tl.constexpr, HAS_BIAS: tl.constexpr, SLOPE: tl.constexpr, CAUSAL: tl.constexpr,
         DROPOUT: tl.constexpr, DOT_FP32: tl.constexpr,
@@ -210,6 +213,7 @@ if triton is not None:
         block, bh = tl.program_id(0), tl.program_id(1)
         b, h = bh // H, bh % H
         bh = bh.to(tl.int64)  # every per-program base offset in 64 bits: B * H * L * D may pass 2^31
+        kv = (b * H_KV + h // (H // H_KV)).to(tl.int64)  # grouped-query heads share their key/value head
         rows = block * BLOCK_M + tl.arange(0, BLOCK_M)
         dims = tl.arange(0, BLOCK_D)
         q = _load_rows(Q + bh * LQ * D, rows, LQ, dims, D, DOT_FP32)
@@ -223,8 +227,8 @@ if triton is not None:
         acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
         for start in range(0, _key_end(block, LQ, LK, BLOCK_M, CAUSAL), BLOCK_N):
             cols = start + tl.arange(0, BLOCK_N)
-            k = _load_rows(K + bh * LK * D, cols, LK, dims, D, DOT_FP32)
-            v = _load_rows(V + bh * LK * D, cols, LK, dims, D, DOT_FP32)
+            k = _load_rows(K + kv * LK * D, cols, LK, dims, D, DOT_FP32)
+            v = _load_rows(V + kv * LK * D, cols, LK, dims, D, DOT_FP32)
             keep = _load_keep(keep_ptr, stride_kq, stride_kk, rows, cols, LQ, LK, HAS_KEEP, CAUSAL)
             bias = _load_bias(bias_ptr, stride_bq, stride_bk, rows, cols, LQ, LK, HAS_BIAS)
             values, s = _tile(q, k, QP + bh * LQ * H1, KP + bh * LK * H1, W2 + group * H2 * H1, B2 + group * H2,
@@ -325,18 +329,20 @@ if triton is not None:
         Q, K, V, DO, ROW_DOT, ROW_MAX, ROW_SUM, QP, KP, W2, B2, W3, B3, KEEP, BIAS, STREAMS,
         DQ, DK, DV, DQP, DKP, GRAD_WEIGHTS,
         stride_kb, stride_kh, stride_kq, stride_kk, stride_bb, stride_bh, stride_bq, stride_bk,
-        H, LQ, LK, D, dot_scale, dropout_p, threshold, per_head,
+        H, H_KV, LQ, LK, D, dot_scale, dropout_p, threshold, per_head,
         SCORE: tl.constexpr, ADD_DOT: tl.constexpr, H1: tl.constexpr, H2: tl.constexpr, BLOCK_H: tl.constexpr,
         BLOCK_H2: tl.constexpr, HAS_KEEP: tl.constexpr, HAS_BIAS: tl.constexpr, SLOPE: tl.constexpr,
         CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
-        DOT_FP32: tl.constexpr, PRECISION: tl.constexpr, FOR_KEYS: tl.constexpr, BLOCK_M: tl.constexpr,
+        DOT_FP32: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     ):
-        """FOR_KEYS: one key block per program, looping over query blocks: dK, dV, dkp and the program's partial sums
-        of the MLP weights' gradients. Else one query block per program, looping over key blocks: dQ, dqp."""
+        """One key block per program, looping over the query blocks that see it (FlashAttention-2's backward): dK,
+        dV, dkp and the program's partial sums of the MLP weights' gradients in registers, written once; dQ and dqp
+        added atomically in float32 per tile, so each tile's scores are recomputed once, not twice."""
         block, bh = tl.program_id(0), tl.program_id(1)
         b, h = bh // H, bh % H
         bh = bh.to(tl.int64)  # every per-program base offset in 64 bits
+        kv = (b * H_KV + h // (H // H_KV)).to(tl.int64)
         group = h * per_head
         b3 = tl.load(B3 + group) if SCORE == NEURAL_ else 0.0
         w2_ptr, b2_ptr, w3_ptr = W2 + group * H2 * H1, B2 + group * H2, W3 + group * H2
@@ -345,78 +351,58 @@ if triton is not None:
         bias_ptr = BIAS + b.to(tl.int64) * stride_bb + h.to(tl.int64) * stride_bh
         stream = _dropout_stream(STREAMS, bh, DROPOUT)
         dims, units = tl.arange(0, BLOCK_D), tl.arange(0, BLOCK_H)
-        own = block * (BLOCK_N if FOR_KEYS else BLOCK_M) + tl.arange(0, BLOCK_N if FOR_KEYS else BLOCK_M)
-        own_len = LK if FOR_KEYS else LQ
-        own_mask = (own[:, None] < own_len) & (dims[None, :] < D)
-        if FOR_KEYS:
-            k = _load_rows(K + bh * LK * D, own, LK, dims, D, DOT_FP32)
-            v = _load_rows(V + bh * LK * D, own, LK, dims, D, DOT_FP32)
-            kp = tl.load(kp_ptr + own[:, None] * H1 + units[None, :], mask=(own[:, None] < LK) & (units[None, :] < H1), other=0.0)
-            grad_k = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-            grad_v = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-            grad_kp = tl.zeros([BLOCK_N, BLOCK_H], dtype=tl.float32)
-            grad_w2 = tl.zeros([BLOCK_H2, BLOCK_H], dtype=tl.float32)
-            grad_b2 = tl.zeros([BLOCK_H2], dtype=tl.float32)
-            grad_w3 = tl.zeros([BLOCK_H2], dtype=tl.float32)
-            grad_b3 = 0.0
-            for start in range(_query_start(block, LQ, LK, BLOCK_M, BLOCK_N, CAUSAL), LQ, BLOCK_M):
-                rows = start + tl.arange(0, BLOCK_M)
-                q = _load_rows(Q + bh * LQ * D, rows, LQ, dims, D, DOT_FP32)
-                do = _load_rows(DO + bh * LQ * D, rows, LQ, dims, D, DOT_FP32)
-                row_dot, row_max, row_sum = _load_row_statistics(ROW_DOT, ROW_MAX, ROW_SUM, bh * LQ, rows, LQ)
-                keep = _load_keep(keep_ptr, stride_kq, stride_kk, rows, own, LQ, LK, HAS_KEEP, CAUSAL)
-                bias = _load_bias(bias_ptr, stride_bq, stride_bk, rows, own, LQ, LK, HAS_BIAS)
-                weights, ds, dlogit = _tile_gradients(
-                    q, k, v, do, row_dot, row_max, row_sum, qp_ptr, kp_ptr, w2_ptr, b2_ptr, w3_ptr, b3, rows, own,
-                    LQ, LK, keep, bias, dot_scale, dropout_p, _dropout_row_keys(stream, rows, DROPOUT), threshold,
-                    SCORE, ADD_DOT, H1, H2, BLOCK_H, DROPOUT, PRECISION, HAS_BIAS, SLOPE)
-                grad_v += tl.dot(tl.trans(weights).to(do.dtype), do, input_precision=PRECISION)
-                grad_k += tl.dot(tl.trans(ds).to(q.dtype), q, input_precision=PRECISION)
-                if SCORE == NEURAL_:
-                    qp = tl.load(qp_ptr + rows[:, None] * H1 + units[None, :], mask=(rows[:, None] < LQ) & (units[None, :] < H1), other=0.0)
-                    grad_pre, gw2, gb2, gw3, gb3 = _mlp_backward(dlogit, qp, kp, w2_ptr, b2_ptr, w3_ptr, H1, H2, BLOCK_H,
-                                                                 BLOCK_H2, SLOPE)
-                    grad_kp += tl.sum(grad_pre, axis=0)
-                    grad_w2 += gw2
-                    grad_b2 += gb2
-                    grad_w3 += gw3
-                    grad_b3 += gb3
-            tl.store(DK + bh * LK * D + own[:, None] * D + dims[None, :], grad_k, mask=own_mask)
-            tl.store(DV + bh * LK * D + own[:, None] * D + dims[None, :], grad_v, mask=own_mask)
+        own = block * BLOCK_N + tl.arange(0, BLOCK_N)
+        own_mask = (own[:, None] < LK) & (dims[None, :] < D)
+        k = _load_rows(K + kv * LK * D, own, LK, dims, D, DOT_FP32)
+        v = _load_rows(V + kv * LK * D, own, LK, dims, D, DOT_FP32)
+        kp = tl.load(kp_ptr + own[:, None] * H1 + units[None, :], mask=(own[:, None] < LK) & (units[None, :] < H1), other=0.0)
+        grad_k = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+        grad_v = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+        grad_kp = tl.zeros([BLOCK_N, BLOCK_H], dtype=tl.float32)
+        grad_w2 = tl.zeros([BLOCK_H2, BLOCK_H], dtype=tl.float32)
+        grad_b2 = tl.zeros([BLOCK_H2], dtype=tl.float32)
+        grad_w3 = tl.zeros([BLOCK_H2], dtype=tl.float32)
+        grad_b3 = 0.0
+        for start in range(_query_start(block, LQ, LK, BLOCK_M, BLOCK_N, CAUSAL), LQ, BLOCK_M):
+            rows = start + tl.arange(0, BLOCK_M)
+            q = _load_rows(Q + bh * LQ * D, rows, LQ, dims, D, DOT_FP32)
+            do = _load_rows(DO + bh * LQ * D, rows, LQ, dims, D, DOT_FP32)
+            row_dot, row_max, row_sum = _load_row_statistics(ROW_DOT, ROW_MAX, ROW_SUM, bh * LQ, rows, LQ)
+            keep = _load_keep(keep_ptr, stride_kq, stride_kk, rows, own, LQ, LK, HAS_KEEP, CAUSAL)
+            bias = _load_bias(bias_ptr, stride_bq, stride_bk, rows, own, LQ, LK, HAS_BIAS)
+            weights, ds, dlogit = _tile_gradients(
+                q, k, v, do, row_dot, row_max, row_sum, qp_ptr, kp_ptr, w2_ptr, b2_ptr, w3_ptr, b3, rows, own,
+                LQ, LK, keep, bias, dot_scale, dropout_p, _dropout_row_keys(stream, rows, DROPOUT), threshold,
+                SCORE, ADD_DOT, H1, H2, BLOCK_H, DROPOUT, PRECISION, HAS_BIAS, SLOPE)
+            grad_v += tl.dot(tl.trans(weights).to(do.dtype), do, input_precision=PRECISION)
+            grad_k += tl.dot(tl.trans(ds).to(q.dtype), q, input_precision=PRECISION)
+            grad_q = tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
+            tl.atomic_add(DQ + bh * LQ * D + rows[:, None] * D + dims[None, :], grad_q,
+                          mask=(rows[:, None] < LQ) & (dims[None, :] < D), sem="relaxed")
             if SCORE == NEURAL_:
-                tl.store(DKP + bh * LK * H1 + own[:, None] * H1 + units[None, :], grad_kp, mask=(own[:, None] < LK) & (units[None, :] < H1))
-                # this program's partial sums: [W2 (H2 x H1), b2 (H2), W3 (H2), b3]
-                size = H2 * H1 + 2 * H2 + 1
-                partial = GRAD_WEIGHTS + (bh * tl.num_programs(0) + block) * size
-                outs = tl.arange(0, BLOCK_H2)
-                tl.store(partial + outs[:, None] * H1 + units[None, :], grad_w2, mask=(outs[:, None] < H2) & (units[None, :] < H1))
-                tl.store(partial + H2 * H1 + outs, grad_b2, mask=outs < H2)
-                tl.store(partial + H2 * H1 + H2 + outs, grad_w3, mask=outs < H2)
-                tl.store(partial + H2 * H1 + 2 * H2, grad_b3)
-        else:
-            q = _load_rows(Q + bh * LQ * D, own, LQ, dims, D, DOT_FP32)
-            do = _load_rows(DO + bh * LQ * D, own, LQ, dims, D, DOT_FP32)
-            row_dot, row_max, row_sum = _load_row_statistics(ROW_DOT, ROW_MAX, ROW_SUM, bh * LQ, own, LQ)
-            qp = tl.load(qp_ptr + own[:, None] * H1 + units[None, :], mask=(own[:, None] < LQ) & (units[None, :] < H1), other=0.0)
-            grad_q = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-            grad_qp = tl.zeros([BLOCK_M, BLOCK_H], dtype=tl.float32)
-            row_keys = _dropout_row_keys(stream, own, DROPOUT)
-            for start in range(0, _key_end(block, LQ, LK, BLOCK_M, CAUSAL), BLOCK_N):
-                cols = start + tl.arange(0, BLOCK_N)
-                k = _load_rows(K + bh * LK * D, cols, LK, dims, D, DOT_FP32)
-                v = _load_rows(V + bh * LK * D, cols, LK, dims, D, DOT_FP32)
-                keep = _load_keep(keep_ptr, stride_kq, stride_kk, own, cols, LQ, LK, HAS_KEEP, CAUSAL)
-                bias = _load_bias(bias_ptr, stride_bq, stride_bk, own, cols, LQ, LK, HAS_BIAS)
-                weights, ds, dlogit = _tile_gradients(
-                    q, k, v, do, row_dot, row_max, row_sum, qp_ptr, kp_ptr, w2_ptr, b2_ptr, w3_ptr, b3, own, cols,
-                    LQ, LK, keep, bias, dot_scale, dropout_p, row_keys, threshold, SCORE, ADD_DOT, H1, H2, BLOCK_H,
-                    DROPOUT, PRECISION, HAS_BIAS, SLOPE)
-                grad_q += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
-                if SCORE == NEURAL_:
-                    kp = tl.load(kp_ptr + cols[:, None] * H1 + units[None, :], mask=(cols[:, None] < LK) & (units[None, :] < H1), other=0.0)
-                    grad_pre, _, _, _, _ = _mlp_backward(dlogit, qp, kp, w2_ptr, b2_ptr, w3_ptr, H1, H2, BLOCK_H, BLOCK_H2,
-                                                         SLOPE)
-                    grad_qp += tl.sum(grad_pre, axis=1)
-            tl.store(DQ + bh * LQ * D + own[:, None] * D + dims[None, :], grad_q, mask=own_mask)
-            if SCORE == NEURAL_:
-                tl.store(DQP + bh * LQ * H1 + own[:, None] * H1 + units[None, :], grad_qp, mask=(own[:, None] < LQ) & (units[None, :] < H1))
+                qp = tl.load(qp_ptr + rows[:, None] * H1 + units[None, :], mask=(rows[:, None] < LQ) & (units[None, :] < H1), other=0.0)
+                grad_pre, gw2, gb2, gw3, gb3 = _mlp_backward(dlogit, qp, kp, w2_ptr, b2_ptr, w3_ptr, H1, H2, BLOCK_H,
+                                                             BLOCK_H2, SLOPE)
+                grad_kp += tl.sum(grad_pre, axis=0)
+                tl.atomic_add(DQP + bh * LQ * H1 + rows[:, None] * H1 + units[None, :], tl.sum(grad_pre, axis=1),
+                              mask=(rows[:, None] < LQ) & (units[None, :] < H1), sem="relaxed")
+                grad_w2 += gw2
+                grad_b2 += gb2
+                grad_w3 += gw3
+                grad_b3 += gb3
+        if H_KV == H:
+            tl.store(DK + kv * LK * D + own[:, None] * D + dims[None, :], grad_k, mask=own_mask)
+            tl.store(DV + kv * LK * D + own[:, None] * D + dims[None, :], grad_v, mask=own_mask)
+        else:  # the group's query heads add into their shared key/value head
+            tl.atomic_add(DK + kv * LK * D + own[:, None] * D + dims[None, :], grad_k, mask=own_mask, sem="relaxed")
+            tl.atomic_add(DV + kv * LK * D + own[:, None] * D + dims[None, :], grad_v, mask=own_mask, sem="relaxed")
+        if SCORE == NEURAL_:
+            tl.store(DKP + bh * LK * H1 + own[:, None] * H1 + units[None, :], grad_kp, mask=(own[:, None] < LK) & (units[None, :] < H1))
+            # this program's partial sums: [W2 (H2 x H1), b2 (H2), W3 (H2), b3]
+            size = H2 * H1 + 2 * H2 + 1
+            partial = GRAD_WEIGHTS + (bh * tl.num_programs(0) + block) * size
+            outs = tl.arange(0, BLOCK_H2)
+            tl.store(partial + outs[:, None] * H1 + units[None, :], grad_w2, mask=(outs[:, None] < H2) & (units[None, :] < H1))
+            tl.store(partial + H2 * H1 + outs, grad_b2, mask=outs < H2)
+            tl.store(partial + H2 * H1 + H2 + outs, grad_w3, mask=outs < H2)
+            tl.store(partial + H2 * H1 + 2 * H2, grad_b3)
