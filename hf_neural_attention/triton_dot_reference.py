@@ -27,7 +27,7 @@ if triton is not None:
     @triton.jit
     def _reference_forward(
         Q, K, V, KEEP, OUT, LSE, STREAMS,
-        stride_kb, stride_kh, stride_kq, stride_kk, H, H_KV, LQ, LK, D, scale2, dropout_p, threshold,
+        stride_kb, stride_kh, stride_kq, stride_kk, H, H_KV, LQ, LK, D: tl.constexpr, scale2, dropout_p, threshold,
         HAS_KEEP: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, DOT_FP32: tl.constexpr,
         PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     ):
@@ -37,7 +37,7 @@ if triton is not None:
         bkv64 = (b * H_KV + h // (H // H_KV)).to(tl.int64)
         rows = block * BLOCK_M + tl.arange(0, BLOCK_M)
         dims = tl.arange(0, BLOCK_D)
-        q = kernels._load_rows(Q + bh64 * LQ * D, rows, LQ, dims, D, DOT_FP32)
+        q = kernels._load_rows(Q + bh64 * LQ * D, rows, LQ, dims, D, BLOCK_D, DOT_FP32)
         keep_ptr = KEEP + b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh
         stream = kernels._dropout_stream(STREAMS, bh, DROPOUT)
         row_keys = kernels._dropout_row_keys(stream, rows, DROPOUT)
@@ -46,8 +46,8 @@ if triton is not None:
         acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
         for start in range(0, kernels._key_end(block, LQ, LK, BLOCK_M, CAUSAL), BLOCK_N):
             cols = start + tl.arange(0, BLOCK_N)
-            k = kernels._load_rows(K + bkv64 * LK * D, cols, LK, dims, D, DOT_FP32)
-            v = kernels._load_rows(V + bkv64 * LK * D, cols, LK, dims, D, DOT_FP32)
+            k = kernels._load_rows(K + bkv64 * LK * D, cols, LK, dims, D, BLOCK_D, DOT_FP32)
+            v = kernels._load_rows(V + bkv64 * LK * D, cols, LK, dims, D, BLOCK_D, DOT_FP32)
             keep = kernels._load_keep(keep_ptr, stride_kq, stride_kk, rows, cols, LQ, LK, HAS_KEEP, CAUSAL)
             s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale2
             s = tl.where(keep, s, float("-inf"))
@@ -66,14 +66,14 @@ if triton is not None:
             inverse = inverse / (1.0 - dropout_p)
         out = acc * inverse[:, None]
         tl.store(OUT + bh64 * LQ * D + rows[:, None] * D + dims[None, :], out.to(OUT.dtype.element_ty),
-                 mask=(rows[:, None] < LQ) & (dims[None, :] < D))
+                 mask=kernels._inside(rows, LQ, dims, D, BLOCK_D))
         lse = tl.where(row_sum > 0, row_max + tl.log2(tl.where(row_sum > 0, row_sum, 1.0)), float("inf"))
         tl.store(LSE + bh64 * LQ + rows, lse, mask=rows < LQ)
 
     @triton.jit
     def _reference_backward(
         Q, K, V, DO, ROW_DOT, LSE, KEEP, STREAMS, DQ, DK, DV,
-        stride_kb, stride_kh, stride_kq, stride_kk, H, H_KV, LQ, LK, D, scale2, dot_scale, dropout_p, threshold,
+        stride_kb, stride_kh, stride_kq, stride_kk, H, H_KV, LQ, LK, D: tl.constexpr, scale2, dot_scale, dropout_p, threshold,
         HAS_KEEP: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, DOT_FP32: tl.constexpr,
         PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     ):
@@ -83,8 +83,8 @@ if triton is not None:
         bkv64 = (b * H_KV + h // (H // H_KV)).to(tl.int64)
         cols = block * BLOCK_N + tl.arange(0, BLOCK_N)
         dims = tl.arange(0, BLOCK_D)
-        k = kernels._load_rows(K + bkv64 * LK * D, cols, LK, dims, D, DOT_FP32)
-        v = kernels._load_rows(V + bkv64 * LK * D, cols, LK, dims, D, DOT_FP32)
+        k = kernels._load_rows(K + bkv64 * LK * D, cols, LK, dims, D, BLOCK_D, DOT_FP32)
+        v = kernels._load_rows(V + bkv64 * LK * D, cols, LK, dims, D, BLOCK_D, DOT_FP32)
         keep_ptr = KEEP + b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh
         stream = kernels._dropout_stream(STREAMS, bh, DROPOUT)
         grad_k = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
@@ -92,8 +92,8 @@ if triton is not None:
         kept_scale = 1.0 / (1.0 - dropout_p)
         for start in range(kernels._query_start(block, LQ, LK, BLOCK_M, BLOCK_N, CAUSAL), LQ, BLOCK_M):
             rows = start + tl.arange(0, BLOCK_M)
-            q = kernels._load_rows(Q + bh64 * LQ * D, rows, LQ, dims, D, DOT_FP32)
-            do = kernels._load_rows(DO + bh64 * LQ * D, rows, LQ, dims, D, DOT_FP32)
+            q = kernels._load_rows(Q + bh64 * LQ * D, rows, LQ, dims, D, BLOCK_D, DOT_FP32)
+            do = kernels._load_rows(DO + bh64 * LQ * D, rows, LQ, dims, D, BLOCK_D, DOT_FP32)
             row_dot = tl.load(ROW_DOT + bh64 * LQ + rows, mask=rows < LQ, other=0.0)
             lse = tl.load(LSE + bh64 * LQ + rows, mask=rows < LQ, other=float("inf"))
             keep = kernels._load_keep(keep_ptr, stride_kq, stride_kk, rows, cols, LQ, LK, HAS_KEEP, CAUSAL)
@@ -111,8 +111,8 @@ if triton is not None:
             grad_k += tl.dot(tl.trans(ds).to(q.dtype), q, input_precision=PRECISION)
             grad_q = tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
             tl.atomic_add(DQ + bh64 * LQ * D + rows[:, None] * D + dims[None, :], grad_q,
-                          mask=(rows[:, None] < LQ) & (dims[None, :] < D), sem="relaxed")
-        own = (cols[:, None] < LK) & (dims[None, :] < D)
+                          mask=kernels._inside(rows, LQ, dims, D, BLOCK_D), sem="relaxed")
+        own = kernels._inside(cols, LK, dims, D, BLOCK_D)
         tl.atomic_add(DK + bkv64 * LK * D + cols[:, None] * D + dims[None, :], grad_k, mask=own, sem="relaxed")
         tl.atomic_add(DV + bkv64 * LK * D + cols[:, None] * D + dims[None, :], grad_v, mask=own, sem="relaxed")
 

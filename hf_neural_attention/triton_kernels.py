@@ -69,51 +69,84 @@ if triton is not None:
     SQUARE_ = tl.constexpr(SCORE_SQUARE)
     SOFTMAX_SQUARE_ = tl.constexpr(SCORE_SOFTMAX_SQUARE)
     NEURAL_ = tl.constexpr(SCORE_NEURAL)
+    LOG2E_ = tl.constexpr(1.4426950408889634)  # exp-based scores run in base 2: exp2(x log2 e) = exp(x)
+    SQRT_LOG2E_ = tl.constexpr(1.2011224087864498)
+    FAST_ = tl.constexpr(not interpreted())  # inline PTX (fast reciprocal) only where a GPU compiles the kernels
 
     @triton.jit
     def _activate(x, SLOPE: tl.constexpr):
         """The MLP's hidden activation: relu (SLOPE 0) or leaky_relu with that slope."""
         if SLOPE == 0.0:
-            return tl.maximum(x, 0.0)
-        return tl.where(x > 0, x, x * SLOPE)
+            result = tl.maximum(x, 0.0)
+        else:
+            result = tl.where(x > 0, x, x * SLOPE)
+        return result
 
     @triton.jit
     def _activate_backward(x, grad, SLOPE: tl.constexpr):
         """dL/dx from dL/d(activation(x))."""
-        return tl.where(x > 0, grad, grad * SLOPE)
+        if SLOPE == 0.0:
+            result = tl.where(x > 0, grad, 0.0)
+        else:
+            result = tl.where(x > 0, grad, grad * SLOPE)
+        return result
 
     @triton.jit
-    def _tile(q, k, qp_ptr, kp_ptr, w2_ptr, b2_ptr, w3_ptr, b3, rows, cols, LQ, LK, keep, bias, dot_scale,
-              SCORE: tl.constexpr, ADD_DOT: tl.constexpr, H1: tl.constexpr, H2: tl.constexpr,
-              BLOCK_H: tl.constexpr, PRECISION: tl.constexpr, HAS_BIAS: tl.constexpr, SLOPE: tl.constexpr):
-        """Scores of one [BLOCK_M, BLOCK_N] tile: (values, s) where values are f (masked: 0) for the expressive
-        scores and logits (masked: NEG) for neural; s is q.k x dot_scale (0 where not used). An additive mask bias
-        (HAS_BIAS) adds to the logits and to softmax_square's s^2, and multiplies rational's and square's f by
-        exp(bias), as the chunked path's softmax and ratio rules do."""
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * dot_scale
-        if SCORE == NEURAL_:
-            units = tl.arange(0, BLOCK_H)
-            qp = tl.load(qp_ptr + rows[:, None] * H1 + units[None, :], mask=(rows[:, None] < LQ) & (units[None, :] < H1), other=0.0)
-            kp = tl.load(kp_ptr + cols[:, None] * H1 + units[None, :], mask=(cols[:, None] < LK) & (units[None, :] < H1), other=0.0)
-            hidden = _activate(qp[:, None, :] + kp[None, :, :], SLOPE)  # [M, N, BLOCK_H]
-            logits = tl.zeros_like(s) + b3
-            for o in tl.static_range(H2):
-                w2 = tl.load(w2_ptr + o * H1 + units, mask=units < H1, other=0.0)
-                z = tl.sum(hidden * w2[None, None, :], axis=2) + tl.load(b2_ptr + o)
-                logits += tl.load(w3_ptr + o) * _activate(z, SLOPE)
-            if ADD_DOT:
-                logits += s
-            if HAS_BIAS:
-                logits += bias
-            return tl.where(keep, logits, NEG_), s
+    def _reciprocal(x, FAST: tl.constexpr):
+        """1 / x: one MUFU.RCP on a GPU (rcp.approx, about 1 ulp), a division under the interpreter."""
+        if FAST:
+            y = tl.inline_asm_elementwise("rcp.approx.ftz.f32 $0, $1;", "=r,r", [x], dtype=tl.float32, is_pure=True,
+                                          pack=1)
+        else:
+            y = 1.0 / x
+        return y
+
+    @triton.jit
+    def _mlp_planes(qp_ptr, kp_ptr, w2_ptr, b2_ptr, w3_ptr, rows, cols, LQ, LK, H1: tl.constexpr, H2: tl.constexpr,
+                    SLOPE: tl.constexpr):
+        """The pairwise MLP on a tile, one 2-D plane per hidden unit with its weights as scalars: (sum_o w3_o
+        act(z_o) [M, N], pre-activations of the first layer (H1 planes), their activations, z (H2 planes))."""
+        pre = ()
+        hidden = ()
+        for c in tl.static_range(H1):
+            query_part = tl.load(qp_ptr + rows * H1 + c, mask=rows < LQ, other=0.0)
+            key_part = tl.load(kp_ptr + cols * H1 + c, mask=cols < LK, other=0.0)
+            plane = query_part[:, None] + key_part[None, :]
+            pre = pre + (plane,)
+            hidden = hidden + (_activate(plane, SLOPE),)
+        zs = ()
+        for o in tl.static_range(H2):
+            z = hidden[0] * tl.load(w2_ptr + o * H1) + tl.load(b2_ptr + o)
+            for c in tl.static_range(1, H1):
+                z += hidden[c] * tl.load(w2_ptr + o * H1 + c)
+            zs = zs + (z,)
+        out = _activate(zs[0], SLOPE) * tl.load(w3_ptr)
+        for o in tl.static_range(1, H2):
+            out += _activate(zs[o], SLOPE) * tl.load(w3_ptr + o)
+        return out, pre, hidden, zs
+
+    @triton.jit
+    def _scores(q, k, dot_scale, bias, SCORE: tl.constexpr, ADD_DOT: tl.constexpr, HAS_BIAS: tl.constexpr,
+                PRECISION: tl.constexpr, FAST: tl.constexpr):
+        """The expressive scores of a tile before masking: (values, s, r) with s = q.k x dot_scale, r = 1/(1+s^2)
+        for rational. softmax_square works in base 2: s carries sqrt(log2 e), so values = s^2 = s_true^2 log2 e."""
+        if SCORE == SOFTMAX_SQUARE_:
+            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * (dot_scale * SQRT_LOG2E_)
+        else:
+            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * dot_scale
         squared = s * s
+        r = 0.0
         if SCORE == RATIONAL_:
-            values = squared / (1.0 + squared)
+            r = _reciprocal(1.0 + squared, FAST)
+            values = squared * r
         else:
             values = squared  # square; softmax_square exponentiates with the running max
         if HAS_BIAS:
-            values = values + bias if SCORE == SOFTMAX_SQUARE_ else values * tl.exp(bias)
-        return tl.where(keep, values, 0.0), s
+            if SCORE == SOFTMAX_SQUARE_:
+                values += bias * LOG2E_
+            else:
+                values = values * tl.exp(bias)
+        return values, s, r
 
     @triton.jit
     def _load_bias(bias_ptr, stride_bq, stride_bk, rows, cols, LQ, LK, HAS_BIAS: tl.constexpr):
@@ -151,10 +184,20 @@ if triton is not None:
         return 0
 
     @triton.jit
-    def _load_rows(matrix, rows, length, dims, D, DOT_FP32: tl.constexpr):
+    def _inside(rows, length, dims, D: tl.constexpr, BLOCK_D: tl.constexpr):
+        """[rows, BLOCK_D] mask of a head's [length, D] matrix: rows only when D fills the block (so loads and stores
+        stay vectorised along the head dimension)."""
+        if D == BLOCK_D:
+            inside = rows[:, None] < length
+        else:
+            inside = (rows[:, None] < length) & (dims[None, :] < D)
+        return inside
+
+    @triton.jit
+    def _load_rows(matrix, rows, length, dims, D: tl.constexpr, BLOCK_D: tl.constexpr, DOT_FP32: tl.constexpr):
         """Rows `rows` of one head's [length, D] matrix as a [rows, BLOCK_D] block, zero outside; float32 when the
         products run in float32."""
-        block = tl.load(matrix + rows[:, None] * D + dims[None, :], mask=(rows[:, None] < length) & (dims[None, :] < D),
+        block = tl.load(matrix + rows[:, None] * D + dims[None, :], mask=_inside(rows, length, dims, D, BLOCK_D),
                         other=0.0)
         if DOT_FP32:
             block = block.to(tl.float32)
@@ -204,7 +247,7 @@ if triton is not None:
     def _forward_kernel(
         Q, K, V, QP, KP, W2, B2, W3, B3, KEEP, BIAS, STREAMS, OUT, ROW_MAX, ROW_SUM,
         stride_kb, stride_kh, stride_kq, stride_kk, stride_bb, stride_bh, stride_bq, stride_bk,
-        H, H_KV, LQ, LK, D, dot_scale, dropout_p, threshold, per_head,
+        H, H_KV, LQ, LK, D: tl.constexpr, dot_scale, dropout_p, threshold, per_head,
         SCORE: tl.constexpr, ADD_DOT: tl.constexpr, H1: tl.constexpr, H2: tl.constexpr, BLOCK_H: tl.constexpr,
         HAS_KEEP: tl.constexpr, HAS_BIAS: tl.constexpr, SLOPE: tl.constexpr, CAUSAL: tl.constexpr,
         DROPOUT: tl.constexpr, DOT_FP32: tl.constexpr,
@@ -216,32 +259,42 @@ if triton is not None:
         kv = (b * H_KV + h // (H // H_KV)).to(tl.int64)  # grouped-query heads share their key/value head
         rows = block * BLOCK_M + tl.arange(0, BLOCK_M)
         dims = tl.arange(0, BLOCK_D)
-        q = _load_rows(Q + bh * LQ * D, rows, LQ, dims, D, DOT_FP32)
+        q = _load_rows(Q + bh * LQ * D, rows, LQ, dims, D, BLOCK_D, DOT_FP32)
         keep_ptr = KEEP + b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh
         bias_ptr = BIAS + b.to(tl.int64) * stride_bb + h.to(tl.int64) * stride_bh
         row_keys = _dropout_row_keys(_dropout_stream(STREAMS, bh, DROPOUT), rows, DROPOUT)
         group = h * per_head  # the MLP's weights: one set per head, or one shared (group 0)
         b3 = tl.load(B3 + group) if SCORE == NEURAL_ else 0.0
+        w2_ptr, b2_ptr, w3_ptr = W2 + group * H2 * H1, B2 + group * H2, W3 + group * H2
         row_max = tl.zeros([BLOCK_M], dtype=tl.float32) + (NEG_ if SCORE == NEURAL_ else 0.0)
         row_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
         for start in range(0, _key_end(block, LQ, LK, BLOCK_M, CAUSAL), BLOCK_N):
             cols = start + tl.arange(0, BLOCK_N)
-            k = _load_rows(K + kv * LK * D, cols, LK, dims, D, DOT_FP32)
-            v = _load_rows(V + kv * LK * D, cols, LK, dims, D, DOT_FP32)
+            k = _load_rows(K + kv * LK * D, cols, LK, dims, D, BLOCK_D, DOT_FP32)
+            v = _load_rows(V + kv * LK * D, cols, LK, dims, D, BLOCK_D, DOT_FP32)
             keep = _load_keep(keep_ptr, stride_kq, stride_kk, rows, cols, LQ, LK, HAS_KEEP, CAUSAL)
             bias = _load_bias(bias_ptr, stride_bq, stride_bk, rows, cols, LQ, LK, HAS_BIAS)
-            values, s = _tile(q, k, QP + bh * LQ * H1, KP + bh * LK * H1, W2 + group * H2 * H1, B2 + group * H2,
-                              W3 + group * H2, b3, rows, cols, LQ, LK, keep, bias, dot_scale, SCORE, ADD_DOT, H1, H2,
-                              BLOCK_H, PRECISION, HAS_BIAS, SLOPE)
+            if SCORE == NEURAL_:  # logits in base 2 (log2 e folded into the last layer's output)
+                logits, _, _, _ = _mlp_planes(QP + bh * LQ * H1, KP + bh * LK * H1, w2_ptr, b2_ptr, w3_ptr, rows,
+                                              cols, LQ, LK, H1, H2, SLOPE)
+                logits = (logits + b3) * LOG2E_
+                if ADD_DOT:
+                    logits += tl.dot(q, tl.trans(k), input_precision=PRECISION) * (dot_scale * LOG2E_)
+                if HAS_BIAS:
+                    logits += bias * LOG2E_
+                values = tl.where(keep, logits, NEG_)
+            else:
+                values, _, _ = _scores(q, k, dot_scale, bias, SCORE, ADD_DOT, HAS_BIAS, PRECISION, FAST_)
+                values = tl.where(keep, values, 0.0)
             if SCORE == NEURAL_ or SCORE == SOFTMAX_SQUARE_:
                 new_max = tl.maximum(row_max, tl.max(values, axis=1))
-                weights = tl.exp(values - new_max[:, None])
+                weights = tl.exp2(values - new_max[:, None])
                 if SCORE == SOFTMAX_SQUARE_:
                     weights = tl.where(keep, weights, 0.0)
                 else:
                     weights = tl.where(cols[None, :] < LK, weights, 0.0)
-                rescale = tl.exp(row_max - new_max)
+                rescale = tl.exp2(row_max - new_max)
                 row_sum = row_sum * rescale + tl.sum(weights, axis=1)
                 acc = acc * rescale[:, None]
                 row_max = new_max
@@ -249,87 +302,24 @@ if triton is not None:
                 weights = values
                 row_sum += tl.sum(weights, axis=1)
             if DROPOUT:
-                weights = tl.where(_dropout_keep(row_keys, cols, threshold), weights / (1.0 - dropout_p), 0.0)
+                weights = tl.where(_dropout_keep(row_keys, cols, threshold), weights, 0.0)  # 1 / (1 - p) below
             acc += tl.dot(weights.to(v.dtype), v, input_precision=PRECISION)
         safe_sum = tl.where(row_sum > 0, row_sum, 1.0)
-        out = acc / safe_sum[:, None]
+        inverse = 1.0 / safe_sum  # one reciprocal per row
+        if DROPOUT:
+            inverse = inverse * (1.0 / (1.0 - dropout_p))
+        out = acc * inverse[:, None]
         tl.store(OUT + bh * LQ * D + rows[:, None] * D + dims[None, :], out.to(OUT.dtype.element_ty),
-                 mask=(rows[:, None] < LQ) & (dims[None, :] < D))
+                 mask=_inside(rows, LQ, dims, D, BLOCK_D))
         tl.store(ROW_MAX + bh * LQ + rows, row_max, mask=rows < LQ)
         tl.store(ROW_SUM + bh * LQ + rows, safe_sum, mask=rows < LQ)
-
-    @triton.jit
-    def _tile_gradients(q, k, v, do, row_dot, row_max, row_sum, qp_ptr, kp_ptr, w2_ptr, b2_ptr, w3_ptr, b3,
-                        rows, cols, LQ, LK, keep, bias, dot_scale, dropout_p, row_keys, threshold,
-                        SCORE: tl.constexpr, ADD_DOT: tl.constexpr, H1: tl.constexpr, H2: tl.constexpr,
-                        BLOCK_H: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
-                        HAS_BIAS: tl.constexpr, SLOPE: tl.constexpr):
-        """One tile's backward, recomputed from the row statistics: (weights after dropout [M, N] for dV, ds [M, N]
-        with dq = ds k and dk = ds^T q, and for neural dlogit [M, N] and the tile's hidden pre-activations
-        [M, N, BLOCK_H]; zeros otherwise)."""
-        values, s = _tile(q, k, qp_ptr, kp_ptr, w2_ptr, b2_ptr, w3_ptr, b3, rows, cols, LQ, LK, keep, bias,
-                          dot_scale, SCORE, ADD_DOT, H1, H2, BLOCK_H, PRECISION, HAS_BIAS, SLOPE)
-        inside = (rows[:, None] < LQ) & (cols[None, :] < LK)
-        if SCORE == NEURAL_:
-            weights = tl.where(inside, tl.exp(values - row_max[:, None]), 0.0) / row_sum[:, None]
-        elif SCORE == SOFTMAX_SQUARE_:
-            values = tl.where(keep, tl.exp(values - row_max[:, None]), 0.0)  # f, unnormalised
-            weights = values / row_sum[:, None]
-        else:
-            weights = values / row_sum[:, None]
-        grad_weights = tl.dot(do, tl.trans(v), input_precision=PRECISION)  # dL/d(weights after dropout)
-        if DROPOUT:
-            kept = _dropout_keep(row_keys, cols, threshold)
-            weights_dropped = tl.where(kept, weights / (1.0 - dropout_p), 0.0)
-            grad_weights = tl.where(kept, grad_weights / (1.0 - dropout_p), 0.0)
-        else:
-            weights_dropped = weights
-        centred = grad_weights - row_dot[:, None]
-        if SCORE == NEURAL_:
-            dlogit = tl.where(keep, weights * centred, 0.0)
-            ds = dlogit * dot_scale if ADD_DOT else tl.zeros_like(dlogit)
-            return weights_dropped, ds, dlogit
-        df = tl.where(keep, centred / row_sum[:, None], 0.0)
-        if HAS_BIAS and SCORE != SOFTMAX_SQUARE_:
-            df = df * tl.exp(bias)  # f = r(s) exp(bias): the ratio rule's bias scales df/ds
-        if SCORE == RATIONAL_:
-            denominator = 1.0 + s * s
-            ds = df * 2.0 * s / (denominator * denominator)
-        elif SCORE == SQUARE_:
-            ds = df * 2.0 * s
-        else:
-            ds = df * 2.0 * s * values
-        return weights_dropped, ds * dot_scale, tl.zeros_like(ds)
-
-    @triton.jit
-    def _mlp_backward(dlogit, qp, kp, w2_ptr, b2_ptr, w3_ptr, H1: tl.constexpr, H2: tl.constexpr,
-                      BLOCK_H: tl.constexpr, BLOCK_H2: tl.constexpr, SLOPE: tl.constexpr):
-        """The pairwise MLP's backward on a tile: (dpre [M, N, BLOCK_H], dW2 [BLOCK_H2, BLOCK_H], db2 [BLOCK_H2],
-        dW3 [BLOCK_H2], db3) with pre = qp_i + kp_j the first layer's pre-activations."""
-        units, outs = tl.arange(0, BLOCK_H), tl.arange(0, BLOCK_H2)
-        pre = qp[:, None, :] + kp[None, :, :]
-        hidden = _activate(pre, SLOPE)
-        grad_hidden = tl.zeros_like(pre)
-        grad_w2 = tl.zeros([BLOCK_H2, BLOCK_H], dtype=tl.float32)
-        grad_b2 = tl.zeros([BLOCK_H2], dtype=tl.float32)
-        grad_w3 = tl.zeros([BLOCK_H2], dtype=tl.float32)
-        for o in tl.static_range(H2):
-            w2 = tl.load(w2_ptr + o * H1 + units, mask=units < H1, other=0.0)
-            z = tl.sum(hidden * w2[None, None, :], axis=2) + tl.load(b2_ptr + o)
-            grad_w3 += tl.where(outs == o, tl.sum(dlogit * _activate(z, SLOPE)), 0.0)
-            grad_z = _activate_backward(z, dlogit * tl.load(w3_ptr + o), SLOPE)
-            grad_b2 += tl.where(outs == o, tl.sum(grad_z), 0.0)
-            grad_w2 += tl.where(outs[:, None] == o, tl.sum(tl.sum(grad_z[:, :, None] * hidden, axis=0), axis=0)[None, :], 0.0)
-            grad_hidden += grad_z[:, :, None] * w2[None, None, :]
-        grad_pre = _activate_backward(pre, grad_hidden, SLOPE)
-        return grad_pre, grad_w2, grad_b2, grad_w3, tl.sum(dlogit)
 
     @triton.jit
     def _backward_kernel(
         Q, K, V, DO, ROW_DOT, ROW_MAX, ROW_SUM, QP, KP, W2, B2, W3, B3, KEEP, BIAS, STREAMS,
         DQ, DK, DV, DQP, DKP, GRAD_WEIGHTS,
         stride_kb, stride_kh, stride_kq, stride_kk, stride_bb, stride_bh, stride_bq, stride_bk,
-        H, H_KV, LQ, LK, D, dot_scale, dropout_p, threshold, per_head,
+        H, H_KV, LQ, LK, D: tl.constexpr, dot_scale, dropout_p, threshold, per_head,
         SCORE: tl.constexpr, ADD_DOT: tl.constexpr, H1: tl.constexpr, H2: tl.constexpr, BLOCK_H: tl.constexpr,
         BLOCK_H2: tl.constexpr, HAS_KEEP: tl.constexpr, HAS_BIAS: tl.constexpr, SLOPE: tl.constexpr,
         CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
@@ -352,44 +342,105 @@ if triton is not None:
         stream = _dropout_stream(STREAMS, bh, DROPOUT)
         dims, units = tl.arange(0, BLOCK_D), tl.arange(0, BLOCK_H)
         own = block * BLOCK_N + tl.arange(0, BLOCK_N)
-        own_mask = (own[:, None] < LK) & (dims[None, :] < D)
-        k = _load_rows(K + kv * LK * D, own, LK, dims, D, DOT_FP32)
-        v = _load_rows(V + kv * LK * D, own, LK, dims, D, DOT_FP32)
-        kp = tl.load(kp_ptr + own[:, None] * H1 + units[None, :], mask=(own[:, None] < LK) & (units[None, :] < H1), other=0.0)
+        own_mask = _inside(own, LK, dims, D, BLOCK_D)
+        k = _load_rows(K + kv * LK * D, own, LK, dims, D, BLOCK_D, DOT_FP32)
+        v = _load_rows(V + kv * LK * D, own, LK, dims, D, BLOCK_D, DOT_FP32)
+        kept_scale = 1.0 / (1.0 - dropout_p)
+        NEEDS_DS: tl.constexpr = SCORE != NEURAL_ or ADD_DOT  # neural replace: q.k is not in the scores
         grad_k = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
         grad_v = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-        grad_kp = tl.zeros([BLOCK_N, BLOCK_H], dtype=tl.float32)
-        grad_w2 = tl.zeros([BLOCK_H2, BLOCK_H], dtype=tl.float32)
-        grad_b2 = tl.zeros([BLOCK_H2], dtype=tl.float32)
-        grad_w3 = tl.zeros([BLOCK_H2], dtype=tl.float32)
-        grad_b3 = 0.0
+        # neural: every weight-gradient partial and dkp kept as [M, N] planes across the loop, reduced once at the end
+        zero = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        acc_kp = ()
+        for c in tl.static_range(H1):
+            acc_kp = acc_kp + (zero,)
+        acc_w2 = ()
+        for i in tl.static_range(H2 * H1):
+            acc_w2 = acc_w2 + (zero,)
+        acc_b2 = ()
+        acc_w3 = ()
+        for o in tl.static_range(H2):
+            acc_b2 = acc_b2 + (zero,)
+            acc_w3 = acc_w3 + (zero,)
+        acc_b3 = zero
         for start in range(_query_start(block, LQ, LK, BLOCK_M, BLOCK_N, CAUSAL), LQ, BLOCK_M):
             rows = start + tl.arange(0, BLOCK_M)
-            q = _load_rows(Q + bh * LQ * D, rows, LQ, dims, D, DOT_FP32)
-            do = _load_rows(DO + bh * LQ * D, rows, LQ, dims, D, DOT_FP32)
+            q = _load_rows(Q + bh * LQ * D, rows, LQ, dims, D, BLOCK_D, DOT_FP32)
+            do = _load_rows(DO + bh * LQ * D, rows, LQ, dims, D, BLOCK_D, DOT_FP32)
             row_dot, row_max, row_sum = _load_row_statistics(ROW_DOT, ROW_MAX, ROW_SUM, bh * LQ, rows, LQ)
             keep = _load_keep(keep_ptr, stride_kq, stride_kk, rows, own, LQ, LK, HAS_KEEP, CAUSAL)
             bias = _load_bias(bias_ptr, stride_bq, stride_bk, rows, own, LQ, LK, HAS_BIAS)
-            weights, ds, dlogit = _tile_gradients(
-                q, k, v, do, row_dot, row_max, row_sum, qp_ptr, kp_ptr, w2_ptr, b2_ptr, w3_ptr, b3, rows, own,
-                LQ, LK, keep, bias, dot_scale, dropout_p, _dropout_row_keys(stream, rows, DROPOUT), threshold,
-                SCORE, ADD_DOT, H1, H2, BLOCK_H, DROPOUT, PRECISION, HAS_BIAS, SLOPE)
-            grad_v += tl.dot(tl.trans(weights).to(do.dtype), do, input_precision=PRECISION)
-            grad_k += tl.dot(tl.trans(ds).to(q.dtype), q, input_precision=PRECISION)
-            grad_q = tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
-            tl.atomic_add(DQ + bh * LQ * D + rows[:, None] * D + dims[None, :], grad_q,
-                          mask=(rows[:, None] < LQ) & (dims[None, :] < D), sem="relaxed")
+            grad_weights = tl.dot(do, tl.trans(v), input_precision=PRECISION)  # dL/d(weights after dropout)
+            if DROPOUT:
+                kept = _dropout_keep(_dropout_row_keys(stream, rows, DROPOUT), own, threshold)
+                grad_weights = tl.where(kept, grad_weights * kept_scale, 0.0)
+            centred = grad_weights - row_dot[:, None]
             if SCORE == NEURAL_:
-                qp = tl.load(qp_ptr + rows[:, None] * H1 + units[None, :], mask=(rows[:, None] < LQ) & (units[None, :] < H1), other=0.0)
-                grad_pre, gw2, gb2, gw3, gb3 = _mlp_backward(dlogit, qp, kp, w2_ptr, b2_ptr, w3_ptr, H1, H2, BLOCK_H,
-                                                             BLOCK_H2, SLOPE)
-                grad_kp += tl.sum(grad_pre, axis=0)
-                tl.atomic_add(DQP + bh * LQ * H1 + rows[:, None] * H1 + units[None, :], tl.sum(grad_pre, axis=1),
-                              mask=(rows[:, None] < LQ) & (units[None, :] < H1), sem="relaxed")
-                grad_w2 += gw2
-                grad_b2 += gb2
-                grad_w3 += gw3
-                grad_b3 += gb3
+                logits, pre, hidden, zs = _mlp_planes(qp_ptr, kp_ptr, w2_ptr, b2_ptr, w3_ptr, rows, own, LQ, LK, H1,
+                                                      H2, SLOPE)
+                logits = (logits + b3) * LOG2E_
+                if ADD_DOT:
+                    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * dot_scale
+                    logits += s * LOG2E_
+                if HAS_BIAS:
+                    logits += bias * LOG2E_
+                # weights = exp2(logit - max - log2(sum)): no division per element (the max first, so a fully
+                # masked row, all logits NEG, keeps log2(sum) and gets uniform weights)
+                inside = (rows[:, None] < LQ) & (own[None, :] < LK)
+                shifted = tl.where(keep, logits, NEG_) - row_max[:, None]
+                weights = tl.where(inside, tl.exp2(shifted - tl.log2(row_sum)[:, None]), 0.0)
+                dlogit = tl.where(keep, weights * centred, 0.0)
+                ds = dlogit * dot_scale
+                # the MLP's backward, plane by plane
+                grad_hidden = ()
+                for c in tl.static_range(H1):
+                    grad_hidden = grad_hidden + (zero,)
+                new_w2 = ()
+                new_b2 = ()
+                new_w3 = ()
+                for o in tl.static_range(H2):
+                    new_w3 = new_w3 + (acc_w3[o] + dlogit * _activate(zs[o], SLOPE),)
+                    grad_z = _activate_backward(zs[o], dlogit * tl.load(w3_ptr + o), SLOPE)
+                    new_b2 = new_b2 + (acc_b2[o] + grad_z,)
+                    updated = ()
+                    for c in tl.static_range(H1):
+                        new_w2 = new_w2 + (acc_w2[o * H1 + c] + grad_z * hidden[c],)
+                        updated = updated + (grad_hidden[c] + grad_z * tl.load(w2_ptr + o * H1 + c),)
+                    grad_hidden = updated
+                acc_w2, acc_b2, acc_w3 = new_w2, new_b2, new_w3
+                acc_b3 += dlogit
+                new_kp = ()
+                for c in tl.static_range(H1):
+                    grad_pre = _activate_backward(pre[c], grad_hidden[c], SLOPE)
+                    new_kp = new_kp + (acc_kp[c] + grad_pre,)
+                    tl.atomic_add(DQP + bh * LQ * H1 + rows * H1 + c, tl.sum(grad_pre, axis=1), mask=rows < LQ,
+                                  sem="relaxed")
+                acc_kp = new_kp
+            elif SCORE == SOFTMAX_SQUARE_:
+                values, s, _ = _scores(q, k, dot_scale, bias, SCORE, ADD_DOT, HAS_BIAS, PRECISION, FAST_)
+                lse = row_max + tl.log2(row_sum)
+                weights = tl.where(keep, tl.exp2(values - lse[:, None]), 0.0)
+                # d weight / d s^2 = weight (centred): s carries sqrt(log2 e), undone in the constant
+                ds = weights * centred * s * (2.0 * dot_scale / SQRT_LOG2E_)
+            else:
+                values, s, r = _scores(q, k, dot_scale, bias, SCORE, ADD_DOT, HAS_BIAS, PRECISION, FAST_)
+                inverse = 1.0 / row_sum  # one reciprocal per row
+                weights = tl.where(keep, values, 0.0) * inverse[:, None]
+                df = tl.where(keep, centred, 0.0) * inverse[:, None]
+                if HAS_BIAS:
+                    df = df * tl.exp(bias)  # f = r(s) exp(bias): the ratio rule's bias scales df/ds
+                if SCORE == RATIONAL_:
+                    ds = df * s * (r * r) * (2.0 * dot_scale)  # d/ds s^2/(1+s^2) = 2s/(1+s^2)^2
+                else:
+                    ds = df * s * (2.0 * dot_scale)
+            if DROPOUT:
+                weights = tl.where(kept, weights * kept_scale, 0.0)
+            grad_v += tl.dot(tl.trans(weights).to(do.dtype), do, input_precision=PRECISION)
+            if NEEDS_DS:
+                grad_k += tl.dot(tl.trans(ds).to(q.dtype), q, input_precision=PRECISION)
+                grad_q = tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
+                tl.atomic_add(DQ + bh * LQ * D + rows[:, None] * D + dims[None, :], grad_q,
+                              mask=_inside(rows, LQ, dims, D, BLOCK_D), sem="relaxed")
         if H_KV == H:
             tl.store(DK + kv * LK * D + own[:, None] * D + dims[None, :], grad_k, mask=own_mask)
             tl.store(DV + kv * LK * D + own[:, None] * D + dims[None, :], grad_v, mask=own_mask)
@@ -397,12 +448,14 @@ if triton is not None:
             tl.atomic_add(DK + kv * LK * D + own[:, None] * D + dims[None, :], grad_k, mask=own_mask, sem="relaxed")
             tl.atomic_add(DV + kv * LK * D + own[:, None] * D + dims[None, :], grad_v, mask=own_mask, sem="relaxed")
         if SCORE == NEURAL_:
-            tl.store(DKP + bh * LK * H1 + own[:, None] * H1 + units[None, :], grad_kp, mask=(own[:, None] < LK) & (units[None, :] < H1))
+            for c in tl.static_range(H1):
+                tl.store(DKP + bh * LK * H1 + own * H1 + c, tl.sum(acc_kp[c], axis=0), mask=own < LK)
             # this program's partial sums: [W2 (H2 x H1), b2 (H2), W3 (H2), b3]
             size = H2 * H1 + 2 * H2 + 1
             partial = GRAD_WEIGHTS + (bh * tl.num_programs(0) + block) * size
-            outs = tl.arange(0, BLOCK_H2)
-            tl.store(partial + outs[:, None] * H1 + units[None, :], grad_w2, mask=(outs[:, None] < H2) & (units[None, :] < H1))
-            tl.store(partial + H2 * H1 + outs, grad_b2, mask=outs < H2)
-            tl.store(partial + H2 * H1 + H2 + outs, grad_w3, mask=outs < H2)
-            tl.store(partial + H2 * H1 + 2 * H2, grad_b3)
+            for o in tl.static_range(H2):
+                for c in tl.static_range(H1):
+                    tl.store(partial + o * H1 + c, tl.sum(tl.sum(acc_w2[o * H1 + c], axis=1), axis=0))
+                tl.store(partial + H2 * H1 + o, tl.sum(tl.sum(acc_b2[o], axis=1), axis=0))
+                tl.store(partial + H2 * H1 + H2 + o, tl.sum(tl.sum(acc_w3[o], axis=1), axis=0))
+            tl.store(partial + H2 * H1 + 2 * H2, tl.sum(tl.sum(acc_b3, axis=1), axis=0))
