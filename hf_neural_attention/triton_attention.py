@@ -53,19 +53,31 @@ class KernelCall:
     slope: float = 0.0  # the neural MLP's activation: relu (0) or leaky_relu (LEAKY_SLOPE)
 
 
-# GPU tiles per score, (forward, backward): the largest of those compiled for sm_90 in bf16 at d_h = 64 (the paper
-# MLP for neural) that keep every kernel within 255 registers per thread without spilling to local memory
-# (scripts/check_triton_compile.py; the sweep is in results/triton_compile/results.md). Speed on a GPU is unmeasured.
-# The interpreter gets the smallest tiles tl.dot takes (16): it is slow per element.
-_EXPRESSIVE_TILES = (Tiles(128, 64, 8), Tiles(64, 32, 4))
+# GPU tiles per score and head-size block (BLOCK_D), (forward, backward): per pass, the tiles with the fewest
+# lane-instructions per (query, key) pair in the cost model (scripts/check_triton_compile.py --cost; sm_90, bf16,
+# causal, dropout 0.1) among those compiled without spilling to local memory; the sweep is in
+# results/triton_compile/. Head sizes above 128 take the 128 entry (not in the compile matrix). Speed on a GPU is
+# unmeasured. The interpreter gets the smallest tiles tl.dot takes (16): it is slow per element.
+_EXPRESSIVE_TILES = {64: (Tiles(128, 64, 8), Tiles(32, 64, 8)), 128: (Tiles(128, 64, 8), Tiles(32, 64, 8))}
 GPU_TILES = {kernels.SCORE_RATIONAL: _EXPRESSIVE_TILES, kernels.SCORE_SQUARE: _EXPRESSIVE_TILES,
              kernels.SCORE_SOFTMAX_SQUARE: _EXPRESSIVE_TILES,
-             kernels.SCORE_NEURAL: (Tiles(64, 64, 8), Tiles(64, 32, 8))}
+             kernels.SCORE_NEURAL: {64: (Tiles(64, 32, 8), Tiles(32, 64, 8)), 128: (Tiles(64, 32, 8), Tiles(32, 32, 4))}}
 INTERPRETER_TILES = (Tiles(16, 16, 4), Tiles(16, 16, 4))
 
 
-def _tiles(score: int) -> tuple[Tiles, Tiles]:
-    return INTERPRETER_TILES if kernels.interpreted() else GPU_TILES[score]
+def block_d(head_dim: int) -> int:
+    """The kernels' head-dimension block: the next power of two, at least 16 (tl.dot's minimum)."""
+    return max(16, 1 << (head_dim - 1).bit_length())
+
+
+def tiles_for(table: dict[int, tuple[Tiles, Tiles]], head_dim: int) -> tuple[Tiles, Tiles]:
+    """The (forward, backward) tiles of a per-BLOCK_D table: the smallest entry that holds the head size."""
+    size = block_d(head_dim)
+    return table[min((key for key in table if key >= size), default=max(table))]
+
+
+def _tiles(score: int, head_dim: int) -> tuple[Tiles, Tiles]:
+    return INTERPRETER_TILES if kernels.interpreted() else tiles_for(GPU_TILES[score], head_dim)
 
 
 def _is_causal(mask: KeyMask, q_len: int, k_len: int) -> bool:
@@ -87,7 +99,7 @@ def _keep_bytes(mask: KeyMask) -> torch.Tensor | None:
 
 def triton_attention_output(variant: AttentionVariant, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                             mask: KeyMask, scaling: float, dropout: float) -> torch.Tensor | None:
-    if not kernels.available():  # triton found but not importable: the chunked path
+    if not kernels.available() or dropout >= 1.0:  # triton not importable; p = 1 drops every weight: chunked path
         return None
     causal = _is_causal(mask, query.shape[2], key.shape[2])
     keep = None if causal else _keep_bytes(mask)
@@ -96,7 +108,7 @@ def triton_attention_output(variant: AttentionVariant, query: torch.Tensor, key:
     if isinstance(variant, ExpressiveAttention):
         score = kernels.EXPRESSIVE_SCORES[variant.form]
         call = KernelCall(score, False, scaling if variant.scale else 1.0, keep, mask.bias, causal, dropout, streams,
-                          False, *_tiles(score))
+                          False, *_tiles(score, query.shape[-1]))
         return _FusedAttention.apply(call, query, key, value, empty, empty, empty, empty, empty, empty)
     if isinstance(variant, NeuralAttention) and len(variant.mlp_weights) == 3:
         groups = query.shape[1] // key.shape[1]  # grouped-query heads: prepare's key parts are per query head
@@ -105,7 +117,7 @@ def triton_attention_output(variant: AttentionVariant, query: torch.Tensor, key:
         add = variant.combine == "add"
         slope = LEAKY_SLOPE if variant.activation == "leaky_relu" else 0.0
         call = KernelCall(kernels.SCORE_NEURAL, add, scaling, keep, mask.bias, causal, dropout, streams,
-                          variant.per_head, *_tiles(kernels.SCORE_NEURAL), slope=slope)
+                          variant.per_head, *_tiles(kernels.SCORE_NEURAL, query.shape[-1]), slope=slope)
         # q and k in the input dtype (prepare's copies for combine="add" are float32 for float16 inputs)
         return _FusedAttention.apply(call, query, key, value, query_part, key_part, w2, b2, w3.flatten(1),
                                      b3.flatten())
@@ -145,7 +157,7 @@ def _launch_settings(call: KernelCall, query, key, query_part, w2, b2):
         BLOCK_H=max(2, kernels.triton.next_power_of_2(units)), HAS_KEEP=call.keep is not None, CAUSAL=call.causal,
         DROPOUT=call.dropout > 0.0, DOT_FP32=kernels.interpreted() or query.dtype == torch.float16,
         PRECISION=_float32_products(query.dtype),
-        BLOCK_D=max(16, kernels.triton.next_power_of_2(dim)),
+        BLOCK_D=block_d(dim),
     ), keep, bias, (call.streams if call.streams is not None else query.new_zeros(1, dtype=torch.int32))
 
 

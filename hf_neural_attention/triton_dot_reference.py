@@ -21,6 +21,15 @@ from . import triton_kernels as kernels
 
 triton, tl = kernels.triton, kernels.tl
 LOG2E = 1.4426950408889634
+# (forward, backward) tiles per BLOCK_D, chosen as the project's kernels' are: fewest lane-instructions per pair in
+# the cost model without spills (sm_90, bf16, causal, dropout 0.1)
+REFERENCE_TILES: dict = {}  # filled below (Tiles lives in triton_attention, which imports this package's modules)
+
+
+def _reference_tiles() -> dict:
+    from .triton_attention import Tiles
+
+    return {64: (Tiles(128, 128, 8), Tiles(32, 64, 4)), 128: (Tiles(128, 32, 8), Tiles(32, 64, 8))}
 
 if triton is not None:
 
@@ -173,7 +182,7 @@ def dot_reference_attention(query, key, value, keep, causal: bool, scaling: floa
         dropout_p=dropout, threshold=kernels.signed_threshold(dropout), HAS_KEEP=keep is not None and not causal,
         CAUSAL=causal, DROPOUT=dropout > 0.0,
         DOT_FP32=kernels.interpreted() or query.dtype == torch.float16,
-        PRECISION=triton_attention._float32_products(query.dtype), BLOCK_D=max(16, triton.next_power_of_2(dim)))
+        PRECISION=triton_attention._float32_products(query.dtype), BLOCK_D=triton_attention.block_d(dim))
     tiles = tiles or (triton_attention.INTERPRETER_TILES if kernels.interpreted()
-                      else triton_attention.GPU_TILES[kernels.SCORE_RATIONAL])
+                      else triton_attention.tiles_for(REFERENCE_TILES or _reference_tiles(), dim))
     return _ReferenceAttention.apply(settings, tiles, query, key, value, keep_bytes, streams)

@@ -315,6 +315,26 @@ if triton is not None:
         tl.store(ROW_SUM + bh * LQ + rows, safe_sum, mask=rows < LQ)
 
     @triton.jit
+    def _fold(accumulator, tile, PER_TILE: tl.constexpr):
+        """Adds a [M, N] tile into a running partial: elementwise ([M, N] planes), or summed over rows ([N])."""
+        if PER_TILE:
+            result = accumulator + tl.sum(tile, axis=0)
+        else:
+            result = accumulator + tile
+        return result
+
+    @triton.jit
+    def _total(accumulator, PER_TILE: tl.constexpr, SCALAR: tl.constexpr):
+        """A running partial reduced over rows ([N]), and over keys too when SCALAR."""
+        if PER_TILE:
+            per_key = accumulator
+        else:
+            per_key = tl.sum(accumulator, axis=0)
+        if SCALAR:
+            per_key = tl.sum(per_key, axis=0)
+        return per_key
+
+    @triton.jit
     def _backward_kernel(
         Q, K, V, DO, ROW_DOT, ROW_MAX, ROW_SUM, QP, KP, W2, B2, W3, B3, KEEP, BIAS, STREAMS,
         DQ, DK, DV, DQP, DKP, GRAD_WEIGHTS,
@@ -349,20 +369,23 @@ if triton is not None:
         NEEDS_DS: tl.constexpr = SCORE != NEURAL_ or ADD_DOT  # neural replace: q.k is not in the scores
         grad_k = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
         grad_v = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-        # neural: every weight-gradient partial and dkp kept as [M, N] planes across the loop, reduced once at the end
+        # neural: every weight-gradient partial and dkp kept as [M, N] planes across the loop, reduced once at the end;
+        # a wider MLP (more than 8 such planes: registers) sums each tile over its rows into [N] vectors instead
+        PER_TILE: tl.constexpr = H2 * H1 + 2 * H2 + 1 + H1 > 8
         zero = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        acc_zero = tl.zeros([BLOCK_N], dtype=tl.float32) if PER_TILE else zero
         acc_kp = ()
         for c in tl.static_range(H1):
-            acc_kp = acc_kp + (zero,)
+            acc_kp = acc_kp + (acc_zero,)
         acc_w2 = ()
         for i in tl.static_range(H2 * H1):
-            acc_w2 = acc_w2 + (zero,)
+            acc_w2 = acc_w2 + (acc_zero,)
         acc_b2 = ()
         acc_w3 = ()
         for o in tl.static_range(H2):
-            acc_b2 = acc_b2 + (zero,)
-            acc_w3 = acc_w3 + (zero,)
-        acc_b3 = zero
+            acc_b2 = acc_b2 + (acc_zero,)
+            acc_w3 = acc_w3 + (acc_zero,)
+        acc_b3 = acc_zero
         for start in range(_query_start(block, LQ, LK, BLOCK_M, BLOCK_N, CAUSAL), LQ, BLOCK_M):
             rows = start + tl.arange(0, BLOCK_M)
             q = _load_rows(Q + bh * LQ * D, rows, LQ, dims, D, BLOCK_D, DOT_FP32)
@@ -399,20 +422,20 @@ if triton is not None:
                 new_b2 = ()
                 new_w3 = ()
                 for o in tl.static_range(H2):
-                    new_w3 = new_w3 + (acc_w3[o] + dlogit * _activate(zs[o], SLOPE),)
+                    new_w3 = new_w3 + (_fold(acc_w3[o], dlogit * _activate(zs[o], SLOPE), PER_TILE),)
                     grad_z = _activate_backward(zs[o], dlogit * tl.load(w3_ptr + o), SLOPE)
-                    new_b2 = new_b2 + (acc_b2[o] + grad_z,)
+                    new_b2 = new_b2 + (_fold(acc_b2[o], grad_z, PER_TILE),)
                     updated = ()
                     for c in tl.static_range(H1):
-                        new_w2 = new_w2 + (acc_w2[o * H1 + c] + grad_z * hidden[c],)
+                        new_w2 = new_w2 + (_fold(acc_w2[o * H1 + c], grad_z * hidden[c], PER_TILE),)
                         updated = updated + (grad_hidden[c] + grad_z * tl.load(w2_ptr + o * H1 + c),)
                     grad_hidden = updated
                 acc_w2, acc_b2, acc_w3 = new_w2, new_b2, new_w3
-                acc_b3 += dlogit
+                acc_b3 = _fold(acc_b3, dlogit, PER_TILE)
                 new_kp = ()
                 for c in tl.static_range(H1):
                     grad_pre = _activate_backward(pre[c], grad_hidden[c], SLOPE)
-                    new_kp = new_kp + (acc_kp[c] + grad_pre,)
+                    new_kp = new_kp + (_fold(acc_kp[c], grad_pre, PER_TILE),)
                     tl.atomic_add(DQP + bh * LQ * H1 + rows * H1 + c, tl.sum(grad_pre, axis=1), mask=rows < LQ,
                                   sem="relaxed")
                 acc_kp = new_kp
@@ -449,13 +472,13 @@ if triton is not None:
             tl.atomic_add(DV + kv * LK * D + own[:, None] * D + dims[None, :], grad_v, mask=own_mask, sem="relaxed")
         if SCORE == NEURAL_:
             for c in tl.static_range(H1):
-                tl.store(DKP + bh * LK * H1 + own * H1 + c, tl.sum(acc_kp[c], axis=0), mask=own < LK)
+                tl.store(DKP + bh * LK * H1 + own * H1 + c, _total(acc_kp[c], PER_TILE, False), mask=own < LK)
             # this program's partial sums: [W2 (H2 x H1), b2 (H2), W3 (H2), b3]
             size = H2 * H1 + 2 * H2 + 1
             partial = GRAD_WEIGHTS + (bh * tl.num_programs(0) + block) * size
             for o in tl.static_range(H2):
                 for c in tl.static_range(H1):
-                    tl.store(partial + o * H1 + c, tl.sum(tl.sum(acc_w2[o * H1 + c], axis=1), axis=0))
-                tl.store(partial + H2 * H1 + o, tl.sum(tl.sum(acc_b2[o], axis=1), axis=0))
-                tl.store(partial + H2 * H1 + H2 + o, tl.sum(tl.sum(acc_w3[o], axis=1), axis=0))
-            tl.store(partial + H2 * H1 + 2 * H2, tl.sum(tl.sum(acc_b3, axis=1), axis=0))
+                    tl.store(partial + o * H1 + c, _total(acc_w2[o * H1 + c], PER_TILE, True))
+                tl.store(partial + H2 * H1 + o, _total(acc_b2[o], PER_TILE, True))
+                tl.store(partial + H2 * H1 + H2 + o, _total(acc_w3[o], PER_TILE, True))
+            tl.store(partial + H2 * H1 + 2 * H2, _total(acc_b3, PER_TILE, True))

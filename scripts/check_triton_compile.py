@@ -243,7 +243,8 @@ def run_config(label: str, target, records: list[dict], tiles=None, spec: dict |
         if tiles is not None:
             score = triton_kernels.SCORE_NEURAL if variant_name == "neural" else triton_kernels.EXPRESSIVE_SCORES[
                 options["form"]]
-            triton_attention.GPU_TILES[score] = (triton_attention.Tiles(*tiles), triton_attention.Tiles(*tiles))
+            triton_attention.GPU_TILES[score] = dict.fromkeys(
+                triton_attention.GPU_TILES[score], (triton_attention.Tiles(*tiles), triton_attention.Tiles(*tiles)))
     originals = [getattr(module, name) for name in names]
     for name, kernel, kind in zip(names, originals, ("forward", "backward")):
         setattr(module, name, CompileInsteadOfLaunch(kernel, kind, target, records, label, cost))
@@ -252,7 +253,7 @@ def run_config(label: str, target, records: list[dict], tiles=None, spec: dict |
             seed = torch.tensor(12345, dtype=torch.int64)
             output = triton_dot_reference.dot_reference_attention(
                 q, k, v, keep, mask_kind == "causal", head_dim**-0.5, dropout, seed,
-                tiles=triton_attention.GPU_TILES[triton_kernels.SCORE_RATIONAL])
+                tiles=None if tiles is None else (triton_attention.Tiles(*tiles), triton_attention.Tiles(*tiles)))
         else:
             variant = build_variant(variant_name, heads, head_dim, **options).to(dtype)
             output = triton_attention.triton_attention_output(variant, q, k, v, mask, head_dim**-0.5, dropout)
