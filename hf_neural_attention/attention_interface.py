@@ -1,9 +1,9 @@
 """The Transformers glue: one attention function for every variant, registered with AttentionInterface (and a mask
 function with AttentionMaskInterface) under the variant's name.
 
-Importing this file registers "dot", "expressive", "neural" and "cdape". The function prepares the inputs once
-(GQA, scaling, mask split), then branches: the variant's fast path unless the caller records the weights, else the
-plain path.
+Importing this file registers "dot", "expressive", "neural" and "cdape". The function resolves the module's variant,
+prepares the inputs once (autocast dtype, GQA, scaling, the mask) and hands them to dispatch.py, which picks the
+engine.
 
 Part of the flat folder saved checkpoints copy for `trust_remote_code`: imports only torch, transformers and siblings.
 """
@@ -19,9 +19,11 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from .dispatch import attention as dispatch_attention
 from .injection import FALLBACK_ATTRIBUTE, VARIANT_ATTRIBUTE
-from .masks import restrict_to_window, split_attention_mask
+from .masks import KeyMask, restrict_to_window, split_attention_mask
 from .registry import VARIANT_CLASSES, VARIANTS
+from .variant import AttentionVariant
 
 # Keyword arguments some models pass to attention functions that change the weights; none of the variants implements
 # them, so they are refused rather than dropped.
@@ -45,15 +47,78 @@ def attention_weights_requested(kwargs: dict) -> bool:
     recorder collecting attentions for this forward (how `model(..., output_attentions=True)` works in 5.x)."""
     if kwargs.get("output_attentions"):
         return True
+    collector = _output_collector()
     try:
-        from transformers.utils.output_capturing import _active_collector
-    except ImportError:  # another Transformers layout: be safe, return the weights
-        return True
-    try:
-        collected = _active_collector.get()
+        collected = collector.get()
     except LookupError:
         return False
     return bool(collected) and any(str(name).endswith("attentions") for name in collected)
+
+
+@functools.cache
+def _output_collector():
+    """Transformers' context variable of the outputs a forward records. Without it, weights requested through the
+    recorder could not be seen, so the package refuses to run rather than drop them silently."""
+    try:
+        from transformers.utils.output_capturing import _active_collector
+    except ImportError as error:
+        raise ImportError(
+            "hf_neural_attention reads transformers.utils.output_capturing._active_collector to know when a model "
+            "records attention weights; this Transformers version does not have it. Install a version the package "
+            "supports (see pyproject.toml)"
+        ) from error
+    return _active_collector
+
+
+def resolve_variant(module: nn.Module, variant_name: str) -> AttentionVariant | None:
+    """The variant a module runs under `variant_name`: its own (convert), a parameter-free one, or None for a layer
+    convert() left on SDPA."""
+    variant = getattr(module, VARIANT_ATTRIBUTE, None)
+    if variant is not None:
+        if variant.name != variant_name:
+            raise ValueError(
+                f"this model runs attention implementation {variant_name!r} but {type(module).__name__} holds a "
+                f"{variant.name!r} variant; convert the whole model with one variant"
+            )
+        return variant
+    fallback = getattr(module, FALLBACK_ATTRIBUTE, None)
+    if fallback == "sdpa":  # a layer convert() left untouched keeps the stock implementation it had
+        return None
+    if fallback == "eager":
+        return _PARAMETER_FREE["dot"]
+    if variant_name in _PARAMETER_FREE:
+        return _PARAMETER_FREE[variant_name]
+    raise ValueError(
+        f"{type(module).__name__} has no {variant_name!r} parameters. A variant checkpoint loaded with its stock "
+        "class lacks them: load it with AutoModel*.from_pretrained (trust_remote_code=True where "
+        "hf_neural_attention is not installed); to add the variant to a stock model, use "
+        f"hf_neural_attention.convert(model, {variant_name!r}) instead of selecting the implementation"
+    )
+
+
+def autocast_inputs(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """q, k, v in the autocast dtype where autocast is on for their device (SDPA's rule): a Llama-family model hands
+    float32 rotary q, k next to a bfloat16 v."""
+    device = tensors[0].device.type
+    if not torch.is_autocast_enabled(device):
+        return tensors
+    dtype = torch.get_autocast_dtype(device)
+    return tuple(t.to(dtype) for t in tensors)
+
+
+def call_mask(module: nn.Module, attention_mask: torch.Tensor | None, q_len: int, k_len: int,
+              device: torch.device, kwargs: dict) -> KeyMask:
+    """The call's mask: Transformers' mask (None for a purely causal batch, as SDPA gets it), causality as SDPA
+    decides it, and the sliding window of Mistral, Qwen2 and Gemma 2/3 sliding layers."""
+    is_causal = kwargs.get("is_causal")
+    is_causal = getattr(module, "is_causal", True) if is_causal is None else is_causal
+    mask = split_attention_mask(attention_mask, q_len, k_len, bool(is_causal), device)
+    window = kwargs.get("sliding_window")
+    if window is not None:
+        if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+            raise ValueError(f"sliding_window must be a positive integer; got {window!r}")
+        mask = restrict_to_window(mask, q_len, k_len, window, device)
+    return mask
 
 
 def variant_attention_forward(
@@ -72,66 +137,29 @@ def variant_attention_forward(
     for name in UNSUPPORTED_KWARGS:
         if kwargs.get(name) is not None:
             raise ValueError(f"attention variant {variant_name!r} does not support the {name!r} argument of this model")
-
-    variant = getattr(module, VARIANT_ATTRIBUTE, None)
+    variant = resolve_variant(module, variant_name)
     if variant is None:
-        fallback = getattr(module, FALLBACK_ATTRIBUTE, None)
-        if fallback == "sdpa":  # a layer convert() left untouched keeps the stock implementation it had
-            return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
-        if fallback == "eager":
-            variant = _PARAMETER_FREE["dot"]
-        elif variant_name in _PARAMETER_FREE:
-            variant = _PARAMETER_FREE[variant_name]
-        else:
-            raise ValueError(
-                f"{type(module).__name__} has no {variant_name!r} parameters. A variant checkpoint loaded with its stock "
-                "class lacks them: load it with AutoModel*.from_pretrained (trust_remote_code=True where "
-                "hf_neural_attention is not installed); to add the variant to a stock model, use "
-                f"hf_neural_attention.convert(model, {variant_name!r}) instead of selecting the implementation"
-            )
-    elif variant.name != variant_name:
-        raise ValueError(
-            f"this model runs attention implementation {variant_name!r} but {type(module).__name__} holds a "
-            f"{variant.name!r} variant; convert the whole model with one variant"
-        )
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
 
-    batch, num_heads, q_len, head_dim = query.shape
-    k_len = key.shape[2]
+    query, key, value = autocast_inputs(query, key, value)
+    num_heads, head_dim = query.shape[1], query.shape[3]
     if num_heads % key.shape[1] != 0:
         raise ValueError(f"{num_heads} query heads cannot be grouped over {key.shape[1]} key/value heads")
     key = repeat_kv(key, num_heads // key.shape[1])  # [B, H, Lk, D]
     value = repeat_kv(value, num_heads // value.shape[1])
-    if scaling is None:
-        scaling = head_dim**-0.5
-
-    is_causal = kwargs.get("is_causal")
-    is_causal = getattr(module, "is_causal", False) if is_causal is None else is_causal
-    mask = split_attention_mask(attention_mask, q_len, k_len, bool(is_causal), query.device)
-    window = kwargs.get("sliding_window")
-    if window is not None:  # Mistral, Qwen2, Gemma 2/3 sliding layers: a banded causal mask
-        if isinstance(window, bool) or not isinstance(window, int) or window < 1:
-            raise ValueError(f"sliding_window must be a positive integer; got {window!r}")
-        mask = restrict_to_window(mask, q_len, k_len, window, query.device)
-
-    # The variant's fast path (chunked or compiled; same numbers) runs unless the caller records the weights.
-    if not attention_weights_requested(kwargs):
-        output = variant.attention_output(query, key, value, mask, scaling, dropout, module.training)
-        if output is not None:  # None: the fast path does not apply to these inputs
-            return output.transpose(1, 2).contiguous(), None
-
-    weights = variant.attention_weights(query, key, mask, scaling)  # [B, H, Lq, Lk], float32
-    weights = weights.to(value.dtype)
-    weights = nn.functional.dropout(weights, p=dropout, training=module.training)
-    output = torch.matmul(weights, value)  # [B, H, Lq, D]
-    return output.transpose(1, 2).contiguous(), weights
+    mask = call_mask(module, attention_mask, query.shape[2], key.shape[2], query.device, kwargs)
+    output, weights = dispatch_attention(
+        variant, query, key, value, mask, head_dim**-0.5 if scaling is None else scaling,
+        dropout if module.training else 0.0, attention_weights_requested(kwargs),
+    )
+    return output.transpose(1, 2).contiguous(), weights  # [B, Lq, H, D]
 
 
 def variant_mask(*args: Any, allow_is_causal_skip: bool = True, **kwargs: Any) -> torch.Tensor | None:
-    """Mask function for every variant: the boolean [B, 1, Lq, Lk] mask, never skipped for a causal pattern.
-
-    SDPA's mask function may return None and rely on `is_causal`; the variants need the actual pattern.
-    """
-    return sdpa_mask(*args, allow_is_causal_skip=False, **kwargs)
+    """Mask function for every variant: SDPA's boolean [B, 1, Lq, Lk] mask, or None for a purely causal batch where
+    Transformers allows it (as SDPA gets it); the attention function then knows the pattern from `is_causal` without
+    materialising or comparing an Lq x Lk mask."""
+    return sdpa_mask(*args, allow_is_causal_skip=allow_is_causal_skip, **kwargs)
 
 
 def register_variants() -> None:

@@ -22,7 +22,6 @@ import torch
 from torch import nn
 
 from .masks import Chunk, KeyMask, query_key_slots
-from .normalisation import autocast_or, operand_dtype
 from .variant import AttentionVariant, Option, boolean, choice, odd_positive_int, positive_int, tracked
 
 CDAPE_BIASES = ("none", "alibi", "kerple")
@@ -118,10 +117,11 @@ class CDAPEAttention(AttentionVariant):
                 f"attention variant 'cdape' needs an attention mask shared by all heads (shape [batch, 1, Lq, Lk]; a "
                 f"channel of its convolution is not a head); got shape {tuple(mask.keep.shape)}"
             )
-        # The convolutions run in the weights' dtype, or autocast's (float16: float32, for range).
+        # The convolutions run in the inputs' dtype: autocast's where it is on (the attention function casts q, k, v
+        # to it), float32 for float16 inputs (the engines upcast them, for range).
         weight_in, bias_in = conv_tensors(self.conv_in, self.training)
         weight_out, bias_out = conv_tensors(self.conv_out, self.training)
-        dtype = operand_dtype(autocast_or(query, weight_in.dtype))
+        dtype = query.dtype
         convs = [t.to(dtype) for t in (weight_in, bias_in, weight_out, bias_out)]
         if self.bias == "none":
             return [query], [key, *convs]

@@ -15,46 +15,23 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from .dropout_mask import dropout_scale, dropout_streams
 from .masks import Chunk, KeyMask, make_chunks
-from .normalisation import normalisation_backward_, normalise
-from .runtime import FAST_PATHS
+from .normalisation import compute_dtype, normalisation_backward_, normalise
+from .runtime import current_settings
 
 if TYPE_CHECKING:
     from .variant import AttentionVariant
 
 
-def draw_dropout_seed() -> int:
-    """One seed per attention call, drawn from the global RNG (so torch.manual_seed makes training reproducible)."""
-    return int(torch.randint(0, 2**62, (1,)).item())
-
-
-def dropout_scale(seed: int, chunk_index: int, shape: torch.Size, p: float, device: torch.device) -> torch.Tensor:
-    """Attention dropout of one chunk: float32 [B, H, rows, key_end] holding 0 (dropped) or 1/(1-p) (kept), from a
-    generator seeded by the call's seed and the chunk's position, so backward regenerates the forward's mask without
-    storing it."""
-    if p >= 1.0:  # everything dropped, as nn.functional.dropout(p=1) does
-        return torch.zeros(shape, device=device)
-    generator = torch.Generator(device=device)
-    generator.manual_seed((seed + 1_000_003 * chunk_index) % 2**63)
-    keep = torch.rand(shape, generator=generator, device=device) >= p
-    return keep.to(torch.float32).mul_(1.0 / (1.0 - p))
-
-
-def dropout_scale_map(seed: int, chunks: list[Chunk], shape: torch.Size, p: float, device: torch.device) -> torch.Tensor:
-    """The whole [B, H, Lq, Lk] dropout map the chunked path applies (for tests: the plain path with the same mask)."""
-    scale = torch.zeros(shape, device=device)
-    for index, chunk in enumerate(chunks):
-        rows = (*shape[:2], chunk.end - chunk.start, chunk.key_end)
-        scale[:, :, chunk.start : chunk.end, : chunk.key_end] = dropout_scale(seed, index, rows, p, device)
-    return scale
-
-
-def chunk_rows(batch: int, heads: int, k_len: int, q_len: int) -> int:
-    """Rows per chunk: FAST_PATHS.chunk_size, or enough rows for a [B, H, rows, Lk] block of about chunk_elements
-    elements, at least min_rows."""
-    if FAST_PATHS.chunk_size is not None:
-        return max(1, int(FAST_PATHS.chunk_size))
-    rows = max(FAST_PATHS.min_rows, FAST_PATHS.chunk_elements // max(1, batch * heads * k_len))
+def chunk_rows(batch: int, heads: int, k_len: int, q_len: int, device: torch.device) -> int:
+    """Rows per chunk: the settings' chunk_size, or enough rows for a [B, H, rows, Lk] block of about chunk_elements
+    elements (gpu_chunk_elements on CUDA), at least min_rows."""
+    settings = current_settings()
+    if settings.chunk_size is not None:
+        return max(1, int(settings.chunk_size))
+    elements = settings.gpu_chunk_elements if device.type == "cuda" else settings.chunk_elements
+    rows = max(settings.min_rows, elements // max(1, batch * heads * k_len))
     return max(1, min(q_len, rows))
 
 
@@ -63,19 +40,20 @@ class ChunkPlan:
     and the chunks."""
 
     def __init__(self, variant: AttentionVariant, scaling: float, mask: KeyMask, chunks: list[Chunk],
-                 num_row_inputs: int, dropout: float = 0.0, seed: int = 0) -> None:
+                 num_row_inputs: int, dropout: float = 0.0, streams: torch.Tensor | None = None) -> None:
         self.variant = variant
         self.scaling = scaling
         self.mask = mask
         self.chunks = chunks
         self.num_row_inputs = num_row_inputs
         self.dropout = dropout
-        self.seed = seed
+        self.streams = streams  # int32 [B, H] dropout stream keys (dropout_mask.py)
 
-    def dropout_scale(self, index: int, weights: torch.Tensor) -> torch.Tensor | None:
+    def dropout_scale(self, chunk: Chunk, weights: torch.Tensor) -> torch.Tensor | None:
+        """The chunk's block of the call's one dropout map (the same for any chunking)."""
         if self.dropout == 0.0:
             return None
-        return dropout_scale(self.seed, index, weights.shape, self.dropout, weights.device)
+        return dropout_scale(self.streams, chunk.start, chunk.end, chunk.key_end, self.dropout, weights.dtype)
 
     def score(self, rows: list[torch.Tensor], shared: list[torch.Tensor], chunk: Chunk) -> torch.Tensor:
         return self.variant.score(rows, shared, chunk, self.scaling)
@@ -101,13 +79,20 @@ class ChunkPlan:
         return scores.detach(), vjp
 
 
+def _accumulator(like: torch.Tensor) -> torch.Tensor:
+    """Zeros shaped like an input, in float32 at least: a half-precision gradient summed over chunks in its own dtype
+    would round once per chunk (cdape's Kerple gradients under bf16 autocast came out 3x further from float32 than
+    the plain path's single product)."""
+    return torch.zeros(like.shape, device=like.device, dtype=compute_dtype(like.dtype))
+
+
 def _accumulate_shared(total: torch.Tensor | None, grad: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """Adds a chunk's gradient of a shared input; it may cover only the first entries along dim 2 (the chunk's keys)."""
+    total = _accumulator(like) if total is None else total
     if grad.shape != like.shape:
-        total = torch.zeros_like(like) if total is None else total
         total[:, :, : grad.shape[2]] += grad
         return total
-    return grad if total is None else total.add_(grad)
+    return total.add_(grad)
 
 
 class _RowChunkedAttention(torch.autograd.Function):
@@ -138,10 +123,10 @@ def _forward_chunks(plan: ChunkPlan, value: torch.Tensor, inputs: tuple[torch.Te
     output = value.new_empty(value.shape[0], value.shape[1], q_len, value.shape[-1])
     rule = plan.variant.normalisation
     stats = []
-    for index, chunk in enumerate(plan.chunks):
+    for chunk in plan.chunks:
         rows = [chunk.rows_of(t) for t in row_inputs]
         weights, chunk_stats = normalise(plan.score(rows, shared, chunk), chunk, rule)
-        scale = plan.dropout_scale(index, weights)
+        scale = plan.dropout_scale(chunk, weights)
         if scale is not None:
             weights.mul_(scale)
         torch.matmul(weights.to(value.dtype), value[:, :, : chunk.key_end], out=output[:, :, chunk.start : chunk.end])
@@ -156,11 +141,11 @@ def _backward_chunks(plan: ChunkPlan, value, stats, inputs, needs_input_grad, gr
     grad_output = grad_output.contiguous()
     work_dtype = stats[0].dtype  # float32 (float64 for float64 inputs): what the weights were computed in
 
-    grad_value = torch.zeros_like(value) if needs_input_grad[1] else None
-    grad_rows = [torch.zeros_like(t) if need else None for t, need in zip(row_inputs, needs[:num_rows])]
+    grad_value = _accumulator(value) if needs_input_grad[1] else None
+    grad_rows = [_accumulator(t) if need else None for t, need in zip(row_inputs, needs[:num_rows])]
     grad_shared: list[torch.Tensor | None] = [None] * len(shared)
 
-    for index, chunk in enumerate(plan.chunks):
+    for chunk in plan.chunks:
         start, end, key_end = chunk.start, chunk.end, chunk.key_end
         grad_out_chunk = grad_output[:, :, start:end]
         chunk_stats = tuple(s[:, :, start:end] for s in stats)
@@ -169,7 +154,7 @@ def _backward_chunks(plan: ChunkPlan, value, stats, inputs, needs_input_grad, gr
         weights, _ = normalise(scores, chunk, plan.variant.normalisation, stats=chunk_stats)
         value_chunk = value[:, :, :key_end]
         grad_weights = torch.matmul(grad_out_chunk, value_chunk.transpose(-1, -2)).to(work_dtype)  # dL/d(dropped a)
-        scale = plan.dropout_scale(index, weights)
+        scale = plan.dropout_scale(chunk, weights)
         if scale is not None:
             grad_weights.mul_(scale)
         if grad_value is not None:
@@ -192,23 +177,29 @@ def _backward_chunks(plan: ChunkPlan, value, stats, inputs, needs_input_grad, gr
     for position, (tensor, need) in enumerate(zip(shared, needs[num_rows:])):
         if need and grad_shared[position] is None:
             grad_shared[position] = torch.zeros_like(tensor)
-    return (grad_value, *grad_rows, *grad_shared)
+    inputs_and_grads = zip((value, *row_inputs, *shared), (grad_value, *grad_rows, *grad_shared))
+    return tuple(None if grad is None else grad.to(tensor.dtype) for tensor, grad in inputs_and_grads)
 
 
 def chunked_attention(
     variant: AttentionVariant, value: torch.Tensor, row_inputs: list[torch.Tensor], shared_inputs: list[Any],
-    mask: KeyMask, scaling: float, dropout: float = 0.0,
+    mask: KeyMask, scaling: float, dropout: float = 0.0, seed: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """[B, H, Lq, D] attention output of a variant's score rule, computed in query-row chunks.
 
     row_inputs are indexed by query along dim 2 and sliced per chunk; shared_inputs (keys, parameters, ...) are
-    handed whole to every chunk. Both may require gradients. dropout: attention dropout probability (training).
+    handed whole to every chunk. Both may require gradients. dropout: attention dropout probability (training), with
+    the call's dropout seed (dropout_mask.draw_dropout_seed).
     """
     if not row_inputs:
         raise ValueError("chunked_attention needs at least one row input (indexed by query along dim 2)")
     batch, heads, k_len = value.shape[0], value.shape[1], value.shape[2]
     q_len = row_inputs[0].shape[2]
-    chunks = make_chunks(mask, q_len, k_len, chunk_rows(batch, heads, k_len, q_len))
-    seed = draw_dropout_seed() if dropout > 0.0 else 0
-    plan = ChunkPlan(variant, scaling, mask, chunks, len(row_inputs), dropout=dropout, seed=seed)
+    chunks = make_chunks(mask, q_len, k_len, chunk_rows(batch, heads, k_len, q_len, value.device))
+    streams = None
+    if dropout > 0.0:
+        if seed is None:
+            raise ValueError("chunked_attention with dropout needs the call's dropout seed")
+        streams = dropout_streams(seed, batch, heads)
+    plan = ChunkPlan(variant, scaling, mask, chunks, len(row_inputs), dropout=dropout, streams=streams)
     return _RowChunkedAttention.apply(plan, value, *row_inputs, *shared_inputs)

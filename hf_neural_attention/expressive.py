@@ -16,8 +16,9 @@ from typing import Callable
 
 import torch
 
+from .kernel_inputs import ExpressiveKernelInputs
 from .masks import Chunk, KeyMask
-from .normalisation import compute_dtype, operand_dtype
+from .normalisation import compute_dtype
 from .variant import AttentionVariant, Option, boolean, choice, tracked
 
 EXPRESSIVE_FORMS = ("rational", "square", "softmax_square")
@@ -42,10 +43,14 @@ class ExpressiveAttention(AttentionVariant):
     }
 
     def prepare(self, query: torch.Tensor, key: torch.Tensor, mask: KeyMask, scaling: float):
-        # q.k in the input dtype (float16: float32); s and f in float32 at least, since s^2 overflows half precision
-        # long before float32 (see _dot).
-        dtype = operand_dtype(query.dtype)
+        # q.k with float32 results at least: squaring doubles the relative error of a half-precision product (bf16
+        # q.k rounded before squaring is off by ~0.2 in softmax_square), and s^2 overflows float16 long before
+        # float32. The kernels accumulate q.k in float32 from the half-precision inputs: the same numbers.
+        dtype = compute_dtype(query.dtype)
         return [query.to(dtype)], [key.to(dtype)]
+
+    def kernel_inputs(self, query: torch.Tensor, key: torch.Tensor, mask: KeyMask, scaling: float):
+        return ExpressiveKernelInputs(self.form, scaling if self.scale else 1.0, query, key)
 
     def _dot(self, rows: list[torch.Tensor], shared: list[torch.Tensor], chunk: Chunk, scaling: float) -> torch.Tensor:
         scores = torch.matmul(rows[0], shared[0][:, :, : chunk.key_end].transpose(-1, -2))  # [B, H, rows, keys]

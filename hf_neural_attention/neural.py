@@ -23,8 +23,9 @@ import torch
 from torch import nn
 from torch.nn import functional
 
+from .kernel_inputs import PairwiseMLPKernelInputs
 from .masks import Chunk, KeyMask
-from .normalisation import autocast_or, compute_dtype, operand_dtype
+from .normalisation import compute_dtype
 from .variant import AttentionVariant, Option, boolean, choice, positive_int, positive_int_list
 
 NEURAL_COMBINE = ("replace", "add")
@@ -103,10 +104,10 @@ class NeuralAttention(AttentionVariant):
         """[G, ...] -> [H, ...] without copying when the weights are shared."""
         return tensor.expand(self.num_heads, *tensor.shape[1:])
 
-    def prepare(self, query: torch.Tensor, key: torch.Tensor, mask: KeyMask, scaling: float):
+    def first_layer_parts(self, query: torch.Tensor, key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The first MLP layer split into its per-query part [B, H, Lq, h1] (bias included) and per-key part
-        [B, H, Lk, h1]; then the later layers' weights, and q, k themselves for combine="add"."""
-        dtype = operand_dtype(autocast_or(query, self.query_down_weight.dtype))
+        [B, H, Lk, h1], with float32 results at least (the projections are tiny next to the pairwise MLP)."""
+        dtype = compute_dtype(query.dtype)
         query, key = query.to(dtype), key.to(dtype)
         down_q, down_k = self.query_down_weight.to(dtype), self.key_down_weight.to(dtype)
         query_small = torch.einsum("bhqd,hpd->bhqp", query, self._per_head(down_q))
@@ -118,13 +119,27 @@ class NeuralAttention(AttentionVariant):
         query_part = torch.einsum("bhqp,hcp->bhqc", query_small, first_weight[..., : self.proj_dim])
         query_part = query_part + self._per_head(self.mlp_biases[0].to(dtype))[None, :, None, :]  # [B, H, Lq, h1]
         key_part = torch.einsum("bhkp,hcp->bhkc", key_small, first_weight[..., self.proj_dim :])  # [B, H, Lk, h1]
-        # The pairwise MLP (elementwise work, no faster in half precision on CPU) runs in float32 at least.
-        work = compute_dtype(dtype)
+        return query_part, key_part
+
+    def prepare(self, query: torch.Tensor, key: torch.Tensor, mask: KeyMask, scaling: float):
+        """Rows: the first layer's per-query part (and q for combine="add"); shared: its per-key part, the later
+        layers' weights, then biases (and k). q.k for combine="add" has float32 results, as in the kernels."""
+        query_part, key_part = self.first_layer_parts(query, key)
+        work = query_part.dtype
         layers = [t.to(work) for t in (*self.mlp_weights[1:], *self.mlp_biases[1:])]
-        query_part, key_part = query_part.to(work), key_part.to(work)
         if self.combine == "add":
-            return [query_part, query], [key_part, *layers, key]
+            return [query_part, query.to(work)], [key_part, *layers, key.to(work)]
         return [query_part], [key_part, *layers]
+
+    def kernel_inputs(self, query: torch.Tensor, key: torch.Tensor, mask: KeyMask, scaling: float):
+        if len(self.mlp_weights) != 3:
+            return (f"the kernels cover neural's MLP with two hidden layers; hidden_dims={self.hidden_dims} runs the "
+                    "chunked engine")
+        query_part, key_part = self.first_layer_parts(query, key)
+        return PairwiseMLPKernelInputs(
+            query_part, key_part, self.mlp_weights[1], self.mlp_biases[1], self.mlp_weights[2], self.mlp_biases[2],
+            self.activation, self.combine == "add", scaling, query, key,
+        )
 
     def score(self, rows: list[torch.Tensor], shared: list[torch.Tensor], chunk: Chunk, scaling: float) -> torch.Tensor:
         num_layers = len(self.mlp_weights) - 1

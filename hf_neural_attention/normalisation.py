@@ -28,12 +28,6 @@ def operand_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype == torch.float16 else dtype
 
 
-def autocast_or(tensor: torch.Tensor, dtype: torch.dtype) -> torch.dtype:
-    """The autocast dtype where autocast is on for the tensor's device, else `dtype`."""
-    device = tensor.device.type
-    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else dtype
-
-
 def _fill_masked(scores: torch.Tensor, chunk: Chunk, value: float, inplace: bool) -> torch.Tensor:
     if chunk.keep is None:
         return scores

@@ -1,63 +1,100 @@
-"""Runtime switches of the fast paths: module-level settings, never saved with a model.
+"""Runtime switches of the fast paths, never saved with a model.
 
-Every variant has a plain path that computes its whole score map under autograd, and a chunked fast path that gives
-the same numbers (up to rounding) with far less memory and time (see chunked.py). These settings choose between them.
+`FAST_PATHS` holds the process-wide defaults; `fast_paths(...)` overrides some of them for the current thread or
+asyncio task only (a `contextvars` context) and, on exit, restores exactly the fields it changed. So two threads
+with their own `fast_paths` blocks never see each other's settings, and a block leaves the process as it found it.
+What a setting changes is speed and memory, never the numbers: every path draws the same dropout mask
+(dropout_mask.py) and computes the same rule. A forward that autograd recomputes during backward (activation
+checkpointing) runs under the settings of its first run, whatever is in effect during backward (dispatch.py), so
+the recompute saves what the first run saved. Measurements behind the defaults: benchmarks/results.md.
 
 Part of the flat folder saved checkpoints copy for `trust_remote_code`: imports only torch and its siblings.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
+import contextvars
+import dataclasses
 import functools
 import importlib.util
 import os
+from dataclasses import dataclass
+from typing import Any
 
 import torch
+
+BACKENDS = ("auto", "triton", "chunked")
+SELF_CHECKS = ("cuda", "always", "never")
 
 
 @dataclass
 class FastPathSettings:
-    """enabled: use a variant's fast path where it applies (float32/float64, no attention dropout in training,
-        attention weights not requested, at least `min_size` query-key pairs).
+    """enabled: use a variant's fast path where it applies (attention weights not requested, at least `min_size`
+        query-key pairs).
     chunk_size: query rows per chunk; None picks it from `chunk_elements`.
-    chunk_elements: target size (elements) of one chunk's [B, H, rows, Lk] score block when chunk_size is None.
+    chunk_elements: target size (elements) of one chunk's [B, H, rows, Lk] score block when chunk_size is None
+        (CPU tensors; on a GPU a chunk is `gpu_chunk_elements`).
+    gpu_chunk_elements: the same target on CUDA tensors, where small chunks leave the device idle.
     min_rows: the fewest rows of an automatic chunk (matrix products on fewer rows run slowly).
-    min_size: smallest Lq * Lk that takes the fast path; smaller maps run the plain path.
+    min_size: smallest Lq * Lk that takes the fast path; smaller maps run the plain path (the crossover measured on
+        a 2-core CPU lies between n = 256 and 512).
     flex_inference: run the variants that state a FlexAttention score_mod (dot, expressive) through compiled
         FlexAttention when no gradient is needed (forward only; compiled on first use, and again for new shapes).
-    backend: "auto" (the fused Triton kernels for expressive and neural on CUDA tensors where triton is installed,
-        else the chunked engine), "triton" (force the kernels; on CPU tensors only under TRITON_INTERPRET=1, as the
-        tests run them) or "chunked" (never the kernels). See triton_attention.py.
+    backend: "auto" (the fused Triton kernels on CUDA tensors where triton is installed, else the chunked engine),
+        "triton" (force the kernels; on CPU tensors only under TRITON_INTERPRET=1, as the tests run them) or
+        "chunked" (never the kernels). See triton_attention.py.
+    kernel_self_check: compare the kernels with the chunked engine on the first call of each kernel case: "cuda"
+        (on CUDA tensors), "always" (also under the interpreter) or "never". See kernel_check.py.
     """
 
     enabled: bool = True
     chunk_size: int | None = None
     chunk_elements: int = 1 << 20
+    gpu_chunk_elements: int = 1 << 26
     min_rows: int = 64
-    # Measured (scripts/benchmark.py, 1-layer GPT-2 d 512, 8 heads, stock dropout 0.1, fp32, forward + backward,
-    # 2-core CPU, 2026-11-23), fast / plain time: n = 256: expressive 0.204 / 0.175 s, neural 0.192 /
-    # 0.183, cdape 0.237 / 0.215 (plain faster); n = 512: expressive 0.36 / 0.44, neural 0.39 / 0.42, cdape
-    # 0.54 / 0.67 (fast faster). The crossover lies between, so the fast path starts at n ~ 362 (n^2 = 2^17).
     min_size: int = 1 << 17
     flex_inference: bool = False
     backend: str = "auto"
+    kernel_self_check: str = "cuda"
 
-    def __setattr__(self, name: str, value) -> None:
-        if name == "backend" and value not in BACKENDS:
-            raise ValueError(f"FAST_PATHS.backend={value!r} is not valid; choose one of {list(BACKENDS)}")
+    def __setattr__(self, name: str, value: Any) -> None:
+        choices = {"backend": BACKENDS, "kernel_self_check": SELF_CHECKS}.get(name)
+        if choices is not None and value not in choices:
+            raise ValueError(f"FAST_PATHS.{name}={value!r} is not valid; choose one of {list(choices)}")
         super().__setattr__(name, value)
 
 
-BACKENDS = ("auto", "triton", "chunked")
 FAST_PATHS = FastPathSettings()
+_FIELDS = tuple(field.name for field in dataclasses.fields(FastPathSettings))
+_OVERRIDES: contextvars.ContextVar[dict[str, Any]] = contextvars.ContextVar("hfna_fast_path_overrides", default={})
+
+
+def current_settings() -> FastPathSettings:
+    """The settings in effect here: this context's `fast_paths` overrides over the process-wide FAST_PATHS."""
+    overrides = _OVERRIDES.get()
+    if not overrides:
+        return FAST_PATHS
+    return FastPathSettings(**{name: overrides.get(name, getattr(FAST_PATHS, name)) for name in _FIELDS})
+
+
+class replaying_settings:  # noqa: N801
+    """Runs a block under exactly `settings` (every field), in this context only: how the dispatcher re-uses a
+    forward's settings when autograd recomputes that forward during backward (activation checkpointing)."""
+
+    def __init__(self, settings: FastPathSettings) -> None:
+        self.values = {name: getattr(settings, name) for name in _FIELDS}
+
+    def __enter__(self) -> None:
+        self.token = _OVERRIDES.set(self.values)
+
+    def __exit__(self, *exc_info) -> None:
+        _OVERRIDES.reset(self.token)
 
 
 class fast_paths:  # noqa: N801 (used like a function: `with fast_paths(False): ...`)
-    """Context manager over FAST_PATHS: `with fast_paths(False): ...` runs the plain paths; `fast_paths(True,
-    min_size=0, chunk_size=4)` forces the chunked paths even on tiny inputs (what the tests do). Settings not given
-    keep their current values; all are restored on exit."""
+    """`with fast_paths(False): ...` runs the plain paths; `fast_paths(True, min_size=0, chunk_size=4)` forces the
+    chunked paths even on tiny inputs (what the tests do). Settings not given keep their values. The block affects
+    only the current thread / task, and on exit restores the fields it set, nothing else."""
 
     def __init__(
         self,
@@ -74,33 +111,36 @@ class fast_paths:  # noqa: N801 (used like a function: `with fast_paths(False): 
         given = {"chunk_size": chunk_size, "min_size": min_size, "chunk_elements": chunk_elements,
                  "flex_inference": flex_inference, "backend": backend}
         self.changes = {"enabled": enabled, **{name: value for name, value in given.items() if value is not None}}
-        self.saved: list[dict] = []
+        self.tokens: list[contextvars.Token] = []
 
     def __enter__(self) -> FastPathSettings:
-        self.saved.append(dict(vars(FAST_PATHS)))
-        vars(FAST_PATHS).update(self.changes)
-        return FAST_PATHS
+        self.tokens.append(_OVERRIDES.set({**_OVERRIDES.get(), **self.changes}))
+        return current_settings()
 
     def __exit__(self, *exc_info) -> None:
-        vars(FAST_PATHS).update(self.saved.pop())
+        _OVERRIDES.reset(self.tokens.pop())
 
 
 FAST_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 
-def fast_path_applies(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> bool:
-    """Whether a chunked fast path may run on these inputs: enabled, query, key and value in one of FAST_DTYPES
-    (under autocast they arrive in its dtype), a map of at least min_size pairs. Attention dropout runs inside the
-    chunked path."""
-    if not FAST_PATHS.enabled:
-        return False
+def fast_path_skip_reason(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> str | None:
+    """Why the chunked fast path may not run on these inputs, or None where it may: it must be enabled, query, key and
+    value in one dtype of FAST_DTYPES, and the map at least min_size pairs (smaller maps run faster plain)."""
+    settings = current_settings()
+    if not settings.enabled:
+        return "fast paths are disabled (fast_paths(False))"
     if query.dtype not in FAST_DTYPES or key.dtype != query.dtype or value.dtype != query.dtype:
-        return False
-    return query.shape[2] * key.shape[2] >= FAST_PATHS.min_size
+        return (f"query, key and value must share one dtype of {[str(d) for d in FAST_DTYPES]}; got "
+                f"{query.dtype}, {key.dtype}, {value.dtype}")
+    if query.shape[2] * key.shape[2] < settings.min_size:
+        return "small map"
+    return None
 
 
 def flex_applies(query: torch.Tensor, key: torch.Tensor) -> bool:
-    return FAST_PATHS.enabled and FAST_PATHS.flex_inference and query.shape[2] * key.shape[2] >= FAST_PATHS.min_size
+    settings = current_settings()
+    return settings.enabled and settings.flex_inference and query.shape[2] * key.shape[2] >= settings.min_size
 
 
 TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -113,9 +153,10 @@ def triton_installed() -> bool:
 
 def triton_applies(query: torch.Tensor) -> bool:
     """The Triton path runs for backend "triton", and for "auto" on CUDA tensors where triton is installed."""
-    if not FAST_PATHS.enabled or FAST_PATHS.backend == "chunked" or query.dtype not in TRITON_DTYPES:
+    settings = current_settings()
+    if not settings.enabled or settings.backend == "chunked" or query.dtype not in TRITON_DTYPES:
         return False
-    if FAST_PATHS.backend == "triton":
+    if settings.backend == "triton":
         if not triton_installed():
             raise RuntimeError("FAST_PATHS.backend='triton' but triton is not installed: pip install "
                                "'hf-neural-attention[triton]'")

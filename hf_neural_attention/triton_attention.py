@@ -1,10 +1,11 @@
-"""The Triton path of the expressive and neural variants: what the fused kernels (triton_kernels.py) need from a
-variant, an autograd Function around them, and the rule that picks them.
+"""The Triton path: the fused kernels (triton_kernels.py) run on a variant's named kernel inputs (kernel_inputs.py),
+with an autograd Function around them.
 
-`triton_attention_output(variant, query, key, value, mask, scaling, dropout)` returns the [B, H, Lq, D] output, or
-None where the kernels do not cover the call (the chunked path runs): a variant other than expressive or neural, a
-neural MLP with other than two hidden layers, a dtype outside float32/bfloat16/float16, triton installed but not
-importable. Boolean masks and additive float biases, relu and leaky_relu MLPs run in the kernels.
+`triton_attention_output(inputs, value, mask, dropout, seed)` returns the [B, H, Lq, D] output, or the reason the
+kernels do not cover the call (dispatch.py says it once and the chunked path runs): dropout p >= 1, triton installed
+but not importable. Variants without kernels say so themselves (neural: other MLP depths). Boolean masks and additive
+float biases, relu and leaky_relu MLPs, grouped-query keys and values with fewer heads than the queries (H_KV
+dividing H) all run in the kernels.
 cdape stays on the chunked path: its convolution over the score map mixes neighbouring keys and all heads, so a tile
 would need a halo of scores from every head, and the chunked engine already keeps its memory linear in n.
 
@@ -20,11 +21,10 @@ from typing import NamedTuple
 import torch
 
 from . import triton_kernels as kernels
-from .dropout_mask import draw_dropout_seed, dropout_streams
-from .expressive import ExpressiveAttention
-from .masks import KeyMask, causal_keep
-from .neural import LEAKY_SLOPE, NeuralAttention
-from .variant import AttentionVariant
+from .dropout_mask import dropout_streams
+from .kernel_inputs import ExpressiveKernelInputs, KernelInputs
+from .masks import KeyMask
+from .neural import LEAKY_SLOPE
 
 
 class Tiles(NamedTuple):
@@ -80,16 +80,6 @@ def _tiles(score: int, head_dim: int) -> tuple[Tiles, Tiles]:
     return INTERPRETER_TILES if kernels.interpreted() else tiles_for(GPU_TILES[score], head_dim)
 
 
-def _is_causal(mask: KeyMask, q_len: int, k_len: int) -> bool:
-    """Whether the keep pattern is exactly the bottom-right causal one (no padding, no window): then the kernels
-    compute it from indices instead of reading an Lq x Lk mask, and skip the tiles above the diagonal. Such a pattern
-    has no fully masked row, so skipping tiles cannot change a row's normalisation."""
-    keep = mask.keep
-    if not mask.causal or keep is None or q_len > k_len or keep.shape[-2:] != (q_len, k_len):
-        return False
-    return torch.equal(keep, causal_keep(q_len, k_len, keep.device).expand_as(keep))
-
-
 def _keep_bytes(mask: KeyMask) -> torch.Tensor | None:
     """The keep mask as int8 for the kernels: a view of a bool mask (same bytes), no copy."""
     if mask.keep is None:
@@ -97,31 +87,34 @@ def _keep_bytes(mask: KeyMask) -> torch.Tensor | None:
     return mask.keep.view(torch.int8) if mask.keep.dtype == torch.bool else mask.keep.to(torch.int8)
 
 
-def triton_attention_output(variant: AttentionVariant, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                            mask: KeyMask, scaling: float, dropout: float) -> torch.Tensor | None:
-    if not kernels.available() or dropout >= 1.0:  # triton not importable; p = 1 drops every weight: chunked path
-        return None
-    causal = _is_causal(mask, query.shape[2], key.shape[2])
+def triton_attention_output(inputs: KernelInputs, value: torch.Tensor, mask: KeyMask, dropout: float = 0.0,
+                            seed: torch.Tensor | None = None) -> torch.Tensor | str:
+    """[B, H, Lq, D] output of the fused kernels, or the reason they cannot take this call."""
+    if not kernels.available():
+        return "triton is installed but cannot be imported"
+    if dropout >= 1.0:
+        return "dropout p >= 1 drops every weight"
+    causal = mask.pure_causal  # computed in the kernels from indices; tiles above the diagonal skipped
     keep = None if causal else _keep_bytes(mask)
-    streams = dropout_streams(draw_dropout_seed(query.device), query.shape[0], query.shape[1]) if dropout > 0.0 else None
-    empty = query.new_zeros(1, dtype=torch.float32)
-    if isinstance(variant, ExpressiveAttention):
-        score = kernels.EXPRESSIVE_SCORES[variant.form]
-        call = KernelCall(score, False, scaling if variant.scale else 1.0, keep, mask.bias, causal, dropout, streams,
-                          False, *_tiles(score, query.shape[-1]))
-        return _FusedAttention.apply(call, query, key, value, empty, empty, empty, empty, empty, empty)
-    if isinstance(variant, NeuralAttention) and len(variant.mlp_weights) == 3:
-        groups = query.shape[1] // key.shape[1]  # grouped-query heads: prepare's key parts are per query head
-        rows, shared = variant.prepare(query, key.repeat_interleave(groups, 1) if groups > 1 else key, mask, scaling)
-        query_part, key_part, w2, w3, b2, b3 = rows[0], *shared[:5]  # prepare: [key_part, W2, W3, b2, b3, (key)]
-        add = variant.combine == "add"
-        slope = LEAKY_SLOPE if variant.activation == "leaky_relu" else 0.0
-        call = KernelCall(kernels.SCORE_NEURAL, add, scaling, keep, mask.bias, causal, dropout, streams,
-                          variant.per_head, *_tiles(kernels.SCORE_NEURAL, query.shape[-1]), slope=slope)
-        # q and k in the input dtype (prepare's copies for combine="add" are float32 for float16 inputs)
-        return _FusedAttention.apply(call, query, key, value, query_part, key_part, w2, b2, w3.flatten(1),
-                                     b3.flatten())
-    return None
+    batch, heads = value.shape[0], inputs.query.shape[1]
+    streams = dropout_streams(seed, batch, heads) if dropout > 0.0 else None
+    empty = value.new_zeros(1, dtype=torch.float32)
+    dim = inputs.query.shape[-1]
+    if isinstance(inputs, ExpressiveKernelInputs):
+        score = kernels.EXPRESSIVE_SCORES[inputs.form]
+        call = KernelCall(score, False, inputs.dot_scale, keep, mask.bias, causal, dropout, streams, False,
+                          *_tiles(score, dim))
+        return _FusedAttention.apply(call, inputs.query, inputs.key, value, empty, empty, empty, empty, empty, empty)
+    if inputs.activation not in ("relu", "leaky_relu"):
+        return (f"the kernels cover neural's relu and leaky_relu MLPs; activation={inputs.activation!r} runs the "
+                "chunked engine")
+    per_head = inputs.hidden_weight.shape[0] > 1
+    slope = LEAKY_SLOPE if inputs.activation == "leaky_relu" else 0.0
+    call = KernelCall(kernels.SCORE_NEURAL, inputs.add_dot, inputs.dot_scale, keep, mask.bias, causal, dropout,
+                      streams, per_head, *_tiles(kernels.SCORE_NEURAL, dim), slope=slope)
+    return _FusedAttention.apply(call, inputs.query, inputs.key, value, inputs.query_part, inputs.key_part,
+                                 inputs.hidden_weight, inputs.hidden_bias, inputs.out_weight.flatten(1),
+                                 inputs.out_bias.flatten())
 
 
 def _flat(tensor: torch.Tensor) -> torch.Tensor:
@@ -169,7 +162,9 @@ class _FusedAttention(torch.autograd.Function):
         flat = [_flat(t) for t in (query, key, value)]
         parts = [_flat(t.float()) if call.score == kernels.SCORE_NEURAL else t for t in (query_part, key_part)]
         weights = [t.float().contiguous() for t in (w2, b2, w3, b3)]
-        out = torch.empty_like(flat[0], dtype=value.dtype)
+        # float32 O: backward's row term sum(dO * O) from a rounded half-precision O is off by its rounding, which the
+        # softmax derivative's cancellation amplifies (neural's last bias, whose gradient is 0, got 0.03 in bf16).
+        out = torch.empty_like(flat[0], dtype=torch.float32)
         row_max = torch.empty(batch * heads, q_len, device=query.device, dtype=torch.float32)
         row_sum = torch.empty_like(row_max)
         tiles = call.forward_tiles
@@ -179,7 +174,7 @@ class _FusedAttention(torch.autograd.Function):
         ctx.call, ctx.settings, ctx.shape, ctx.streams = call, settings, query.shape, streams
         ctx.save_for_backward(query, key, value, query_part, key_part, w2, b2, w3, b3, out, row_max, row_sum, keep,
                               bias)
-        return out.view(batch, heads, q_len, dim)
+        return out.view(batch, heads, q_len, dim).to(value.dtype)
 
     @staticmethod
     def backward(ctx, grad_output):

@@ -2,9 +2,10 @@
 declaration of one of its options with its validation.
 
 A variant states three things: its options (`options_spec`), its parameters (`build`, `reset_parameters`) and its
-score rule once (`prepare` + `score`), with how scores become weights (`normalisation`). The base class builds both
-paths from that one rule: the plain path (`attention_weights`: the whole score map under autograd, as the paper
-writes it) and the fast path (`attention_output`: the chunked engine of chunked.py, or FlexAttention for inference).
+score rule once (`prepare` + `score`), with how scores become weights (`normalisation`); and what each engine needs:
+the chunked engine needs the rule itself (and optionally its derivative, `score_vjp`), FlexAttention a
+`flex_score_mod`, the fused kernels their named `kernel_inputs`. The plain path (`attention_weights`: the whole score
+map under autograd, as the paper writes it) is built here; dispatch.py picks the engine.
 
 Part of the flat folder saved checkpoints copy for `trust_remote_code`: imports only torch and its siblings.
 """
@@ -16,11 +17,9 @@ from typing import Any, Callable, ClassVar, Mapping
 import torch
 from torch import nn
 
-from .chunked import chunked_attention
-from .flex import flex_inference_output
+from .kernel_inputs import KernelInputs
 from .masks import Chunk, KeyMask, whole_map
 from .normalisation import normalise, operand_dtype
-from .runtime import fast_path_applies, flex_applies, triton_applies
 
 
 # ---- option checks: each raises a ValueError naming the option and the valid values, and returns the value -------
@@ -156,7 +155,12 @@ class AttentionVariant(nn.Module):
         elementwise function of q.k."""
         return None
 
-    # ---- the two paths, built from the rule ----------------------------------------------------------------------
+    def kernel_inputs(self, query: torch.Tensor, key: torch.Tensor, mask: KeyMask, scaling: float) -> KernelInputs | str:
+        """What the fused kernels need (kernel_inputs.py), or why they cannot run this variant with these options
+        (said once to the user when the kernels would otherwise run)."""
+        return f"no fused kernel exists for the {self.name!r} variant"
+
+    # ---- the plain path, built from the rule -----------------------------------------------------------------------
 
     def attention_weights(self, query: torch.Tensor, key: torch.Tensor, mask: KeyMask, scaling: float) -> torch.Tensor:
         """Plain path: weights [B, H, Lq, Lk] (float32, or float64) of the whole map, as the paper writes them."""
@@ -165,27 +169,3 @@ class AttentionVariant(nn.Module):
         chunk = whole_map(mask, query.shape[2], key.shape[2])
         weights, _ = normalise(self.score(rows, shared, chunk, scaling), chunk, self.normalisation)
         return weights
-
-    def attention_output(
-        self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: KeyMask, scaling: float,
-        dropout: float, training: bool,
-    ) -> torch.Tensor | None:
-        """Fast path, same numbers as attention_weights(...) @ value: [B, H, Lq, D], or None where it does not apply
-        (the plain path runs). FlexAttention for inference where enabled and stated, else the chunked engine."""
-        score_mod = self.flex_score_mod(scaling)
-        if score_mod is not None and flex_applies(query, key):
-            output = flex_inference_output(query, key, value, mask, score_mod, dropout, training,
-                                           fully_masked=self.flex_fully_masked)
-            if output is not None:
-                return output
-        if triton_applies(query):
-            from .triton_attention import triton_attention_output  # it imports the variant classes
-
-            output = triton_attention_output(self, query, key, value, mask, scaling, dropout if training else 0.0)
-            if output is not None:
-                return output
-        if not self.has_chunked_path or not fast_path_applies(query, key, value):
-            return None
-        query, key = query.to(operand_dtype(query.dtype)), key.to(operand_dtype(key.dtype))  # float16 -> float32
-        rows, shared = self.prepare(query, key, mask, scaling)
-        return chunked_attention(self, value, rows, shared, mask, scaling, dropout=dropout if training else 0.0)

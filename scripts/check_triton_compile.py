@@ -256,8 +256,11 @@ def run_config(label: str, target, records: list[dict], tiles=None, spec: dict |
                 tiles=None if tiles is None else (triton_attention.Tiles(*tiles), triton_attention.Tiles(*tiles)))
         else:
             variant = build_variant(variant_name, heads, head_dim, **options).to(dtype)
-            output = triton_attention.triton_attention_output(variant, q, k, v, mask, head_dim**-0.5, dropout)
-        assert output is not None, f"{label}: the Triton path does not cover this configuration"
+            inputs = variant.kernel_inputs(q, k, mask, head_dim**-0.5)
+            assert not isinstance(inputs, str), f"{label}: {inputs}"
+            seed = torch.tensor(12345) if dropout > 0.0 else None
+            output = triton_attention.triton_attention_output(inputs, v, mask, dropout, seed)
+        assert isinstance(output, torch.Tensor), f"{label}: the Triton path does not cover this configuration: {output}"
         output.float().sum().backward()
     finally:
         for name, kernel in zip(names, originals):

@@ -8,6 +8,7 @@ import torch
 
 import hf_neural_attention as hfna
 from hf_neural_attention.experiments.scorer_health import dead_groups
+from hf_neural_attention import dispatch
 from hf_neural_attention.masks import split_attention_mask
 from hf_neural_attention.registry import build_variant
 from hf_neural_attention.runtime import fast_paths
@@ -45,9 +46,7 @@ def test_alive_init_keeps_the_formula_on_both_paths(fast):
     mask = split_attention_mask(None, 10, 10, True, q.device)
     expected = reference.attention_weights(q, k, mask, D**-0.5) @ v
     with fast_paths(fast, min_size=0, chunk_size=4):
-        output = alive.attention_output(q, k, v, mask, D**-0.5, 0.0, False)
-    if output is None:  # plain path
-        output = alive.attention_weights(q, k, mask, D**-0.5) @ v
+        output, _ = dispatch.attention(alive, q, k, v, mask, D**-0.5, 0.0)
     torch.testing.assert_close(output, expected, rtol=1e-12, atol=1e-12)
 
 

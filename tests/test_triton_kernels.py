@@ -16,7 +16,7 @@ import torch
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 import hf_neural_attention as hfna
-from hf_neural_attention import triton_attention, triton_kernels
+from hf_neural_attention import dispatch, triton_attention, triton_kernels
 from hf_neural_attention.masks import causal_keep, split_attention_mask
 from hf_neural_attention.registry import build_variant
 from hf_neural_attention.runtime import fast_paths
@@ -77,8 +77,8 @@ def run(variant, q, k, v, keep, settings, dropout=0.0, seed=3, causal=False):
     mask = split_attention_mask(keep, q.shape[2], k.shape[2], causal, q.device)
     torch.manual_seed(seed)  # the dropout seed is drawn from the global generator
     with fast_paths(True, **settings):
-        output = variant.attention_output(q, k, v, mask, D**-0.5, dropout, dropout > 0.0)
-    assert output is not None
+        output, weights = dispatch.attention(variant, q, k, v, mask, D**-0.5, dropout)
+    assert weights is None
     grad_output = torch.randn(output.shape, generator=torch.Generator().manual_seed(1), dtype=output.dtype)
     grads = torch.autograd.grad(output, [q, k, v, *variant.parameters()], grad_output)
     return output, grads
@@ -129,9 +129,9 @@ def test_neural_kernels_match_chunked_path_and_formula(options, q_len, k_len):
 @pytest.mark.parametrize("q_len,k_len", [(40, 40), (20, 37)])
 @pytest.mark.parametrize("tiles", [None, (Tiles(32, 16, 4), Tiles(16, 32, 4))], ids=["square", "rectangular"])
 def test_a_causal_mask_is_computed_in_the_kernels_and_skips_tiles(name, q_len, k_len, tiles, monkeypatch):
-    """The exact causal pattern (as Transformers hands it, [B, 1, Lq, Lk] bool) is not read: CAUSAL computes it from
-    indices and skips the tiles above the diagonal; still equal to the chunked path and the float64 formula. Also with
-    rectangular tiles that differ between forward and backward, as the GPU tiles do."""
+    """A purely causal call (no mask and is_causal, as Transformers hands a causal batch without padding) reads no
+    mask: CAUSAL computes it from indices and skips the tiles above the diagonal; still equal to the chunked path and
+    the float64 formula. Also with rectangular tiles that differ between forward and backward, as the GPU tiles do."""
     if tiles is not None:
         monkeypatch.setattr(triton_attention, "INTERPRETER_TILES", tiles)
     settings = []
@@ -140,9 +140,9 @@ def test_a_causal_mask_is_computed_in_the_kernels_and_skips_tiles(name, q_len, k
     variant = neural_variant({}) if name == "neural" else build_variant("expressive", H, D, form=name, scale=True)
     q, k, v, _ = inputs(q_len, k_len)
     keep = causal_keep(q_len, k_len, q.device).expand(B, 1, q_len, k_len)
-    fused = run(variant, q, k, v, keep, TRITON, causal=True)
+    fused = run(variant, q, k, v, None, TRITON, causal=True)
     assert settings and all(s[0]["CAUSAL"] and not s[0]["HAS_KEEP"] for s in settings)
-    assert_same(fused, run(variant, q, k, v, keep, CHUNKED, causal=True))
+    assert_same(fused, run(variant, q, k, v, None, CHUNKED, causal=True))
     double = neural_variant({}).double() if name == "neural" else variant
     reference = neural_reference if name == "neural" else expressive_reference
     weights = reference(q.double(), k.double(), keep, double)
@@ -202,13 +202,13 @@ def test_neural_with_other_depths_falls_back_to_the_chunked_path(monkeypatch):
 def test_dropout_is_dropout_masks_position_keyed_mask_in_forward_and_backward(name, causal, monkeypatch):
     """The kernels drop exactly dropout_mask.dropout_keep's weights (the mask every path draws, from the call's seed
     and (batch, head, row, key)): output and gradients against the float64 weights times dropout_scale, so the
-    forward and both backward passes drew the same mask, with tiles that differ between passes."""
+    forward and backward passes drew the same mask, with tiles that differ between passes."""
     from hf_neural_attention.dropout_mask import dropout_scale, dropout_streams
 
     p, q_len, k_len = 0.3, 19, 37
     seed = torch.tensor(0x1234_5678_9ABC, dtype=torch.int64)
     devices = []
-    monkeypatch.setattr(triton_attention, "draw_dropout_seed", lambda device: devices.append(device) or seed)
+    monkeypatch.setattr(dispatch, "draw_dropout_seed", lambda device: devices.append(device) or seed)
     monkeypatch.setattr(triton_attention, "INTERPRETER_TILES", (Tiles(16, 32, 4), Tiles(32, 16, 4)))
     variant = build_variant("expressive", H, D) if name == "expressive" else neural_variant({})
     q, k, v, keep = inputs(q_len, k_len, fully_masked_row=False)
@@ -266,7 +266,6 @@ def test_grouped_query_heads_read_their_key_value_head_in_the_kernels(name, drop
     dK, dV come back per kv head, summed over the group, equal to the chunked path on repeated k, v (whose autograd
     sums the copies)."""
     seed = torch.tensor(987654321, dtype=torch.int64)
-    monkeypatch.setattr(triton_attention, "draw_dropout_seed", lambda device: seed)
     heads = 2 * H
     variant = (build_variant("expressive", heads, D, form="rational", scale=True) if name == "rational" else
                build_variant("neural", heads, D, combine="add", per_head=True))
@@ -281,19 +280,22 @@ def test_grouped_query_heads_read_their_key_value_head_in_the_kernels(name, drop
     keep[..., -1] = True
     mask = split_attention_mask(keep, 19, 21, False, q.device)
     grad_output = torch.randn(B, heads, 19, D, generator=generator)
-    fused = triton_attention.triton_attention_output(variant, q, k, v, mask, D**-0.5, dropout)
+    # neural's key parts are per query head (from the repeated keys); the kernels read k, v per kv head
+    inputs_ = variant.kernel_inputs(q, k.repeat_interleave(2, 1), mask, D**-0.5)._replace(key=k)
+    fused = triton_attention.triton_attention_output(inputs_, v, mask, dropout, seed if dropout > 0.0 else None)
     fused_grads = torch.autograd.grad(fused, [q, k, v], grad_output)
     assert [g.shape for g in fused_grads] == [q.shape, k.shape, v.shape]
     with fast_paths(True, **CHUNKED):
-        expected = variant.attention_output(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1), mask, D**-0.5,
-                                            dropout, dropout > 0.0)
+        expected, _ = dispatch.attention(variant, q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1), mask,
+                                         D**-0.5, 0.0)
     if dropout > 0.0:  # the chunked path draws its own seed: compare against the float64 weights with this mask
         from hf_neural_attention.dropout_mask import dropout_scale, dropout_streams
 
         with fast_paths(True, **CHUNKED):
-            plain = variant.attention_output(q, k.repeat_interleave(2, 1), torch.eye(21).expand(B, heads, 21, 21),
-                                             mask, D**-0.5, 0.0, False)  # the weights themselves (v = identity)
-        expected = (plain * dropout_scale(dropout_streams(seed, B, heads), 0, 19, 21, dropout)) @ v.repeat_interleave(2, 1)
+            identity = torch.eye(21).expand(B, heads, 21, 21)  # v = identity: the weights themselves
+            plain, _ = dispatch.attention(variant, q, k.repeat_interleave(2, 1), identity, mask, D**-0.5, 0.0)
+        scale = dropout_scale(dropout_streams(seed, B, heads), 0, 19, 21, dropout)
+        expected = (plain * scale) @ v.repeat_interleave(2, 1)
     torch.testing.assert_close(fused, expected, rtol=0, atol=1e-5)
     for index, grad in enumerate(torch.autograd.grad(expected, [q, k, v], grad_output)):
         torch.testing.assert_close(fused_grads[index], grad, rtol=0, atol=1e-4, msg=f"gradient {index}")
@@ -328,7 +330,7 @@ def test_the_kernels_are_chosen_only_where_they_apply(monkeypatch):
     bias = torch.zeros(keep.shape).masked_fill(~keep, float("-inf")) + 0.5 * keep  # an additive bias: kernels too
     mask = split_attention_mask(bias, 19, 19, False, q.device)
     with fast_paths(True, **TRITON):
-        variant.attention_output(q, k, v, mask, D**-0.5, 0.0, False)
+        dispatch.attention(variant, q, k, v, mask, D**-0.5, 0.0)
     assert calls == [1, 1]
     with pytest.raises(ValueError, match=r"backend='cuda' is not valid; choose one of \['auto', 'triton', 'chunked'\]"):
         fast_paths(True, backend="cuda")

@@ -1,0 +1,154 @@
+"""Which engine computes an attention call: the first that applies wins, as in PEFT's dispatchers.
+
+    flex     compiled FlexAttention, inference only, where enabled and the variant states a score_mod
+    kernels  the fused Triton kernels (CUDA, or the interpreter), where the variant gives its kernel inputs
+    chunked  the chunked engine (chunked.py), any variant with a score rule
+    plain    the whole score map under autograd, as the papers write it (always applies; the only path that can
+             return the weights)
+
+Every engine draws the same dropout mask (dropout_mask.py: one seed per call, keyed by position), so which engine runs
+changes speed and memory, never the numbers. An engine that does not apply says why; the reasons worth a user's
+attention (a GPU call leaving the kernels, a dtype the fast paths refuse, weights requested on a long sequence) are
+logged once each. Autocast is off inside: the attention function has already cast q, k, v to the autocast dtype,
+and each engine states the dtypes it computes in.
+
+Part of the flat folder saved checkpoints copy for `trust_remote_code`: imports only torch, triton (optional) and
+its siblings.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Callable, NamedTuple, Union
+
+import torch
+
+from .chunked import chunked_attention
+from .dropout_mask import draw_dropout_seed, dropout_scale, dropout_streams
+from .flex import flex_inference_output
+from .kernel_check import kernels_trusted, self_check_applies
+from .masks import KeyMask
+from .normalisation import operand_dtype
+from .runtime import (
+    FastPathSettings, current_settings, fast_path_skip_reason, flex_applies, replaying_settings, triton_applies,
+)
+from .variant import AttentionVariant
+
+logger = logging.getLogger(__name__)
+
+
+class AttentionCall(NamedTuple):
+    """One call's inputs after the attention function prepared them."""
+
+    query: torch.Tensor  # [B, H, Lq, D]
+    key: torch.Tensor  # [B, H, Lk, D], key/value heads already repeated for grouped-query attention
+    value: torch.Tensor  # [B, H, Lk, D]
+    mask: KeyMask
+    scaling: float
+    dropout: float  # attention dropout probability; 0 outside training
+    seed: torch.Tensor | None  # the call's dropout seed (int64 tensor), None without dropout
+
+
+# An engine gives the output [B, H, Lq, D], a reason it does not apply (worth saying once), or None (does not apply,
+# nothing to say: not enabled, a small map).
+EngineResult = Union[torch.Tensor, str, None]
+QUIET_REASONS = ("small map", "fast paths are disabled (fast_paths(False))")
+_SAID: set[str] = set()
+
+
+def flex_engine(variant: AttentionVariant, call: AttentionCall) -> EngineResult:
+    score_mod = variant.flex_score_mod(call.scaling)
+    if score_mod is None or not flex_applies(call.query, call.key):
+        return None
+    return flex_inference_output(call.query, call.key, call.value, call.mask, score_mod, call.dropout,
+                                 call.dropout > 0.0, fully_masked=variant.flex_fully_masked)
+
+
+def kernel_engine(variant: AttentionVariant, call: AttentionCall) -> EngineResult:
+    if not triton_applies(call.query):
+        return None
+    inputs = variant.kernel_inputs(call.query, call.key, call.mask, call.scaling)
+    if isinstance(inputs, str):
+        return f"the fused kernels do not run here: {inputs}"
+    from .triton_attention import triton_attention_output  # triton is optional
+
+    if self_check_applies(call.value):
+        distrusted = kernels_trusted(
+            variant, inputs, call.value, lambda inputs_, value, mask: triton_attention_output(inputs_, value, mask))
+        if distrusted is not None:
+            return None  # said once by the check itself
+    output = triton_attention_output(inputs, call.value, call.mask, call.dropout, call.seed)
+    return f"the fused kernels do not run here: {output}" if isinstance(output, str) else output
+
+
+def chunked_engine(variant: AttentionVariant, call: AttentionCall) -> EngineResult:
+    if not variant.has_chunked_path:
+        return None
+    reason = fast_path_skip_reason(call.query, call.key, call.value)
+    if reason is not None:
+        return None if reason in QUIET_REASONS else f"the chunked fast path does not run: {reason}"
+    query, key = (t.to(operand_dtype(t.dtype)) for t in (call.query, call.key))  # float16 -> float32
+    rows, shared = variant.prepare(query, key, call.mask, call.scaling)
+    return chunked_attention(variant, call.value, rows, shared, call.mask, call.scaling, call.dropout, call.seed)
+
+
+ENGINES: tuple[tuple[str, Callable[[AttentionVariant, AttentionCall], EngineResult]], ...] = (
+    ("flex", flex_engine), ("kernels", kernel_engine), ("chunked", chunked_engine),
+)
+
+
+def plain_attention(variant: AttentionVariant, call: AttentionCall) -> tuple[torch.Tensor, torch.Tensor]:
+    """The whole map: output [B, H, Lq, D] and the weights after dropout [B, H, Lq, Lk] in the value's dtype."""
+    weights = variant.attention_weights(call.query, call.key, call.mask, call.scaling)  # float32 or float64
+    if call.dropout > 0.0:
+        batch, heads, q_len, k_len = weights.shape
+        streams = dropout_streams(call.seed, batch, heads)
+        weights = weights * dropout_scale(streams, 0, q_len, k_len, call.dropout, weights.dtype)
+    weights = weights.to(call.value.dtype)
+    return torch.matmul(weights, call.value), weights
+
+
+def say_once(reason: str) -> None:
+    if reason not in _SAID:
+        _SAID.add(reason)
+        logger.warning("hf_neural_attention: %s; the next engine runs instead (this is said once).", reason)
+
+
+def _in_backward() -> bool:
+    """Whether autograd's engine is running this code: a checkpointed forward being recomputed during backward."""
+    task = getattr(torch._C, "_current_graph_task_id", None)
+    return task is not None and task() != -1
+
+
+def call_settings(variant: AttentionVariant) -> FastPathSettings:
+    """The settings a call runs under: those in effect, remembered on the variant; during backward, those of the
+    layer's last forward, so a recompute (activation checkpointing) takes the same engine and chunk layout as the
+    first run, as non-reentrant checkpointing requires (it compares what both runs save)."""
+    remembered = variant.__dict__.get("_forward_settings")
+    if remembered is not None and _in_backward():
+        return remembered
+    settings = dataclasses.replace(current_settings())
+    variant.__dict__["_forward_settings"] = settings
+    return settings
+
+
+def attention(variant: AttentionVariant, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+              mask: KeyMask, scaling: float, dropout: float, weights_requested: bool = False,
+              ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Output [B, H, Lq, D] of the first engine that applies, and the weights where the plain path ran."""
+    with replaying_settings(call_settings(variant)), torch.autocast(query.device.type, enabled=False):
+        seed = draw_dropout_seed(query.device) if dropout > 0.0 else None
+        call = AttentionCall(query, key, value, mask, scaling, dropout, seed)
+        if weights_requested:
+            if current_settings().enabled and query.shape[2] * key.shape[2] >= current_settings().min_size:
+                say_once("attention weights were requested (output_attentions), which only the plain O(n^2) path "
+                         "returns")
+        else:
+            for _, engine in ENGINES:
+                result = engine(variant, call)
+                if isinstance(result, torch.Tensor):
+                    return result, None
+                if result is not None:
+                    say_once(result)
+        return plain_attention(variant, call)
