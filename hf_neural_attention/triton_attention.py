@@ -55,13 +55,18 @@ class KernelCall:
 
 # GPU tiles per score and head-size block (BLOCK_D), (forward, backward): per pass, the tiles with the fewest
 # lane-instructions per (query, key) pair in the cost model (scripts/check_triton_compile.py --cost; sm_90, bf16,
-# causal, dropout 0.1) among those compiled without spilling to local memory; the sweep is in
-# results/triton_compile/. Head sizes above 128 take the 128 entry (not in the compile matrix). Speed on a GPU is
-# unmeasured. The interpreter gets the smallest tiles tl.dot takes (16): it is slow per element.
-_EXPRESSIVE_TILES = {64: (Tiles(128, 64, 8), Tiles(32, 64, 8)), 128: (Tiles(128, 64, 8), Tiles(32, 64, 8))}
+# causal, dropout 0.1) among those compiled without spilling to local memory, then moved where padding masks, sm_80
+# or float16 spilled (forward 128x64/8 -> 128x32/8 at d_h 64 and 64x32/4 at 128 for padding; neural's backward
+# 32x64/8 -> 32x32/4 for sm_80, which capped it at 128 registers and spilled 1,920 B); results/triton_compile/cost.md.
+# Head sizes above 128 take the 128 entry (not in the compile matrix). Speed on a GPU is unmeasured. The interpreter
+# gets the smallest tiles tl.dot takes (16): it is slow per element.
+_EXPRESSIVE_TILES = {64: (Tiles(128, 32, 8), Tiles(32, 64, 8)), 128: (Tiles(64, 32, 4), Tiles(32, 64, 8))}
 GPU_TILES = {kernels.SCORE_RATIONAL: _EXPRESSIVE_TILES, kernels.SCORE_SQUARE: _EXPRESSIVE_TILES,
              kernels.SCORE_SOFTMAX_SQUARE: _EXPRESSIVE_TILES,
-             kernels.SCORE_NEURAL: {64: (Tiles(64, 32, 8), Tiles(32, 64, 8)), 128: (Tiles(64, 32, 8), Tiles(32, 32, 4))}}
+             kernels.SCORE_NEURAL: {64: (Tiles(64, 32, 8), Tiles(32, 32, 4)), 128: (Tiles(64, 32, 8), Tiles(32, 32, 4))}}
+# neural with combine="add" holds q, k and dQ's operands too: its backward spills less at 32x64/8 (0 B in bf16 at d_h
+# 64; 32 B at 32x32/4), where replace spilled on sm_80
+NEURAL_ADD_TILES = {64: (Tiles(64, 32, 8), Tiles(32, 64, 8)), 128: (Tiles(64, 32, 8), Tiles(32, 32, 4))}
 INTERPRETER_TILES = (Tiles(16, 16, 4), Tiles(16, 16, 4))
 
 
@@ -78,6 +83,12 @@ def tiles_for(table: dict[int, tuple[Tiles, Tiles]], head_dim: int) -> tuple[Til
 
 def _tiles(score: int, head_dim: int) -> tuple[Tiles, Tiles]:
     return INTERPRETER_TILES if kernels.interpreted() else tiles_for(GPU_TILES[score], head_dim)
+
+
+def _neural_tiles(add_dot: bool, head_dim: int) -> tuple[Tiles, Tiles]:
+    if add_dot and not kernels.interpreted():
+        return tiles_for(NEURAL_ADD_TILES, head_dim)
+    return _tiles(kernels.SCORE_NEURAL, head_dim)
 
 
 def _keep_bytes(mask: KeyMask) -> torch.Tensor | None:
@@ -111,7 +122,7 @@ def triton_attention_output(inputs: KernelInputs, value: torch.Tensor, mask: Key
     per_head = inputs.hidden_weight.shape[0] > 1
     slope = LEAKY_SLOPE if inputs.activation == "leaky_relu" else 0.0
     call = KernelCall(kernels.SCORE_NEURAL, inputs.add_dot, inputs.dot_scale, keep, mask.bias, causal, dropout,
-                      streams, per_head, *_tiles(kernels.SCORE_NEURAL, dim), slope=slope)
+                      streams, per_head, *_neural_tiles(inputs.add_dot, dim), slope=slope)
     return _FusedAttention.apply(call, inputs.query, inputs.key, value, inputs.query_part, inputs.key_part,
                                  inputs.hidden_weight, inputs.hidden_bias, inputs.out_weight.flatten(1),
                                  inputs.out_bias.flatten())

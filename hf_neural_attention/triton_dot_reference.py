@@ -29,7 +29,7 @@ REFERENCE_TILES: dict = {}  # filled below (Tiles lives in triton_attention, whi
 def _reference_tiles() -> dict:
     from .triton_attention import Tiles
 
-    return {64: (Tiles(128, 128, 8), Tiles(32, 64, 4)), 128: (Tiles(128, 32, 8), Tiles(32, 64, 8))}
+    return {64: (Tiles(128, 32, 8), Tiles(32, 64, 4)), 128: (Tiles(64, 32, 4), Tiles(32, 64, 8))}
 
 if triton is not None:
 

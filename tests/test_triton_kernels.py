@@ -391,7 +391,7 @@ def test_the_kernels_compile_for_an_h100(tmp_path):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     records = json.loads((tmp_path / "results.json").read_text())["records"]
     assert [r["kernel"] for r in records] == ["forward", "backward"]
-    assert [r["num_warps"] for r in records] == [8, 8]  # the GPU tiles, not the interpreter's
+    assert [r["num_warps"] for r in records] == [8, 4]  # the GPU tiles (64x32/8, 32x32/4), not the interpreter's
     assert all(r["spilled"] == 0 for r in records), records
 
 
