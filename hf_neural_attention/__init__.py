@@ -4,7 +4,8 @@
     model = hfna.convert(model, "cdape", kernel_size=3)
 
 Importing the package registers the variants "dot", "expressive", "neural" and "cdape" with Transformers'
-AttentionInterface and AttentionMaskInterface, and the Variant* config and model classes with the Auto classes.
+AttentionInterface and AttentionMaskInterface, and the Variant* config and model classes with the Auto classes
+(auto_registration.py says which architectures the Auto classes then find).
 """
 
 from .attention_interface import register_variants, variant_attention_forward
@@ -29,12 +30,13 @@ from .modeling_variants import (
 )
 from .configuration_variants import VariantConfigMixin, variant_config_class
 from . import auto_registration
+from .auto_registration import find_every_architecture, register_architecture
 from .conversion import convert, revert
 from .neural import NeuralAttention
 
 __version__ = "0.1.0"
 
-auto_registration.install()  # AutoConfig / AutoModel* find Variant<Stock> classes for every architecture
+auto_registration.install()  # AutoConfig / AutoModel* find the Variant<Stock> classes (public register)
 
 __all__ = [
     "FAST_PATHS",
@@ -65,7 +67,9 @@ __all__ = [
     "revert",
     "fast_paths",
     "find_attention_modules",
+    "find_every_architecture",
     "parse_layer_spec",
+    "register_architecture",
     "register_variants",
     "variant_attention_forward",
     "variant_config_class",

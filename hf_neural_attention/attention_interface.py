@@ -4,8 +4,6 @@ function with AttentionMaskInterface) under the variant's name.
 Importing this file registers "dot", "expressive", "neural" and "cdape". The function resolves the module's variant,
 prepares the inputs once (autocast dtype, GQA, scaling, the mask) and hands them to dispatch.py, which picks the
 engine.
-
-Part of the flat folder saved checkpoints copy for `trust_remote_code`: imports only torch, transformers and siblings.
 """
 
 from __future__ import annotations
@@ -33,23 +31,16 @@ UNSUPPORTED_KWARGS = ("softcap", "position_bias", "s_aux", "sinks")
 _PARAMETER_FREE = {name: cls(0, 0) for name, cls in VARIANT_CLASSES.items() if not cls.has_parameters}
 
 
-def repeat_kv(hidden_states: torch.Tensor, n_rep: int) -> torch.Tensor:
-    """[B, H_kv, L, D] -> [B, H_kv * n_rep, L, D], each kv head repeated for its group of query heads."""
-    if n_rep == 1:
-        return hidden_states
-    batch, num_kv_heads, length, head_dim = hidden_states.shape
-    hidden_states = hidden_states[:, :, None].expand(batch, num_kv_heads, n_rep, length, head_dim)
-    return hidden_states.reshape(batch, num_kv_heads * n_rep, length, head_dim)
-
-
 def attention_weights_requested(kwargs: dict) -> bool:
     """Whether the caller wants the attention weights: an `output_attentions` argument, or Transformers' output
     recorder collecting attentions for this forward (how `model(..., output_attentions=True)` works in 5.x)."""
-    if kwargs.get("output_attentions"):
-        return True
-    collector = _output_collector()
+    return bool(kwargs.get("output_attentions")) or _recorder_collects_attentions()
+
+
+@torch.compiler.assume_constant_result  # read when a compiled graph is traced: Dynamo cannot trace a ContextVar
+def _recorder_collects_attentions() -> bool:
     try:
-        collected = collector.get()
+        collected = _output_collector().get()
     except LookupError:
         return False
     return bool(collected) and any(str(name).endswith("attentions") for name in collected)
@@ -145,8 +136,6 @@ def variant_attention_forward(
     num_heads, head_dim = query.shape[1], query.shape[3]
     if num_heads % key.shape[1] != 0:
         raise ValueError(f"{num_heads} query heads cannot be grouped over {key.shape[1]} key/value heads")
-    key = repeat_kv(key, num_heads // key.shape[1])  # [B, H, Lk, D]
-    value = repeat_kv(value, num_heads // value.shape[1])
     mask = call_mask(module, attention_mask, query.shape[2], key.shape[2], query.device, kwargs)
     output, weights = dispatch_attention(
         variant, query, key, value, mask, head_dim**-0.5 if scaling is None else scaling,

@@ -1,33 +1,64 @@
-"""Lets Transformers' Auto classes find the variant class of every architecture, built on first use.
+"""How Transformers' Auto classes find the variant classes: through their public `register(..., exist_ok=True)`.
 
-`AutoConfig.register` and `AutoModel*.register` take one class at a time, and building a variant class for each of the
-~450 architectures at import would import them all. Instead each Auto mapping's table of registered extras (its
-`_extra_content` dict) is swapped for `VariantEntries`, a dict that also answers for keys it has not seen: the model
-type "variant_qwen2" (AutoConfig) or the config class `VariantQwen2Config` (Auto model classes), building the variant
-class from the stock entry on first lookup. Stock keys are answered as before.
+With the package imported,
+- AutoConfig knows the named variant configs (model types variant_gpt2, variant_llama, variant_vit) from import on,
+  and every architecture that `convert` or `register_architecture` has seen;
+- creating a variant config registers the variant class of every head of its architecture with the Auto class that
+  serves it (modeling_variants.register_heads), so `AutoModel*.from_pretrained` and `from_config` build them.
+
+A checkpoint of another architecture (say variant_qwen2) in a fresh process therefore needs one of:
+`hf_neural_attention.register_architecture("qwen2")` first; `trust_remote_code=True` (the checkpoint's own code); or
+the opt-in `find_every_architecture()`. Registering a variant config for each of Transformers' model types at import
+would import every configuration module (seconds, on every import), and AutoConfig has no public hook that answers
+for keys it was not given, so that opt-in swaps AutoConfig's private table of registered extras
+(`CONFIG_MAPPING._extra_content`) for a dict that builds the entry on lookup. It refuses with a clear error where that
+table has changed, and tests/test_auto_registration.py checks the Transformers internals it relies on.
 
 Installed-package API: a checkpoint's own code is reached through its auto_map instead and does not need this.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any
 
-from transformers.models.auto import configuration_auto, modeling_auto
+import transformers
+from transformers import AutoConfig
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
-from .configuration_variants import VariantConfigMixin, variant_config_class
-from .modeling_variants import variant_model_class
+from .configuration_variants import (CREATED_HOOKS, VariantConfigMixin, VariantGPT2Config, VariantLlamaConfig,
+                                     VariantViTConfig, variant_config_class)
+from .modeling_variants import register_heads
 
 PREFIX = "variant_"
+NAMED = (VariantGPT2Config, VariantLlamaConfig, VariantViTConfig)
 
 
-class VariantEntries(dict):
-    """A mapping's registered extras, plus the variant entries that `build(key)` derives on first lookup (None: no
-    variant entry for this key)."""
+def register_config(config_class: type[VariantConfigMixin]) -> None:
+    AutoConfig.register(config_class.model_type, config_class, exist_ok=True)
 
-    def __init__(self, registered: dict, build: Callable[[Any], Any]) -> None:
-        super().__init__(registered)
-        self.build = build
+
+def register_architecture(stock: str | type) -> type:
+    """Lets the Auto classes load variant checkpoints of one architecture, named by its stock model type ("qwen2") or
+    config class: registers Variant<Config> with AutoConfig and every variant head with its Auto class. Returns the
+    variant config class."""
+    stock_config = CONFIG_MAPPING[stock] if isinstance(stock, str) else stock
+    config_class = variant_config_class(stock_config)
+    register_config(config_class)
+    register_heads(config_class)
+    return config_class
+
+
+def install() -> None:
+    """What importing the package does (public API only): the named configs, and the heads of every variant config
+    once it is created."""
+    for config_class in NAMED:
+        register_config(config_class)
+    if register_heads not in CREATED_HOOKS:
+        CREATED_HOOKS.append(register_heads)
+
+
+class VariantConfigEntries(dict):
+    """AutoConfig's registered extras, plus "variant_<stock model type>" entries built and registered on lookup."""
 
     def __contains__(self, key: object) -> bool:
         return dict.__contains__(self, key) or self._derive(key) is not None
@@ -38,49 +69,22 @@ class VariantEntries(dict):
             raise KeyError(key)
         return value
 
-    def _derive(self, key: Any) -> Any:
-        try:
-            value = self.build(key)
-        except KeyError:
+    def _derive(self, key: Any) -> type | None:
+        if not (isinstance(key, str) and key.startswith(PREFIX) and key[len(PREFIX):] in CONFIG_MAPPING):
             return None
-        if value is not None:
-            self[key] = value
-        return value
+        config_class = variant_config_class(CONFIG_MAPPING[key[len(PREFIX):]])
+        self[key] = config_class
+        return config_class
 
 
-def _variant_config_for(model_type: Any) -> type | None:
-    """AutoConfig's entry for "variant_<stock model type>"."""
-    if not isinstance(model_type, str) or not model_type.startswith(PREFIX):
-        return None
-    stock_type = model_type[len(PREFIX):]
-    if stock_type not in configuration_auto.CONFIG_MAPPING:
-        return None
-    return variant_config_class(configuration_auto.CONFIG_MAPPING[stock_type])
-
-
-def _variant_models_for(mapping) -> Callable[[Any], Any]:
-    """An Auto model mapping's entry for a variant config class: the variant of the stock class it maps to."""
-
-    def build(config_class: Any) -> Any:
-        if not (isinstance(config_class, type) and issubclass(config_class, VariantConfigMixin)):
-            return None
-        stock_config = config_class.stock_config_class
-        if stock_config not in mapping:
-            return None
-        stock = mapping[stock_config]
-        if isinstance(stock, (list, tuple)):
-            return type(stock)(variant_model_class(cls) for cls in stock)
-        return variant_model_class(stock)
-
-    return build
-
-
-def install() -> None:
-    """Swaps the extras of AutoConfig's mapping and of every Auto model mapping for VariantEntries (idempotent)."""
-    config_mapping = configuration_auto.CONFIG_MAPPING
-    if not isinstance(config_mapping._extra_content, VariantEntries):
-        config_mapping._extra_content = VariantEntries(config_mapping._extra_content, _variant_config_for)
-    for auto_class in modeling_auto.__dict__.values():
-        mapping = getattr(auto_class, "_model_mapping", None) if isinstance(auto_class, type) else None
-        if mapping is not None and not isinstance(mapping._extra_content, VariantEntries):
-            mapping._extra_content = VariantEntries(mapping._extra_content, _variant_models_for(mapping))
+def find_every_architecture() -> None:
+    """Opt-in: AutoConfig (and through it every Auto class) finds the variant config of any architecture by its model
+    type, without naming the architecture first. Relies on a private Transformers table (see the module docstring)."""
+    extras = getattr(CONFIG_MAPPING, "_extra_content", None)
+    if not isinstance(extras, dict):
+        raise RuntimeError(
+            f"find_every_architecture relies on AutoConfig's CONFIG_MAPPING._extra_content being a dict, which "
+            f"Transformers {transformers.__version__} changed. Call hf_neural_attention.register_architecture("
+            "'<model type>') for the architectures you load, or load with trust_remote_code=True.")
+    if not isinstance(extras, VariantConfigEntries):
+        CONFIG_MAPPING._extra_content = VariantConfigEntries(extras)

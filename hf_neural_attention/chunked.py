@@ -5,13 +5,12 @@ only the inputs and one or two numbers per query row are kept for backward, wher
 recomputed (FlashAttention's scheme), with the score rule differentiated by autograd chunk by chunk unless the variant
 writes its derivative out (`AttentionVariant.score_vjp`). Keys that every row of a chunk masks (the future of a causal
 chunk) are skipped, and mask operations touch only the columns where some row of the chunk is masked.
-
-Part of the flat folder saved checkpoints copy for `trust_remote_code`: imports only torch and its siblings.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+import re
+from typing import Any, Optional
 
 import torch
 
@@ -19,9 +18,8 @@ from .dropout_mask import dropout_scale, dropout_streams
 from .masks import Chunk, KeyMask, make_chunks
 from .normalisation import compute_dtype, normalisation_backward_, normalise
 from .runtime import current_settings
+from .variant import LIVE_VARIANTS, AttentionVariant
 
-if TYPE_CHECKING:
-    from .variant import AttentionVariant
 
 
 def chunk_rows(batch: int, heads: int, k_len: int, q_len: int, device: torch.device) -> int:
@@ -95,27 +93,6 @@ def _accumulate_shared(total: torch.Tensor | None, grad: torch.Tensor, like: tor
     return total.add_(grad)
 
 
-class _RowChunkedAttention(torch.autograd.Function):
-    """output = normalise(score(rows, shared)) @ value, in query-row chunks, recomputing each chunk in backward."""
-
-    @staticmethod
-    def forward(ctx, plan: ChunkPlan, value: torch.Tensor, *inputs: torch.Tensor) -> torch.Tensor:
-        # Autocast off inside: the forward and the backward recompute must run the same ops in the same dtypes.
-        with torch.autocast(device_type=value.device.type, enabled=False):
-            output, stats = _forward_chunks(plan, value, inputs)
-        ctx.plan = plan
-        ctx.num_stats = len(stats)
-        ctx.save_for_backward(value, *stats, *inputs)
-        return output
-
-    @staticmethod
-    def backward(ctx, grad_output: torch.Tensor):
-        value, *rest = ctx.saved_tensors
-        stats, inputs = rest[: ctx.num_stats], rest[ctx.num_stats :]
-        with torch.autocast(device_type=value.device.type, enabled=False):
-            return (None, *_backward_chunks(ctx.plan, value, stats, inputs, ctx.needs_input_grad, grad_output))
-
-
 def _forward_chunks(plan: ChunkPlan, value: torch.Tensor, inputs: tuple[torch.Tensor, ...]):
     """output [B, H, Lq, D] in value's dtype, and the per-row statistics of the normalisation (float32 or float64)."""
     row_inputs, shared = inputs[: plan.num_row_inputs], list(inputs[plan.num_row_inputs :])
@@ -181,6 +158,100 @@ def _backward_chunks(plan: ChunkPlan, value, stats, inputs, needs_input_grad, gr
     return tuple(None if grad is None else grad.to(tensor.dtype) for tensor, grad in inputs_and_grads)
 
 
+# ---- the engine as a custom op: torch.compile keeps it in the model's graph (one opaque node per layer) ------------
+
+# The op's namespace follows this module's name: a checkpoint's copy of this folder (trust_remote_code) registers its
+# own ops beside the installed package's.
+_NAMESPACE = "hfna_" + re.sub(r"\W", "_", __name__)
+
+
+def _plan(variant_key: int, value: torch.Tensor, inputs: list, keep, bias, seed, num_rows: int, scaling: float,
+          dropout: float, causal: bool, pure_causal: bool, rows_per_chunk: int) -> ChunkPlan:
+    variant = LIVE_VARIANTS[variant_key]
+    batch, heads, k_len = value.shape[0], value.shape[1], value.shape[2]
+    q_len = inputs[0].shape[2]
+    mask = KeyMask.causal_pattern(q_len, k_len, value.device) if pure_causal else KeyMask(keep, bias, causal)
+    streams = dropout_streams(seed, batch, heads) if dropout > 0.0 else None
+    return ChunkPlan(variant, scaling, mask, make_chunks(mask, q_len, k_len, rows_per_chunk), num_rows,
+                     dropout=dropout, streams=streams)
+
+
+def _present(inputs: list[torch.Tensor], missing: list[bool]) -> tuple:
+    """The engine's inputs with None where the caller had None (a custom op's tensor list holds no None)."""
+    return tuple(None if absent else tensor for tensor, absent in zip(inputs, missing))
+
+
+@torch.library.custom_op(f"{_NAMESPACE}::chunked_forward", mutates_args=())
+def _chunked_forward(value: torch.Tensor, inputs: list[torch.Tensor], missing: list[bool],
+                     keep: Optional[torch.Tensor], bias: Optional[torch.Tensor], seed: Optional[torch.Tensor],
+                     variant_key: int, num_rows: int, scaling: float, dropout: float, causal: bool, pure_causal: bool,
+                     rows_per_chunk: int) -> list[torch.Tensor]:
+    """[output [B, H, Lq, D], *row statistics [B, H, Lq, 1]] of the variant's rule in query-row chunks."""
+    plan = _plan(variant_key, value, inputs, keep, bias, seed, num_rows, scaling, dropout, causal, pure_causal,
+                 rows_per_chunk)
+    # Autocast off inside: the forward and the backward recompute must run the same ops in the same dtypes.
+    with torch.autocast(device_type=value.device.type, enabled=False):
+        output, stats = _forward_chunks(plan, value, _present(inputs, missing))
+    return [output, *stats]
+
+
+@_chunked_forward.register_fake
+def _(value, inputs, missing, keep, bias, seed, variant_key, *settings):
+    q_len, work = inputs[0].shape[2], compute_dtype(inputs[0].dtype)
+    stats = 2 if LIVE_VARIANTS[variant_key].normalisation == "softmax" else 1
+    return [value.new_empty(*value.shape[:2], q_len, value.shape[-1]),
+            *(value.new_empty(*value.shape[:2], q_len, 1, dtype=work) for _ in range(stats))]
+
+
+def _autograd_inside_op():
+    """Autograd back on inside a custom op's implementation, which PyTorch runs with autograd excluded: the
+    backward recomputes each chunk's scores and differentiates the score rule with torch.autograd (PyTorch's private
+    dispatch-key guard; the same one its own operators use)."""
+    exclude = torch._C._dispatch_tls_local_exclude_set().remove(torch._C.DispatchKey.AutogradFunctionality)
+    return torch._C._ForceDispatchKeyGuard(torch._C._dispatch_tls_local_include_set(), exclude)
+
+
+@torch.library.custom_op(f"{_NAMESPACE}::chunked_backward", mutates_args=())
+def _chunked_backward(grad_output: torch.Tensor, value: torch.Tensor, stats: list[torch.Tensor],
+                      inputs: list[torch.Tensor], missing: list[bool], needs: list[bool],
+                      keep: Optional[torch.Tensor], bias: Optional[torch.Tensor], seed: Optional[torch.Tensor],
+                      variant_key: int, num_rows: int, scaling: float, dropout: float, causal: bool,
+                      pure_causal: bool, rows_per_chunk: int) -> list[torch.Tensor]:
+    """Gradients of value and of each input where `needs` says so (an empty tensor elsewhere)."""
+    plan = _plan(variant_key, value, inputs, keep, bias, seed, num_rows, scaling, dropout, causal, pure_causal,
+                 rows_per_chunk)
+    with _autograd_inside_op(), torch.autocast(device_type=value.device.type, enabled=False):
+        grads = _backward_chunks(plan, value, stats, _present(inputs, missing), (False, *needs), grad_output)
+    return [value.new_empty(0) if grad is None else grad for grad in grads]
+
+
+@_chunked_backward.register_fake
+def _(grad_output, value, stats, inputs, missing, needs, *settings):
+    # contiguous, as the engine's accumulators are (an input may be a strided view)
+    return [t.new_empty(t.shape) if need else value.new_empty(0) for t, need in zip((value, *inputs), needs)]
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    value, tensors, missing, keep, bias, seed, *settings = inputs
+    ctx.settings, ctx.missing, ctx.num_stats = settings, missing, len(output) - 1
+    ctx.save_for_backward(value, keep, bias, seed, *output[1:], *tensors)
+
+
+def _backward(ctx, grads: list[torch.Tensor]):
+    value, keep, bias, seed, *rest = ctx.saved_tensors
+    stats, tensors = rest[: ctx.num_stats], rest[ctx.num_stats :]
+    needs_value, needs_inputs = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+
+    needs = [needs_value, *(need and not absent for need, absent in zip(needs_inputs, ctx.missing))]
+    result = _chunked_backward(grads[0], value, list(stats), list(tensors), ctx.missing, needs, keep, bias, seed,
+                               *ctx.settings)
+    result = [grad if need else None for grad, need in zip(result, needs)]
+    return (result[0], result[1:], None, None, None, None, *(None for _ in ctx.settings))
+
+
+_chunked_forward.register_autograd(_backward, setup_context=_setup_context)
+
+
 def chunked_attention(
     variant: AttentionVariant, value: torch.Tensor, row_inputs: list[torch.Tensor], shared_inputs: list[Any],
     mask: KeyMask, scaling: float, dropout: float = 0.0, seed: torch.Tensor | None = None,
@@ -193,13 +264,16 @@ def chunked_attention(
     """
     if not row_inputs:
         raise ValueError("chunked_attention needs at least one row input (indexed by query along dim 2)")
+    if dropout > 0.0 and seed is None:
+        raise ValueError("chunked_attention with dropout needs the call's dropout seed")
     batch, heads, k_len = value.shape[0], value.shape[1], value.shape[2]
     q_len = row_inputs[0].shape[2]
-    chunks = make_chunks(mask, q_len, k_len, chunk_rows(batch, heads, k_len, q_len, value.device))
-    streams = None
-    if dropout > 0.0:
-        if seed is None:
-            raise ValueError("chunked_attention with dropout needs the call's dropout seed")
-        streams = dropout_streams(seed, batch, heads)
-    plan = ChunkPlan(variant, scaling, mask, chunks, len(row_inputs), dropout=dropout, streams=streams)
-    return _RowChunkedAttention.apply(plan, value, *row_inputs, *shared_inputs)
+    inputs = [*row_inputs, *shared_inputs]
+    missing = [tensor is None for tensor in inputs]
+    placeholder = value.new_empty(0)
+    outputs = _chunked_forward(
+        value, [placeholder if absent else tensor for tensor, absent in zip(inputs, missing)], missing,
+        None if mask.pure_causal else mask.keep, mask.bias, seed if dropout > 0.0 else None, id(variant),
+        len(row_inputs), float(scaling), float(dropout), bool(mask.causal), mask.pure_causal,
+        chunk_rows(batch, heads, k_len, q_len, value.device))
+    return outputs[0]

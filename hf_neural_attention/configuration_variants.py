@@ -36,10 +36,21 @@ VARIANT_FIELDS: dict[str, tuple[Any, Any]] = {
 }
 
 
+# Called as hook(config_class) whenever a variant config is created. The installed package registers the variant model
+# classes of the config's architecture with the Auto classes here (auto_registration.py), so that AutoModel*.from_config
+# and from_pretrained build them; a checkpoint's own copy of this file runs without it (trust_remote_code does that).
+CREATED_HOOKS: list = []
+
+
 class VariantConfigMixin:
     """Behaviour shared by every variant config; `stock_config_class` is the config it extends."""
 
     stock_config_class: type[PretrainedConfig]
+
+    def __post_init__(self, **kwargs: Any) -> None:
+        super().__post_init__(**kwargs)
+        for hook in CREATED_HOOKS:
+            hook(type(self))
 
     def validate_attention_variant(self) -> None:  # run by @strict at creation: clear errors for bad fields
         validate_variant_options(self.attention_variant, self.attention_variant_options)

@@ -5,12 +5,14 @@ Installed-package API (a checkpoint's code does not need it): the model classes 
 
 from __future__ import annotations
 
+import copy
 import logging
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 from torch import nn
-from transformers import PreTrainedModel
+from transformers import PretrainedConfig, PreTrainedModel
 
+from .auto_registration import register_architecture
 from .configuration_variants import VariantConfigMixin
 from .injection import FALLBACK_ATTRIBUTE, HOOK_ATTRIBUTE, VARIANT_ATTRIBUTE, apply_variant, find_attention_modules
 from .modeling_variants import AttentionVariantMixin, is_transformers_class, variant_model_class
@@ -37,22 +39,50 @@ def convert(model: nn.Module, variant: str, layers: None | str | Iterable[int] =
     instance of its Variant<Stock> class (its config of Variant<StockConfig>), so it saves as a variant checkpoint
     that `AutoModel*.from_pretrained` restores (with `trust_remote_code=True` where this package is not installed).
     A PreTrainedModel that is not a Transformers class converts in memory but cannot be saved as a checkpoint.
+    The model gets its own copy of its config: other models built from the same config object stay as they were.
     """
     variant_class = _variant_class_for(model)
     base = getattr(getattr(model, "config", None), "_attn_implementation", None)
-    targets = apply_variant(model, variant, layers, **options)
+    share_again = _use_own_config(model)
+    try:
+        targets = apply_variant(model, variant, layers, **options)
+    except Exception:
+        share_again()  # a failed convert leaves the model as it was
+        raise
     setattr(model, BASE_ATTRIBUTE, base if base in ("eager", "sdpa") else "sdpa")
     if getattr(model.config, "name_or_path", None):
         model.config.retrofitted_from = model.config.name_or_path
     if variant_class is not None:
         model.config.__class__ = variant_class.config_class  # same fields plus the variant ones
         model.__class__ = variant_class
+        register_architecture(variant_class.config_class.stock_config_class)  # its checkpoints load through Auto*
     model.config.attention_variant_layers = targets
     if hasattr(model, "set_attn_implementation"):
         model.set_attn_implementation(variant)
     else:
         model.config._attn_implementation = variant
     return model
+
+
+def _use_own_config(model: nn.Module) -> Callable[[], None]:
+    """Points the model and every submodule holding its config (or one of its sub-configs) at one deep copy, so the
+    class and fields convert changes are not seen by other models built from the same config object. Returns what
+    points them back at the shared objects."""
+    config = getattr(model, "config", None)
+    if not isinstance(config, PretrainedConfig):
+        return lambda: None
+    copies: dict[int, Any] = {}  # id(original) -> its copy, for the config and every object inside it
+    copy.deepcopy(config, copies)
+    replaced = [(module, name, value) for module in model.modules() for name, value in vars(module).items()
+                if isinstance(value, PretrainedConfig) and id(value) in copies]
+    for module, name, value in replaced:
+        setattr(module, name, copies[id(value)])
+
+    def share_again() -> None:
+        for module, name, value in replaced:
+            setattr(module, name, value)
+
+    return share_again
 
 
 def _variant_class_for(model: nn.Module) -> type | None:

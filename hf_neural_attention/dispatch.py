@@ -11,9 +11,6 @@ changes speed and memory, never the numbers. An engine that does not apply says 
 attention (a GPU call leaving the kernels, a dtype the fast paths refuse, weights requested on a long sequence) are
 logged once each. Autocast is off inside: the attention function has already cast q, k, v to the autocast dtype,
 and each engine states the dtypes it computes in.
-
-Part of the flat folder saved checkpoints copy for `trust_remote_code`: imports only torch, triton (optional) and
-its siblings.
 """
 
 from __future__ import annotations
@@ -125,6 +122,8 @@ def call_settings(variant: AttentionVariant) -> FastPathSettings:
     """The settings a call runs under: those in effect, remembered on the variant; during backward, those of the
     layer's last forward, so a recompute (activation checkpointing) takes the same engine and chunk layout as the
     first run, as non-reentrant checkpointing requires (it compares what both runs save)."""
+    if torch.compiler.is_compiling() or not torch.is_grad_enabled():  # traced once / nothing to recompute
+        return current_settings()
     remembered = variant.__dict__.get("_forward_settings")
     if remembered is not None and _in_backward():
         return remembered
@@ -133,10 +132,37 @@ def call_settings(variant: AttentionVariant) -> FastPathSettings:
     return settings
 
 
+def repeat_kv(hidden_states: torch.Tensor, n_rep: int) -> torch.Tensor:
+    """[B, H_kv, L, D] -> [B, H_kv * n_rep, L, D], each kv head repeated for its group of query heads."""
+    if n_rep == 1:
+        return hidden_states
+    batch, num_kv_heads, length, head_dim = hidden_states.shape
+    hidden_states = hidden_states[:, :, None].expand(batch, num_kv_heads, n_rep, length, head_dim)
+    return hidden_states.reshape(batch, num_kv_heads * n_rep, length, head_dim)
+
+
+def groups_fold_into_rows(variant: AttentionVariant, query: torch.Tensor, key: torch.Tensor, mask: KeyMask,
+                          dropout: float, weights_requested: bool) -> bool:
+    """Whether a grouped-query call can run with each kv head's query heads as rows of one map: a one-query step
+    (decoding) whose rule treats heads alike, whose mask is shared by the heads, without dropout (keyed by head) and
+    without weights to return. Then the key/value cache is read as it is instead of copied once per query head."""
+    shared_by_heads = all(t is None or t.shape[1] == 1 for t in (mask.keep, mask.bias))
+    return (query.shape[1] != key.shape[1] and query.shape[2] == 1 and variant.heads_share_rule and shared_by_heads
+            and dropout == 0.0 and not weights_requested)
+
+
 def attention(variant: AttentionVariant, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
               mask: KeyMask, scaling: float, dropout: float, weights_requested: bool = False,
               ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Output [B, H, Lq, D] of the first engine that applies, and the weights where the plain path ran."""
+    """Output [B, H, Lq, D] of the first engine that applies, and the weights where the plain path ran. key and
+    value may have fewer heads than the query (grouped-query attention): [B, H_kv, Lk, D]."""
+    groups = query.shape[1] // key.shape[1]
+    if groups_fold_into_rows(variant, query, key, mask, dropout, weights_requested):
+        batch, heads, _, dim = query.shape
+        folded = query.reshape(batch, key.shape[1], groups, dim)  # [B, H_kv, group, D]: query heads as rows
+        output, _ = attention(variant, folded, key, value, mask, scaling, 0.0)
+        return output.reshape(batch, heads, 1, dim), None
+    key, value = repeat_kv(key, groups), repeat_kv(value, groups)  # [B, H, Lk, D]
     with replaying_settings(call_settings(variant)), torch.autocast(query.device.type, enabled=False):
         seed = draw_dropout_seed(query.device) if dropout > 0.0 else None
         call = AttentionCall(query, key, value, mask, scaling, dropout, seed)

@@ -11,8 +11,6 @@ through a counter-based integer hash, so the plain path, the chunked engine (any
 
 Kept weights are scaled by 1 / (1 - p), as nn.functional.dropout does. Here the hash runs on int32 tensors whose
 multiplication wraps like uint32 (the shifts are made logical by masking); the kernels compute it on uint32.
-
-Part of the flat folder saved checkpoints copy for `trust_remote_code`: imports only torch.
 """
 
 from __future__ import annotations

@@ -1,7 +1,5 @@
 """FlexAttention for inference: compiled `flex_attention` with a variant's score_mod, for the variants that state
 one (dot, expressive) when no gradient is needed (FAST_PATHS.flex_inference).
-
-Part of the flat folder saved checkpoints copy for `trust_remote_code`: imports only torch and its siblings.
 """
 
 from __future__ import annotations
@@ -28,12 +26,14 @@ def _compiled_flex_attention():
 
 def _flex_block_mask(keep: torch.Tensor, q_len: int, k_len: int):
     """FlexAttention block mask of a boolean keep pattern. The bottom-right aligned causal pattern gets an index rule
-    (cheap to build); any other pattern is read from the tensor. The last mask is cached by identity, since a model
+    (cheap to build); any other pattern is read from the tensor. The last mask is cached by identity and version, since a model
     hands the same mask tensor to every layer."""
     from torch.nn.attention.flex_attention import create_block_mask
 
     cached = _FLEX_CACHE.get("block_mask")
-    if cached is not None and cached[0] is keep and cached[1] == (q_len, k_len):
+    # keyed by the tensor and its version counter: an in-place edit of a reused mask buffer makes a new block mask
+    key = (q_len, k_len, keep._version)
+    if cached is not None and cached[0] is keep and cached[1] == key:
         return cached[2]
     offset = k_len - q_len
     if bool((keep == causal_keep(q_len, k_len, keep.device)).all()):
@@ -53,7 +53,7 @@ def _flex_block_mask(keep: torch.Tensor, q_len: int, k_len: int):
             mask_mod, batch if batch > 1 else None, heads if heads > 1 else None, q_len, k_len, device=keep.device,
             _compile=True,
         )
-    _FLEX_CACHE["block_mask"] = (keep, (q_len, k_len), block_mask)
+    _FLEX_CACHE["block_mask"] = (keep, key, block_mask)
     return block_mask
 
 

@@ -12,7 +12,7 @@ from typing import Any
 
 from huggingface_hub import ModelCard, ModelCardData
 
-from .modeling_variants import SAVE_HOOKS
+from .modeling_variants import SAVE_HOOKS, primary_auto_class
 
 TEMPLATE_PATH = Path(__file__).with_name("model_card_template.md")
 
@@ -53,7 +53,7 @@ def build_model_card(
     config = model.config
     variant = config.attention_variant
     title, arxiv_id, paper, summary = PAPERS[variant]
-    auto_class = getattr(type(model), "_auto_class", None) or "AutoModel"
+    auto_class = primary_auto_class(type(model))
     base_model = getattr(config, "retrofitted_from", None)
     card_data = ModelCardData(
         library_name="transformers",

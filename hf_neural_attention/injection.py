@@ -4,8 +4,6 @@ An attention module is one whose forward dispatches through Transformers' Attent
 global `ALL_ATTENTION_FUNCTIONS` and that global is Transformers' own interface object (read from the compiled code
 object and its globals, so it works without source files). A class can also say so itself with a boolean class
 attribute `calls_attention_interface`.
-
-Part of the flat folder saved checkpoints copy for `trust_remote_code`: imports only torch, transformers and siblings.
 """
 
 from __future__ import annotations
@@ -17,7 +15,7 @@ from typing import Any, Iterable
 from torch import nn
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from .registry import build_variant, variant_class
+from .registry import variant_class
 
 logger = logging.getLogger(__name__)
 
@@ -147,7 +145,7 @@ def apply_variant(
     Keeps every existing weight. Returns the targeted layer indices. Does not switch the attention implementation.
     """
     cls = variant_class(variant)
-    cls.check_options(options)
+    checked = cls.check_options(options)  # once for the model; the modules below are built from the checked options
     modules = find_attention_modules(model)
     if not modules:
         raise ValueError(
@@ -165,7 +163,7 @@ def apply_variant(
     for index in targets:
         module = modules[index][1]
         num_heads, head_dim = attention_geometry(module, config)
-        variant_module = build_variant(variant, num_heads, head_dim, **options)
+        variant_module = cls.from_checked_options(num_heads, head_dim, checked)
         reference = next((p for p in module.parameters() if p.is_floating_point()), None)
         if reference is not None:
             variant_module.to(device=reference.device, dtype=reference.dtype)

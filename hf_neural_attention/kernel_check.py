@@ -5,8 +5,6 @@ on a GPU). On a mismatch it warns once and the chunked engine computes that case
 
 `FAST_PATHS.kernel_self_check`: "cuda" (default: on CUDA tensors), "always" (also under Triton's interpreter, for
 tests) or "never". `hfna-selftest` runs the full comparison and a speed run and prints a report.
-
-Part of the flat folder saved checkpoints copy for `trust_remote_code`: imports only torch and its siblings.
 """
 
 from __future__ import annotations

@@ -1,8 +1,6 @@
 """What the fused kernels need from a variant, by name: a variant's `kernel_inputs(...)` returns one of these (or
 None where its kernels do not cover its options), and the kernel glue (triton_attention.py) reads only these fields,
 never a variant's options or the layout of its `prepare`.
-
-Part of the flat folder saved checkpoints copy for `trust_remote_code`: imports only torch.
 """
 
 from __future__ import annotations

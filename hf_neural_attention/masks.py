@@ -1,7 +1,5 @@
 """Masks as the variants see them: the mask Transformers hands an attention function, split into a boolean keep
 pattern and an additive bias; query/key slots for relative positions; and the row chunks of a score map.
-
-Part of the flat folder saved checkpoints copy for `trust_remote_code`: imports only torch and its siblings.
 """
 
 from __future__ import annotations

@@ -1,25 +1,27 @@
 """Model classes that apply an attention variant from their config, for every Transformers architecture and head.
 
 `variant_model_class(Qwen2ForSequenceClassification)` builds `VariantQwen2ForSequenceClassification` on first use: the
-stock class with `AttentionVariantMixin` first in its bases, which (1) injects the variant's parameters after the
-stock `__init__`, (2) initialises exactly those parameters when a stock checkpoint is loaded, (3) refuses checkpoints
-that do not fit, and (4) writes a model card next to every save. No architecture needs a hand-written class; GPT-2,
-Llama and ViT keep named ones for imports. `save_pretrained` copies this flat folder's code into the checkpoint and
-writes an `auto_map` entry for every Auto class that serves the architecture (AutoModel included), and the
+stock class with `AttentionVariantMixin` first in its bases, which injects the variant's parameters after the stock
+`__init__`, loads checkpoints by the rules of loading.py and saves variant checkpoints. No architecture needs a
+hand-written class; GPT-2, Llama and ViT keep named ones for imports. `save_pretrained` copies this flat folder's code
+into the checkpoint and writes an `auto_map` entry for every Auto class that serves the architecture, and the
 module-level `__getattr__` rebuilds any `Variant<Stock>` from its name, so the checkpoint loads with
-`trust_remote_code=True` where this package is not installed.
+`trust_remote_code=True` where this package is not installed. The shipped files (this one and every sibling it imports
+as `from .x import ...`) import only torch, transformers, huggingface_hub, triton (optional) and each other
+(tests/test_shipped_code.py imports each where the package is blocked).
+
+Transformers keeps no public list of the Auto classes that serve a config class: `stock_classes_by_auto_class` reads
+each Auto class's `_model_mapping`, the one private attribute the package reads, never at import
+(tests/test_auto_registration.py fails with a clear message if Transformers changes it).
 """
 
 from __future__ import annotations
 
-import logging
 import os
 import tempfile
 from typing import Any
 
-import torch
 import transformers
-from torch import nn
 from transformers import (
     GPT2LMHeadModel,
     GPT2Model,
@@ -34,68 +36,17 @@ from transformers.models.auto import modeling_auto
 
 from .configuration_variants import share_weight_renaming, stock_class_named, variant_config_class
 from .attention_interface import register_variants  # noqa: F401 (importing it registers the variants)
-from .injection import apply_variant, find_attention_modules
+from .injection import apply_variant
+from .loading import HUB_KWARGS, check_loaded_weights, initialize_new_variant_parameters, retrofit_kwargs
+from .nope import drop_rotary_embeddings
 from .registry import VARIANTS
-from .variant import AttentionVariant
-
-logger = logging.getLogger(__name__)
-
-
-def _preview(keys: list[str], limit: int = 10) -> str:
-    return str(keys[:limit]) + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
-
-
-class NoRotaryEmbedding(nn.Module):
-    """Stands in for a rotary embedding module and returns the identity rotation (cos = 1, sin = 0): NoPE."""
-
-    def __init__(self, head_dim: int) -> None:
-        super().__init__()
-        self.head_dim = head_dim
-
-    def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        shape = (*position_ids.shape, self.head_dim)  # [B, L, head_dim]
-        return torch.ones(shape, dtype=x.dtype, device=x.device), torch.zeros(shape, dtype=x.dtype, device=x.device)
-
-
-@torch.no_grad()
-def _initialize_new_variant_parameters(model: nn.Module, new_keys: set[str]) -> None:
-    """Runs each variant module's own init (zero-initialised output layers included) where the checkpoint had none of
-    its parameters. Done after loading because Transformers initialises missing weights through the innermost
-    PreTrainedModel's `_init_weights` (the stock code), which does not know these modules."""
-    for name, module in model.named_modules():
-        if isinstance(module, AttentionVariant):
-            keys = {f"{name}.{parameter_name}" for parameter_name, _ in module.named_parameters()}
-            if keys & new_keys:
-                module.reset_parameters()
-
-
-def _refuse_missing_variant_weights(model: nn.Module, stored: dict, missing: set[str], source: Any) -> None:
-    """A checkpoint whose config says a layer already holds this variant must hold its weights: re-initialising
-    them would silently load a different model. Retrofitting is for layers the checkpoint has no variant in."""
-    if not missing or stored.get("attention_variant") != model.config.attention_variant:
-        return
-    stored_layers = stored.get("attention_variant_layers")
-    names = [name for name, _ in find_attention_modules(model)]
-    lost = sorted(key for key in missing for index, name in enumerate(names)
-                  if key.startswith(f"{name}.attention_variant.") and (stored_layers is None or index in stored_layers))
-    if lost:
-        raise ValueError(
-            f"The checkpoint at {source} says its attention layers {stored_layers} hold the "
-            f"{model.config.attention_variant!r} variant, but it lacks that variant's weights: {_preview(lost)}. "
-            "The file is incomplete or was saved by other code; re-initialising them would load a different model. "
-            "To retrofit a stock checkpoint, load one without a variant (or pass another attention_variant)."
-        )
-
 
 # Called as hook(model, save_directory, **card_fields) after every save_pretrained. The installed package registers
 # its model-card writer here (hub.py); a checkpoint's own copy of this file runs without it and writes no card.
 SAVE_HOOKS: list = []
 
-HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder", "proxies")
-
-
-# Stock heads whose class name matches no Transformers loss type: Trainer then counted position 0 of every row as a
-# prediction target (n tokens instead of n - 1) and reported eval losses (n - 1) / n too low.
+# The loss a head computes, where its class name matches no Transformers loss type (Transformers reads loss_type for
+# the model's loss function, and Trainer to count targets: with None it counted position 0 of every row as one).
 LOSS_TYPES = {"GPT2LMHeadModel": "ForCausalLM"}
 
 
@@ -118,9 +69,51 @@ def stock_classes_by_auto_class(stock_config_class: type) -> dict[str, type]:
     return served
 
 
+_REGISTERED: set[type] = set()  # variant config classes whose heads are registered
+
+
+def register_heads(config_class: type) -> None:
+    """Registers the variant class of every head an Auto class serves for this variant config class's architecture
+    with that Auto class (Transformers' public `register`). A generic head builds its base model with
+    `AutoModel.from_config(config)`, which then builds the variant base model. Keyed by the config class given: in a
+    checkpoint's code, the one Transformers loaded the config with lives in another module than this file's import."""
+    if config_class in _REGISTERED:
+        return
+    _REGISTERED.add(config_class)
+    autos = auto_classes()
+    for auto, stock in stock_classes_by_auto_class(config_class.stock_config_class).items():
+        autos[auto].register(config_class, variant_model_class(stock), exist_ok=True)
+
+
+def auto_map(model_class: type, current: dict | None) -> dict[str, str]:
+    """The checkpoint's auto_map: the variant class of every Auto class that serves the architecture (AutoModel
+    included), so any head loads from it with trust_remote_code; the AutoConfig entry is kept."""
+    served = stock_classes_by_auto_class(model_class.config_class.stock_config_class)
+    module = __name__.rpartition(".")[2]
+    return {**{auto: f"{module}.Variant{stock.__name__}" for auto, stock in served.items()},
+            **{key: value for key, value in (current or {}).items() if key == "AutoConfig"}}
+
+
+def primary_auto_class(model_class: type) -> str:
+    """The Auto class a model card names for this class: AutoModel where it serves it, else the first task class."""
+    serving = [auto for auto, stock in stock_classes_by_auto_class(model_class.config_class.stock_config_class).items()
+               if stock is model_class.stock_model_class]
+    serving.sort(key=lambda auto: (auto == "AutoModelForPreTraining", auto != "AutoModel"))
+    return serving[0] if serving else "AutoModel"
+
+
 def is_transformers_class(cls: type) -> bool:
     """Whether `cls` is reachable as `transformers.<name>`: what a checkpoint's code can rebuild it from."""
     return getattr(transformers, cls.__name__, None) is cls
+
+
+def refuse_what_no_checkpoint_rebuilds(model_class: type) -> None:
+    stock = model_class.stock_model_class
+    if not (is_transformers_class(stock) and is_transformers_class(model_class.config_class.stock_config_class)):
+        raise ValueError(
+            f"{model_class.__name__} cannot be saved as a variant checkpoint: {stock.__module__}.{stock.__name__} is "
+            "not a Transformers class, so neither this package nor the checkpoint's code could rebuild it on load. "
+            "Save its state_dict with your own class, or hf_neural_attention.revert(model) first.")
 
 
 class AttentionVariantMixin:
@@ -129,146 +122,88 @@ class AttentionVariantMixin:
     stock_model_class: type[PreTrainedModel]
 
     def __init__(self, config, *args: Any, **kwargs: Any) -> None:
+        register_heads(type(config))  # before a generic head's AutoModel.from_config(config)
         super().__init__(config, *args, **kwargs)
         if getattr(config, "use_rotary_embeddings", True) is False:
-            self._drop_rotary_embeddings()
-        self._apply_attention_variant()
-        if self.stock_model_class.__name__ in LOSS_TYPES:
-            self.loss_type = LOSS_TYPES[self.stock_model_class.__name__]
+            drop_rotary_embeddings(self)
+        if not any(module is not self and isinstance(module, AttentionVariantMixin) for module in self.modules()):
+            self._apply_attention_variant()  # (a generic head's base model, built by AutoModel, holds it already)
+        self.loss_type = LOSS_TYPES.get(self.stock_model_class.__name__, self.loss_type)
 
     def _apply_attention_variant(self) -> None:
         config = self.config
-        if any(module is not self and isinstance(module, AttentionVariantMixin) for module in self.modules()):
-            # A generic head (e.g. LlamaForSequenceClassification) builds its base model with AutoModel.from_config,
-            # which gives the variant base model: its layers already hold the variant.
-            return
         if config._attn_implementation in VARIANTS:
             # a variant checkpoint's config names its variant (configuration_variants writes it): the layers the
             # variant leaves untouched run SDPA, as they do in a model converted from a stock one
             config._attn_implementation = "sdpa"
-        targets = apply_variant(
-            self, config.attention_variant, config.attention_variant_layers, **(config.attention_variant_options or {})
-        )
-        self.config.attention_variant_layers = targets
-        self.config._attn_implementation = config.attention_variant  # the setter reaches the sub-configs too
+        config.attention_variant_layers = apply_variant(
+            self, config.attention_variant, config.attention_variant_layers, **(config.attention_variant_options or {}))
+        config._attn_implementation = config.attention_variant  # the setter reaches the sub-configs too
 
     def set_attn_implementation(self, attn_implementation: str | dict, *args: Any, **kwargs: Any) -> None:
         """Refuses to switch a converted model to another implementation: the config would keep saying the model
-        runs its variant while it ran stock attention (and ran the variant again after a save and reload). Use
-        `hf_neural_attention.revert(model)` for the stock model."""
+        runs its variant while it ran stock attention. Use `hf_neural_attention.revert(model)` for the stock model."""
         variant = getattr(self.config, "attention_variant", None)
         if variant is not None and attn_implementation != variant:
             raise ValueError(
                 f"{type(self).__name__} runs attention variant {variant!r}; switching it to {attn_implementation!r} "
                 "would leave the config and the weights describing a model that no longer runs. Use "
                 "hf_neural_attention.revert(model) to get the stock model back (the variant's weights removed), "
-                "then choose its implementation."
-            )
+                "then choose its implementation.")
         super().set_attn_implementation(attn_implementation, *args, **kwargs)
-
-    def _drop_rotary_embeddings(self) -> None:
-        replaced = 0
-        for name, module in list(self.named_modules()):
-            if "RotaryEmbedding" in type(module).__name__:
-                parent = self.get_submodule(name.rpartition(".")[0]) if "." in name else self
-                head_dim = getattr(self.config, "head_dim", None) or (
-                    self.config.hidden_size // self.config.num_attention_heads
-                )
-                setattr(parent, name.rpartition(".")[2], NoRotaryEmbedding(head_dim))
-                replaced += 1
-        if replaced == 0:
-            raise ValueError(f"use_rotary_embeddings=False but {type(self).__name__} has no rotary embedding module")
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args: Any, **kwargs: Any):
-        """Loads a variant checkpoint, or retrofits a stock one (only the variant's parameters are new).
-
-        Weights the class does not have, or stock weights the checkpoint lacks, raise instead of being dropped or
-        left random. Pass `attention_variant=`, `attention_variant_options=` and `attention_variant_layers=` to
-        retrofit a stock checkpoint.
-        """
+        """Loads a variant checkpoint, or retrofits a stock one (pass `attention_variant=`, and optionally
+        `attention_variant_options=` and `attention_variant_layers=`): only the variant's parameters are new, and
+        weights that do not fit raise instead of being dropped or left random (loading.py)."""
         want_info = kwargs.pop("output_loading_info", False)
-        hub_kwargs = {key: kwargs[key] for key in HUB_KWARGS if key in kwargs}
-        stored, _ = cls.config_class.get_config_dict(pretrained_model_name_or_path, **hub_kwargs)
-        if "attention_variant" in kwargs and "attention_variant_layers" not in kwargs and "config" not in kwargs:
-            # The checkpoint's layer list was resolved for ITS variant (dot: every layer); a different variant starts
-            # from its own paper default instead (neural: the first layer).
-            if stored.get("attention_variant") != kwargs["attention_variant"]:
-                kwargs["attention_variant_layers"] = None
-        model, info = super().from_pretrained(pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs)
-        unexpected = sorted(info["unexpected_keys"])
-        if getattr(model, "base_model", None) is model:
-            # A base model loaded from a checkpoint with a head ignores the head's weights, as Transformers does
-            # (feature extraction, embeddings); a key under one of the base model's own modules still counts.
-            children = dict(model.named_children())
-            head = [key for key in unexpected if key.split(".", 1)[0] not in children]
-            if head:
-                logger.info("%s: ignoring the head weights of %s: %s", cls.__name__, pretrained_model_name_or_path,
-                            _preview(head))
-            unexpected = [key for key in unexpected if key not in head]
-        if unexpected:
-            raise ValueError(
-                f"The checkpoint at {pretrained_model_name_or_path} does not fit {cls.__name__} (attention variant "
-                f"{model.config.attention_variant!r}): it holds weights the model has no place for, which would be "
-                f"dropped: {_preview(unexpected)}. Check the architecture, the variant and its options; a variant "
-                "checkpoint loads only with the variant and options it was saved with."
-            )
-        missing = sorted(key for key in info["missing_keys"] if ".attention_variant." not in f".{key}")
-        if missing:
-            logger.warning(
-                "%s: the checkpoint at %s lacks these stock weights, which start from a random init: %s",
-                cls.__name__, pretrained_model_name_or_path, _preview(missing),
-            )
-        new_keys = {key for key in info["missing_keys"] if ".attention_variant." in f".{key}"}
-        _refuse_missing_variant_weights(model, stored, new_keys, pretrained_model_name_or_path)
+        source = pretrained_model_name_or_path
+        stored, _ = cls.config_class.get_config_dict(source, **{k: kwargs[k] for k in HUB_KWARGS if k in kwargs})
+        model, info = super().from_pretrained(source, *args, output_loading_info=True, **retrofit_kwargs(stored, kwargs))
+        new_keys = check_loaded_weights(model, stored, info, source)
         if new_keys:  # a retrofit: the stock weights are loaded, the variant's parameters start from their init
-            model.config.retrofitted_from = str(pretrained_model_name_or_path)  # the model card's base_model
-            _initialize_new_variant_parameters(model, new_keys)
+            model.config.retrofitted_from = str(source)  # the model card's base_model
+            initialize_new_variant_parameters(model, new_keys)
         return (model, info) if want_info else model
 
     def save_pretrained(self, save_directory: str | os.PathLike, *args: Any, **kwargs: Any) -> None:
-        """Stock save (safetensors, config with auto_map, this folder's code), then the SAVE_HOOKS (the installed
-        package writes a model card README.md). The auto_map names the variant class of every Auto class that serves
-        this architecture, so any head (or the base model) loads from the checkpoint with trust_remote_code."""
-        stock = self.stock_model_class
-        if not (is_transformers_class(stock) and is_transformers_class(self.config_class.stock_config_class)):
-            raise ValueError(
-                f"{type(self).__name__} cannot be saved as a variant checkpoint: {stock.__module__}.{stock.__name__} "
-                "is not a Transformers class, so neither this package nor the checkpoint's code could rebuild it on "
-                "load. Save its state_dict with your own class, or hf_neural_attention.revert(model) first."
-            )
-        served = stock_classes_by_auto_class(self.config_class.stock_config_class)
-        self.config.auto_map = {
-            **{auto: f"{__name__.rpartition('.')[2]}.Variant{cls.__name__}" for auto, cls in served.items()},
-            **{key: value for key, value in (getattr(self.config, "auto_map", None) or {}).items()
-               if key == "AutoConfig"},
-        }
+        """Stock save with an auto_map for every Auto class of the architecture, this folder's code next to it, then
+        the SAVE_HOOKS (the installed package writes a model card README.md)."""
+        variant_class = next(cls for cls in type(self).__mro__ if cls.__module__ == __name__)
+        if variant_class is not type(self):
+            # FSDP2's fully_shard gives a sharded model a subclass defined in torch (FSDPVariant...), whose module
+            # custom_object_save would copy and name in auto_map; the checkpoint holds the variant class's code
+            wrapper, self.__class__ = type(self), variant_class
+            try:
+                return self.save_pretrained(save_directory, *args, **kwargs)
+            finally:
+                self.__class__ = wrapper
+        refuse_what_no_checkpoint_rebuilds(type(self))
+        self.config.auto_map = auto_map(type(self), getattr(self.config, "auto_map", None))
         super().save_pretrained(save_directory, *args, **kwargs)
-        if type(self)._auto_class is None and kwargs.get("is_main_process", True):
-            custom_object_save(self, save_directory)  # no Auto class serves this head: copy the code all the same
         if kwargs.get("is_main_process", True):
+            custom_object_save(self, save_directory)  # this flat folder's code (for any head, Auto class or not)
             for hook in SAVE_HOOKS:
                 hook(self, save_directory)
 
     def push_to_hub(self, repo_id: str, *, commit_message: str | None = None, private: bool | None = None,
                     token: bool | str | None = None, revision: str | None = None, create_pr: bool = False,
                     max_shard_size: int | str | None = "50GB", **card_fields: Any) -> str:
-        """Uploads weights, code and model card as one commit through huggingface_hub's public API (the stock version
-        would replace the card by a generic one). Extra keyword arguments (datasets, metrics, ...) go to the card."""
+        """Uploads weights, code and model card as one commit through huggingface_hub's public API (Transformers'
+        version writes a generic card over the saved one). Extra keyword arguments (datasets, metrics, ...) go to the
+        card."""
         from huggingface_hub import HfApi
 
         api = HfApi(token=token)
         repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
         with tempfile.TemporaryDirectory() as folder:
             self.save_pretrained(folder, max_shard_size=max_shard_size)
-            if card_fields:
-                for hook in SAVE_HOOKS:
-                    hook(self, folder, **card_fields)
+            for hook in SAVE_HOOKS if card_fields else ():
+                hook(self, folder, **card_fields)
             commit = api.upload_folder(repo_id=repo_id, folder_path=folder, commit_message=commit_message,
                                        revision=revision, create_pr=create_pr)
         return commit.pr_url if create_pr else commit.commit_url
-
-
 
 
 _MODEL_CLASSES: dict[type, type] = {}  # stock model class -> its variant class
@@ -288,11 +223,6 @@ def variant_model_class(stock: type[PreTrainedModel]) -> type:
             "config_class": variant_config_class(stock.config_class),
             "stock_model_class": stock,
         })
-        # save_pretrained copies this code and writes auto_map["<Auto class>"]; None where no Auto class serves it
-        serving = [auto for auto, cls in stock_classes_by_auto_class(stock.config_class).items() if cls is stock]
-        serving.sort(key=lambda auto: (auto == "AutoModelForPreTraining", auto != "AutoModel"))  # the card names it
-        if serving:
-            model_class.register_for_auto_class(serving[0])
         share_weight_renaming(stock.__name__, name)
         _MODEL_CLASSES[stock] = model_class
     return _MODEL_CLASSES[stock]

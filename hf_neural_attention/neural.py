@@ -100,25 +100,31 @@ class NeuralAttention(AttentionVariant):
             return functional.leaky_relu(hidden, LEAKY_SLOPE, inplace=inplace)
         return torch.relu_(hidden) if inplace else torch.relu(hidden)
 
-    def _per_head(self, tensor: torch.Tensor) -> torch.Tensor:
-        """[G, ...] -> [H, ...] without copying when the weights are shared."""
-        return tensor.expand(self.num_heads, *tensor.shape[1:])
+    @property
+    def heads_share_rule(self) -> bool:
+        return not self.per_head
+
+    @staticmethod
+    def _per_head(tensor: torch.Tensor, heads: int) -> torch.Tensor:
+        """[G, ...] -> [heads, ...] without copying when the weights are shared (heads: those of the call, which are
+        the kv heads when grouped-query decoding folds query heads into rows)."""
+        return tensor.expand(heads, *tensor.shape[1:])
 
     def first_layer_parts(self, query: torch.Tensor, key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The first MLP layer split into its per-query part [B, H, Lq, h1] (bias included) and per-key part
         [B, H, Lk, h1], with float32 results at least (the projections are tiny next to the pairwise MLP)."""
         dtype = compute_dtype(query.dtype)
         query, key = query.to(dtype), key.to(dtype)
-        down_q, down_k = self.query_down_weight.to(dtype), self.key_down_weight.to(dtype)
-        query_small = torch.einsum("bhqd,hpd->bhqp", query, self._per_head(down_q))
-        query_small = query_small + self._per_head(self.query_down_bias.to(dtype))[None, :, None, :]  # [B, H, Lq, d']
-        key_small = torch.einsum("bhkd,hpd->bhkp", key, self._per_head(down_k))
-        key_small = key_small + self._per_head(self.key_down_bias.to(dtype))[None, :, None, :]  # [B, H, Lk, d']
-
-        first_weight = self._per_head(self.mlp_weights[0].to(dtype))  # [H, h1, 2d']
-        query_part = torch.einsum("bhqp,hcp->bhqc", query_small, first_weight[..., : self.proj_dim])
-        query_part = query_part + self._per_head(self.mlp_biases[0].to(dtype))[None, :, None, :]  # [B, H, Lq, h1]
-        key_part = torch.einsum("bhkp,hcp->bhkc", key_small, first_weight[..., self.proj_dim :])  # [B, H, Lk, h1]
+        first = self.mlp_weights[0].to(dtype)  # [G, h1, 2d']
+        first_q, first_k = first[..., : self.proj_dim], first[..., self.proj_dim :]  # [G, h1, d'] each
+        # (x W^T + b) F^T = x (F W)^T + F b: the down-projection and the first layer as one [d_h -> h1] product per
+        # group, a plain matmul that broadcasts over batch and heads (the key cache is read once, not copied)
+        query_weight = first_q @ self.query_down_weight.to(dtype)  # [G, h1, d_h]
+        key_weight = first_k @ self.key_down_weight.to(dtype)
+        query_bias = (first_q @ self.query_down_bias.to(dtype)[..., None])[..., 0] + self.mlp_biases[0].to(dtype)
+        key_bias = (first_k @ self.key_down_bias.to(dtype)[..., None])[..., 0]  # [G, h1]
+        query_part = torch.matmul(query, query_weight.transpose(-1, -2)) + query_bias[:, None, :]  # [B, H, Lq, h1]
+        key_part = torch.matmul(key, key_weight.transpose(-1, -2)) + key_bias[:, None, :]  # [B, H, Lk, h1]
         return query_part, key_part
 
     def prepare(self, query: torch.Tensor, key: torch.Tensor, mask: KeyMask, scaling: float):
@@ -157,7 +163,7 @@ class NeuralAttention(AttentionVariant):
             return self._mlp_planes(query_part, key_part, weights, biases)
         hidden = self._activate(query_part[:, :, :, None, :] + key_part[:, :, None, :, :])  # [B, H, Lq, Lk, h1]
         for index, (weight, bias) in enumerate(zip(weights, biases)):
-            weight, bias = self._per_head(weight), self._per_head(bias)  # [H, out, in], [H, out]
+            weight, bias = self._per_head(weight, hidden.shape[1]), self._per_head(bias, hidden.shape[1])
             hidden = torch.einsum("bhqkc,hoc->bhqko", hidden, weight) + bias[None, :, None, None, :]
             if index != len(weights) - 1:
                 hidden = self._activate(hidden)
@@ -168,13 +174,14 @@ class NeuralAttention(AttentionVariant):
     ) -> torch.Tensor:
         """The same MLP for narrow layers, one [B, H, Lq, Lk] plane per hidden unit: every op is a contiguous
         elementwise pass (a multiply-add per weight) instead of a batched matmul with a tiny inner dimension."""
+        heads = query_part.shape[1]
         planes = [
             self._activate(query_part[..., unit, None] + key_part[..., None, :, unit], inplace=True)
             for unit in range(query_part.shape[-1])
         ]
         for index, (weight, bias) in enumerate(zip(weights, biases)):
-            weight = self._per_head(weight)[None, :, :, :, None, None]  # [1, H, out, in, 1, 1]
-            bias = self._per_head(bias)[None, :, :, None, None]  # [1, H, out, 1, 1]
+            weight = self._per_head(weight, heads)[None, :, :, :, None, None]  # [1, H, out, in, 1, 1]
+            bias = self._per_head(bias, heads)[None, :, :, None, None]  # [1, H, out, 1, 1]
             outputs = []
             for out in range(weight.shape[2]):
                 hidden = torch.addcmul(bias[:, :, out], planes[0], weight[:, :, out, 0])

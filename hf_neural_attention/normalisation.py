@@ -4,8 +4,6 @@
                minimum (as Transformers' eager attention, so a fully masked row gets uniform weights).
     "ratio":   scores are non-negative values f; weights = f * exp(bias) / row sum, masked keys exactly 0, and a row
                whose sum is 0 gets all-zero weights instead of 0/0.
-
-Part of the flat folder saved checkpoints copy for `trust_remote_code`: imports only torch and its siblings.
 """
 
 from __future__ import annotations

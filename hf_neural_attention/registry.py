@@ -1,7 +1,5 @@
 """The registry of variants: one line per variant. Adding a fifth variant is one file (a subclass of
 `AttentionVariant`) and one entry here.
-
-Part of the flat folder saved checkpoints copy for `trust_remote_code`: imports only torch and its siblings.
 """
 
 from __future__ import annotations

@@ -7,8 +7,6 @@ What a setting changes is speed and memory, never the numbers: every path draws 
 (dropout_mask.py) and computes the same rule. A forward that autograd recomputes during backward (activation
 checkpointing) runs under the settings of its first run, whatever is in effect during backward (dispatch.py), so
 the recompute saves what the first run saved. Measurements behind the defaults: benchmarks/results.md.
-
-Part of the flat folder saved checkpoints copy for `trust_remote_code`: imports only torch and its siblings.
 """
 
 from __future__ import annotations
@@ -70,11 +68,20 @@ _OVERRIDES: contextvars.ContextVar[dict[str, Any]] = contextvars.ContextVar("hfn
 
 
 def current_settings() -> FastPathSettings:
-    """The settings in effect here: this context's `fast_paths` overrides over the process-wide FAST_PATHS."""
+    """The settings in effect here: this context's `fast_paths` overrides over the process-wide FAST_PATHS. Under
+    torch.compile they are read once, when the graph is traced (Dynamo cannot trace a ContextVar)."""
+    if torch.compiler.is_compiling():
+        return FastPathSettings(*_setting_values())
     overrides = _OVERRIDES.get()
     if not overrides:
         return FAST_PATHS
     return FastPathSettings(**{name: overrides.get(name, getattr(FAST_PATHS, name)) for name in _FIELDS})
+
+
+@torch.compiler.assume_constant_result
+def _setting_values() -> tuple:
+    overrides = _OVERRIDES.get()
+    return tuple(overrides.get(name, getattr(FAST_PATHS, name)) for name in _FIELDS)
 
 
 class replaying_settings:  # noqa: N801
@@ -85,10 +92,11 @@ class replaying_settings:  # noqa: N801
         self.values = {name: getattr(settings, name) for name in _FIELDS}
 
     def __enter__(self) -> None:
-        self.token = _OVERRIDES.set(self.values)
+        self.token = None if torch.compiler.is_compiling() else _OVERRIDES.set(self.values)
 
     def __exit__(self, *exc_info) -> None:
-        _OVERRIDES.reset(self.token)
+        if self.token is not None:
+            _OVERRIDES.reset(self.token)
 
 
 class fast_paths:  # noqa: N801 (used like a function: `with fast_paths(False): ...`)

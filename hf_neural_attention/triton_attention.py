@@ -8,9 +8,6 @@ float biases, relu and leaky_relu MLPs, grouped-query keys and values with fewer
 dividing H) all run in the kernels.
 cdape stays on the chunked path: its convolution over the score map mixes neighbouring keys and all heads, so a tile
 would need a halo of scores from every head, and the chunked engine already keeps its memory linear in n.
-
-Part of the flat folder saved checkpoints copy for `trust_remote_code`: imports only torch, triton (optional) and its
-siblings.
 """
 
 from __future__ import annotations
@@ -25,6 +22,8 @@ from .dropout_mask import dropout_streams
 from .kernel_inputs import ExpressiveKernelInputs, KernelInputs
 from .masks import KeyMask
 from .neural import LEAKY_SLOPE
+from .triton_kernels import available  # noqa: F401 (Transformers ships a sibling with a checkpoint only when a
+# line reads "from .<sibling> import"; "from . import" alone left triton_kernels.py out: tests/test_shipped_code.py)
 
 
 class Tiles(NamedTuple):

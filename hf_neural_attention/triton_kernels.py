@@ -9,24 +9,24 @@ weights (and, for exp-based scores, the running max), in float32 whatever the in
     neural                          logit = W3 relu(W2 relu(qp_i + kp_j) + b2) + b3 (+ q.k scaling for combine="add"),
                                     online softmax; masked keys at -1e30, so a fully masked row is uniform as in eager
 
-qp and kp are the first MLP layer's per-query and per-key parts (neural.py's split, computed by `prepare` under
-autograd, so the gradients of the down-projections flow from the kernel's dqp, dkp). The backward recomputes each
-tile's scores from the saved row statistics in one kernel per key block (dK, dV, dkp and per-program partial sums
-of the MLP weights' gradients, reduced afterwards), adding dQ and dqp atomically in float32, as FlashAttention-2
-does, so the MLP and the exponentials run twice per tile in training (forward, backward), not three times. Attention dropout is
-dropout_mask's position-keyed hash (a uint32 stream key per (batch, head), mixed with the query row once per row and
+qp and kp are the first MLP layer's per-query and per-key parts (the variant's kernel inputs, computed under
+autograd, so the gradients of the down-projections flow from the kernel's dqp, dkp); the MLP runs as one 2-D plane
+per hidden unit with its weights as scalars, exponentials in base 2. The backward recomputes each tile's scores from
+the saved row statistics in one kernel per key block (dK, dV, dkp and per-program partial sums of the MLP weights'
+gradients kept in registers and reduced once), adding dQ and dqp atomically in float32, as FlashAttention-2 does, so
+the MLP and the exponentials run twice per tile in training (forward, backward), not three times. Attention dropout
+is dropout_mask's position-keyed hash (a uint32 stream key per (batch, head), mixed with the query row once per row and
 with the key column per element, about 10 integer operations), the same mask in forward and backward and on every
 path.
 
 Masks: any boolean keep pattern broadcastable to [B, H, Lq, Lk] (causal, padding, sliding window), read tile by tile;
 a keep pattern that is exactly the bottom-right causal one is not read at all (CAUSAL: computed from the indices, and
 the tiles above the diagonal are skipped, as FlashAttention does). An additive float bias (HAS_BIAS, broadcastable
-the same way) is read tile by tile as the keep mask is.
-The neural MLP's activation is relu or leaky_relu (SLOPE). Grouped-query keys and values arrive once per key/value
-head (H_KV divides H; query head h reads kv head h // (H / H_KV)), and their gradients are added per group.
+the same way) is read tile by tile as the keep mask is. The neural MLP's activation is relu or leaky_relu (SLOPE). Grouped-query keys and values
+may arrive once per key/value head (H_KV divides H; query head h reads kv head h // (H / H_KV)), their gradients
+added per group. Per-program base offsets are 64-bit.
 
-Part of the flat folder saved checkpoints copy for `trust_remote_code`: imports only torch, triton (optional) and its
-siblings. Triton's interpreter (TRITON_INTERPRET=1) runs these kernels on the CPU; it computes bfloat16 tl.dot
+Triton's interpreter (TRITON_INTERPRET=1) runs these kernels on the CPU; it computes bfloat16 tl.dot
 wrongly, so there the products run in float32 (`interpreted()`), on a GPU in the input dtype. Float32 products
 (PRECISION) follow torch.get_float32_matmul_precision() for float32 models and use TF32 for upcast float16 inputs
 (triton_attention._float32_products).

@@ -6,12 +6,11 @@ score rule once (`prepare` + `score`), with how scores become weights (`normalis
 the chunked engine needs the rule itself (and optionally its derivative, `score_vjp`), FlexAttention a
 `flex_score_mod`, the fused kernels their named `kernel_inputs`. The plain path (`attention_weights`: the whole score
 map under autograd, as the paper writes it) is built here; dispatch.py picks the engine.
-
-Part of the flat folder saved checkpoints copy for `trust_remote_code`: imports only torch and its siblings.
 """
 
 from __future__ import annotations
 
+import weakref
 from typing import Any, Callable, ClassVar, Mapping
 
 import torch
@@ -71,6 +70,11 @@ def tracked(*tensors: torch.Tensor) -> bool:
     return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
+# Every live variant by id: the chunked engine's custom ops take this key instead of the object, so a compiled graph
+# holds an int. Registered on construction and on unpickling (deepcopy), never during a traced forward.
+LIVE_VARIANTS: weakref.WeakValueDictionary[int, AttentionVariant] = weakref.WeakValueDictionary()
+
+
 class AttentionVariant(nn.Module):
     """Base class of the variants. Subclasses set the class attributes and implement `score` (and `prepare` when
     the rule needs more than the query rows and the keys)."""
@@ -86,15 +90,37 @@ class AttentionVariant(nn.Module):
     shift_invariant: ClassVar[bool] = True
     flex_fully_masked: ClassVar[str] = "zero"  # what FlexAttention must give a fully masked row: "zero" or "uniform"
 
+    @property
+    def heads_share_rule(self) -> bool:
+        """Whether every head scores with the same rule and nothing mixes heads, so query heads may be handed over as
+        rows of one map (grouped-query decoding reads the key cache once; see dispatch.py)."""
+        return not self.has_parameters
+
     def __init__(self, num_heads: int, head_dim: int, **options: Any) -> None:
         super().__init__()
+        self._set_up(num_heads, head_dim, self.check_options(options))
+
+    @classmethod
+    def from_checked_options(cls, num_heads: int, head_dim: int, options: Mapping[str, Any]) -> AttentionVariant:
+        """Built from options `check_options` returned: a caller that checked them once (apply_variant) does not
+        have them checked again for every layer."""
+        variant = cls.__new__(cls)
+        nn.Module.__init__(variant)
+        variant._set_up(num_heads, head_dim, options)
+        return variant
+
+    def _set_up(self, num_heads: int, head_dim: int, given: Mapping[str, Any]) -> None:
         self.num_heads = num_heads
         self.head_dim = head_dim
-        given = self.check_options(options)
         for option, spec in self.options_spec.items():
             setattr(self, option, given.get(option, spec.default))
         self.build()
         self.reset_parameters()
+        LIVE_VARIANTS[id(self)] = self
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        LIVE_VARIANTS[id(self)] = self
 
     @classmethod
     def check_options(cls, options: Mapping[str, Any] | None) -> dict[str, Any]:

@@ -154,3 +154,27 @@ def load_without_the_package(jobs: list[list[str]], tmp_path) -> dict:
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads(result.stdout.split("REPORT", 1)[1])
+
+
+# A few words of English, each its own token: enough for a tokenizer that encodes and decodes real text offline.
+TINY_WORDS = ("the a of and to in is it that was for on with as he she they at by this from we you or an be had "
+              "not are but his her were all there one can so what when up out if about who them then some into more "
+              "her time has two like him see no could very my than first been its now day over did down only way "
+              "cat dog sat mat ran sun rain").split()
+
+
+def tiny_word_tokenizer():
+    """A word-level fast tokenizer built offline (no files, no network): token 0 is <|endoftext|> (bos, eos, pad),
+    1 is <unk>, then one token per word of TINY_WORDS; its length fits the tiny models' VOCAB."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<|endoftext|>": 0, "<unk>": 1}
+    for word in TINY_WORDS:
+        vocab.setdefault("\u2581" + word, len(vocab))  # each word with its leading space, as SentencePiece marks it
+    assert len(vocab) <= VOCAB
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Metaspace()  # words split on spaces, each prefixed with \u2581
+    backend.decoder = decoders.Metaspace(prepend_scheme="never")  # each piece keeps its space, as GPT-2 BPE does
+    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<|endoftext|>", eos_token="<|endoftext|>",
+                                   pad_token="<|endoftext|>", unk_token="<unk>")

@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -21,6 +22,7 @@ import hf_neural_attention as hfna
 from hf_neural_attention.modeling_variants import auto_classes, stock_classes_by_auto_class
 from conftest import added_parameters, perturb_added_parameters
 
+REPO = Path(__file__).resolve().parents[1]
 VOCAB = 97
 TEXT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=VOCAB,
             pad_token_id=0, max_position_embeddings=64)
@@ -98,6 +100,7 @@ def saved(tmp_path_factory):
     return checkpoints
 
 
+@pytest.mark.slow  # 53 heads of 11 architectures saved and reloaded
 @pytest.mark.parametrize("arch,auto,head,variant", CASES, ids=[f"{a}-{h}-{v}" for a, _, h, v in CASES])
 def test_every_head_round_trips_through_its_auto_class(arch, auto, head, variant, saved):
     folder, model = saved[arch, auto]
@@ -133,6 +136,7 @@ def same_base_layout(head: torch.nn.Module) -> bool:
     return stock_of(type(head.base_model)) is base_class and head.base_model_prefix == base_class.base_model_prefix
 
 
+@pytest.mark.slow  # the 53 saved heads
 @pytest.mark.parametrize("arch", list(CONFIGS))
 def test_base_auto_model_loads_from_every_head_checkpoint(arch, saved, caplog):
     """AutoModel ignores a head's weights, as Transformers does for feature extraction. Where the head does not hold
@@ -161,8 +165,10 @@ def test_base_auto_model_loads_from_every_head_checkpoint(arch, saved, caplog):
 
 
 # Loads checkpoints in a fresh process, with hf_neural_attention imported (argv[2] == "with-package") or where it
-# cannot be imported (then with trust_remote_code=True), through each one's Auto class and through AutoModel, and
-# reports the outputs. Without the package, loading without trust_remote_code, or with the stock class, must raise.
+# cannot be imported (then with trust_remote_code=True), through each job's Auto class (and AutoModel where the job asks
+# for it), and reports the outputs. Without the package, loading without trust_remote_code, or with the stock class,
+# must raise. With it, each checkpoint is first loaded before find_every_architecture() (the named architectures load,
+# the others ask for trust_remote_code), then after it.
 REMOTE_LOADER = textwrap.dedent(
     """
     import importlib.abc, inspect, json, sys
@@ -174,26 +180,33 @@ REMOTE_LOADER = textwrap.dedent(
             if name.split(".")[0] == "hf_neural_attention":
                 raise ImportError("hf_neural_attention is blocked in this process")
 
+    def attempt(load):
+        try:
+            load()
+            return "loaded"
+        except Exception as error:
+            return f"{type(error).__name__}: {error}"
+
     jobs, with_package = json.loads(sys.argv[1]), sys.argv[2] == "with-package"
     if with_package:
-        import hf_neural_attention  # noqa: F401
+        import hf_neural_attention
     else:
         sys.meta_path.insert(0, BlockPackage())
-    report = {folder: {} for folder, _, _ in jobs}
+    report = {folder: {} for folder, _, _, _ in jobs}
     # First, before any checkpoint's code has registered the variants' names with Transformers:
-    for folder, auto, head in ([] if with_package else jobs):
-        loads = {"auto without trust_remote_code":
-                     lambda: getattr(modeling_auto, auto).from_pretrained(folder, trust_remote_code=False),
-                 "stock class": lambda: getattr(transformers, head).from_pretrained(folder)}
-        for name, load in loads.items():
-            try:
-                load()
-                report[folder][name] = "loaded"
-            except Exception as error:
-                report[folder][name] = f"{type(error).__name__}: {error}"
-    for folder, auto, head in jobs:
+    for folder, auto, head, _ in jobs:
+        auto_class = getattr(modeling_auto, auto)
+        if with_package:
+            report[folder]["before opt-in"] = attempt(lambda: auto_class.from_pretrained(folder))
+        else:
+            report[folder]["auto without trust_remote_code"] = attempt(
+                lambda: auto_class.from_pretrained(folder, trust_remote_code=False))
+            report[folder]["stock class"] = attempt(lambda: getattr(transformers, head).from_pretrained(folder))
+    if with_package:
+        hf_neural_attention.find_every_architecture()
+    for folder, auto, head, with_base in jobs:
         inputs = torch.load(folder + "/inputs.pt")
-        for name in (auto, "AutoModel"):
+        for name in (auto, "AutoModel") if with_base else (auto,):
             model = getattr(modeling_auto, name).from_pretrained(folder, trust_remote_code=not with_package)
             with torch.no_grad():
                 output = model(**{k: v for k, v in inputs.items() if k in inspect.signature(model.forward).parameters})
@@ -205,38 +218,50 @@ REMOTE_LOADER = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["without-package", "with-package"])
 def test_a_fresh_process_restores_every_architecture(mode, saved, tmp_path):
-    """One head per architecture (its first task head that holds AutoModel's base model), plus AutoModel from that
-    checkpoint: with the package imported through the Auto classes alone, without it through trust_remote_code."""
+    """Without the package, every head the Auto classes serve loads through trust_remote_code (a generic head builds
+    its base model with AutoModel.from_config, which must find the checkpoint's variant base model), plus AutoModel
+    from one head checkpoint per architecture. With the package, that one head and AutoModel through the Auto classes
+    alone: the named architectures at once, the others after the opt-in find_every_architecture()."""
+    firsts = {arch: next(auto for (case_arch, auto), (_, model) in saved.items()
+                         if case_arch == arch and auto != "AutoModel" and same_base_layout(model)) for arch in CONFIGS}
     jobs, models = [], {}
-    for arch in CONFIGS:
-        auto = next(auto for (case_arch, auto), (_, model) in saved.items()
-                    if case_arch == arch and auto != "AutoModel" and same_base_layout(model))
-        folder, model = saved[arch, auto]
+    for (arch, auto), (folder, model) in saved.items():
+        if mode == "with-package" and auto != firsts[arch]:
+            continue
         inputs = example_inputs(model)
         torch.save(inputs, folder / "inputs.pt")
-        jobs.append([str(folder), auto, type(model).stock_model_class.__name__])
-        models[str(folder)] = (auto, model, inputs)
-    env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_OFFLINE": "1", "PYTHONPATH": ""}
+        jobs.append([str(folder), auto, type(model).stock_model_class.__name__, auto == firsts[arch]])
+        models[str(folder)] = (arch, auto, model, inputs)
+    env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_OFFLINE": "1",
+           "PYTHONPATH": str(REPO) if mode == "with-package" else ""}  # this clone's package, or none
     result = subprocess.run([sys.executable, "-c", REMOTE_LOADER, json.dumps(jobs), mode], cwd=tmp_path, env=env,
-                            capture_output=True, text=True, timeout=600)
+                            capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout.split("REPORT", 1)[1])
-    for folder, (auto, model, inputs) in models.items():
+    code = "hf_neural_attention." if mode == "with-package" else "transformers_modules."
+    for folder, (arch, auto, model, inputs) in models.items():
         entry = report[folder]
-        code = "hf_neural_attention." if mode == "with-package" else "transformers_modules."
         assert entry[auto]["class"] == type(model).__name__ and entry[auto]["module"].startswith(code), entry[auto]
         torch.testing.assert_close(torch.tensor(entry[auto]["output"]), first_output(model, inputs), rtol=0,
                                    atol=1e-5, msg=folder)
-        base_inputs = {k: v for k, v in inputs.items() if k in inspect.signature(model.base_model.forward).parameters}
-        torch.testing.assert_close(torch.tensor(entry["AutoModel"]["output"]),
-                                   first_output(model.base_model, base_inputs), rtol=0, atol=1e-5, msg=folder)
+        if auto == firsts[arch]:
+            base_inputs = {k: v for k, v in inputs.items()
+                           if k in inspect.signature(model.base_model.forward).parameters}
+            torch.testing.assert_close(torch.tensor(entry["AutoModel"]["output"]),
+                                       first_output(model.base_model, base_inputs), rtol=0, atol=1e-5, msg=folder)
         if mode == "without-package":
             assert "trust_remote_code" in entry["auto without trust_remote_code"], entry
             assert model.config.attention_variant in entry["stock class"], entry  # unknown attn_implementation
+        elif arch in ("gpt2", "llama", "vit"):
+            assert entry["before opt-in"] == "loaded", entry
+        else:
+            assert "trust_remote_code" in entry["before opt-in"], entry
 
 
+@pytest.mark.slow  # the 53 saved heads
 def test_a_stock_class_loading_a_variant_checkpoint_fails_on_first_use(saved):
     """With the package imported the variant's name is a known implementation, so the stock class loads (Transformers
     reports the unexpected variant weights) and its first forward says what is wrong."""
@@ -271,6 +296,7 @@ def test_a_model_whose_config_is_not_its_config_class_is_refused_up_front():
     assert not added_parameters(model)  # nothing changed
 
 
+@pytest.mark.slow
 def test_retrofit_command_keeps_any_head(tmp_path):
     """hfna-retrofit loads the class the checkpoint was saved from (its architectures), so a Qwen2 sequence classifier
     stays one, and the function-preserving cdape gives the stock outputs."""

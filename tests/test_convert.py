@@ -11,6 +11,7 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, create_caus
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 import hf_neural_attention as hfna
+from hf_neural_attention.attention_interface import call_mask
 from hf_neural_attention.injection import FALLBACK_ATTRIBUTE, VARIANT_ATTRIBUTE
 from conftest import ALL_BUILDERS, VOCAB, added_parameters, converted, tiny_vit
 
@@ -30,12 +31,22 @@ def test_public_variants_and_registration():
 
 @pytest.mark.parametrize("variant", hfna.VARIANTS)
 def test_model_hands_the_variant_a_real_causal_mask(variant):
-    """Without a registered mask function Transformers would pass None; ours always builds the boolean pattern."""
+    """A padded batch gets the boolean pattern from our mask function (without one, Transformers would pass None); a
+    purely causal batch gets None, as SDPA does, and the attention function rebuilds the causal pattern from the
+    module's is_causal without materialising it."""
     config = GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=VOCAB)
     config._attn_implementation = variant
-    mask = create_causal_mask(config, torch.zeros(2, 5, 32), attention_mask=None, past_key_values=None)
+    padding = torch.ones(2, 5, dtype=torch.long)
+    padding[0, :2] = 0
+    mask = create_causal_mask(config, torch.zeros(2, 5, 32), attention_mask=padding, past_key_values=None)
     assert mask is not None and mask.dtype == torch.bool
-    assert torch.equal(mask[0, 0], torch.ones(5, 5, dtype=torch.bool).tril())
+    causal = torch.ones(5, 5, dtype=torch.bool).tril()
+    assert torch.equal(mask[:, 0], causal & padding.bool()[:, None, :])
+    assert create_causal_mask(config, torch.zeros(2, 5, 32), attention_mask=None, past_key_values=None) is None
+    layer = torch.nn.Module()
+    layer.is_causal = True
+    rebuilt = call_mask(layer, None, 5, 5, torch.device("cpu"), {})
+    assert rebuilt.pure_causal and torch.equal(rebuilt.keep[0, 0], causal)
 
 
 @pytest.mark.parametrize("arch", list(ALL_BUILDERS))
@@ -222,3 +233,29 @@ def test_variants_with_parameters_need_convert(variant):
     model.set_attn_implementation(variant)
     with pytest.raises(ValueError, match=rf"has no '{variant}' parameters\. A variant checkpoint .* use hf_neural_attention.convert"):
         model(torch.randint(1, VOCAB, (1, 4)))
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_convert_leaves_other_models_built_from_the_same_config_as_they_were(arch):
+    """A research script builds a baseline and a variant from one config object: convert gives the variant its own
+    copy, so the baseline keeps running stock attention and Auto classes still build stock models from the config."""
+    from transformers import AutoModelForCausalLM
+
+    config = ALL_BUILDERS[arch]().config
+    stock_class, implementation = type(config), config._attn_implementation
+    torch.manual_seed(0)
+    baseline = AutoModelForCausalLM.from_config(config).eval()
+    torch.manual_seed(0)
+    variant = hfna.convert(AutoModelForCausalLM.from_config(config).eval(), "neural")
+    ids = torch.randint(1, VOCAB, (2, 7), generator=torch.Generator().manual_seed(0))
+    assert type(config) is stock_class and config._attn_implementation == implementation
+    assert not hasattr(config, "attention_variant")
+    assert all(module.config is config for module in baseline.modules() if hasattr(module, "config"))
+    assert all(module.config is variant.config for module in variant.modules() if hasattr(module, "config"))
+    torch.manual_seed(0)
+    fresh = AutoModelForCausalLM.from_config(config).eval()
+    assert type(fresh) is type(baseline) and not added_parameters(fresh)
+    with torch.no_grad():
+        torch.testing.assert_close(baseline(ids).logits, fresh(ids).logits, rtol=0, atol=0)
+        variant(ids)
+    assert variant.config.attention_variant == "neural" and variant.config._attn_implementation == "neural"

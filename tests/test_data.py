@@ -16,6 +16,7 @@ def test_split_by_document_is_deterministic():
     assert 0.85 < share["train"] < 0.95 and 0.03 < share["validation"] < 0.07 and 0.03 < share["test"] < 0.07
 
 
+@pytest.mark.slow  # builds the corpus from the standard library
 def test_stdlib_prose_corpus(data_cache):
     corpus = data_lib.load_stdlib_corpus("prose", cache_dir=data_cache)
     again = data_lib.load_stdlib_corpus("prose", cache_dir=data_cache)
@@ -28,6 +29,7 @@ def test_stdlib_prose_corpus(data_cache):
     assert sum(len(t) for t in corpus["train"]["text"]) > 500_000
 
 
+@pytest.mark.slow  # builds the corpus from the standard library
 def test_stdlib_code_corpus_is_source(data_cache):
     corpus = data_lib.load_stdlib_corpus("code", cache_dir=data_cache)
     assert any("def " in text and "import " in text for text in corpus["validation"]["text"])

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from hf_neural_attention import attention_interface, dispatch, triton_attention
-from hf_neural_attention.chunked import _RowChunkedAttention
+from hf_neural_attention import chunked as chunked_engine
 from hf_neural_attention.masks import split_attention_mask
 from hf_neural_attention.registry import build_variant
 from hf_neural_attention.runtime import fast_paths
@@ -96,8 +96,8 @@ def test_an_additive_bias_leaves_the_kernels_and_says_so_once(monkeypatch, caplo
 def test_engines_in_order_and_weights_only_from_the_plain_path(monkeypatch, caplog):
     variant = build_variant("expressive", H, D)
     chunked = []
-    original = _RowChunkedAttention.apply
-    monkeypatch.setattr(_RowChunkedAttention, "apply", lambda *a: chunked.append(1) or original(*a))
+    original = chunked_engine._forward_chunks
+    monkeypatch.setattr(chunked_engine, "_forward_chunks", lambda *a: chunked.append(1) or original(*a))
     _, _, weights = run(variant, CHUNKED)
     assert weights is None and chunked == [1]
     with caplog.at_level(logging.WARNING, logger=dispatch.__name__):

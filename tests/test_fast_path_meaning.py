@@ -161,3 +161,48 @@ def test_bf16_softmax_square_is_accurate_on_every_path(settings):
     with fast_paths(enabled, **settings):
         output, _ = dispatch.attention(variant, q, k, v, mask, 64**-0.5, 0.0)
     assert (output.double() - expected).abs().max() < 0.05
+
+
+def dynamo_breaks(model, ids) -> int:
+    torch._dynamo.reset()
+    with fast_paths(True, min_size=0, chunk_size=8):
+        return torch._dynamo.explain(lambda ids: model(input_ids=ids, labels=ids).loss)(ids).graph_break_count
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", ["expressive", "neural", "cdape"])
+def test_torch_compile_keeps_the_chunked_engine_in_the_graph(variant):
+    """The chunked engine is a custom op with a fake implementation, and nothing on the way to it syncs or reads a
+    ContextVar while traced: a converted GPT-2 (training, fast path on) breaks its graph no more than the stock SDPA
+    model (18 graphs before), and the compiled model's loss and gradients equal eager's."""
+    from conftest import tiny_gpt2
+
+    ids = torch.randint(1, VOCAB, (2, 24), generator=torch.Generator().manual_seed(0))
+    stock = tiny_gpt2().train()
+    model = hfna.convert(tiny_gpt2(), variant, layers="all", **OPTIONS[variant]).train()
+    assert dynamo_breaks(model, ids) <= dynamo_breaks(stock, ids)
+    losses, grads = [], []
+    for run in (model, torch.compile(model, backend="aot_eager")):
+        model.zero_grad(set_to_none=True)
+        with fast_paths(True, min_size=0, chunk_size=8):
+            loss = run(input_ids=ids, labels=ids).loss
+        loss.backward()
+        losses.append(loss.detach())
+        grads.append({name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None})
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-6)
+    for name, expected in grads[0].items():
+        torch.testing.assert_close(grads[1][name], expected, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_the_chunked_op_passes_opcheck():
+    from hf_neural_attention import chunked
+
+    variant = build_variant("neural", 2, 8, proj_dim=2, hidden_dims=[2, 1])
+    generator = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 9, 8, generator=generator, requires_grad=True) for _ in range(3))
+    mask = split_attention_mask(None, 9, 9, True, q.device)
+    rows, shared = variant.prepare(q, k, mask, 8**-0.5)
+    inputs = [*rows, *shared]
+    args = (v, inputs, [False] * len(inputs), None, None, torch.tensor(5), id(variant), len(rows), 8**-0.5, 0.1,
+            True, True, 4)
+    torch.library.opcheck(chunked._chunked_forward, args)

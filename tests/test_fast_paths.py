@@ -10,7 +10,7 @@ import torch
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 import hf_neural_attention as hfna
-from hf_neural_attention.chunked import _RowChunkedAttention
+from hf_neural_attention import chunked
 from hf_neural_attention.masks import KeyMask, make_chunks
 from hf_neural_attention.runtime import FAST_PATHS, fast_paths
 from conftest import ALL_BUILDERS, CAUSAL_BUILDERS, VOCAB, added_parameters, converted
@@ -124,13 +124,13 @@ def model_loss(model, arch, padded: bool):
 @pytest.mark.parametrize("variant", ["expressive", "neural", "cdape"])
 def test_model_logits_and_gradients_equal_plain_path(arch, variant, monkeypatch):
     calls = []
-    original = _RowChunkedAttention.forward
+    original = chunked._forward_chunks
 
-    def counting_forward(ctx, *args):
+    def counting_forward(*args):
         calls.append(1)
-        return original(ctx, *args)
+        return original(*args)
 
-    monkeypatch.setattr(_RowChunkedAttention, "forward", staticmethod(counting_forward))
+    monkeypatch.setattr(chunked, "_forward_chunks", counting_forward)
     results = {}
     for fast in (False, True):
         model = converted(ALL_BUILDERS[arch], variant).train()  # every dropout is 0 in the tiny configs
@@ -225,6 +225,7 @@ def test_default_chunking_of_a_long_sequence_equals_plain_path():
     torch.testing.assert_close(fast, plain, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow  # compiles FlexAttention (torch.compile)
 @pytest.mark.parametrize("variant,options", [("expressive", {"form": "rational", "scale": True}), ("dot", {})])
 def test_flex_attention_inference_equals_plain_path(variant, options):
     """Compiled FlexAttention (forward only): masks, an additive bias and a fully masked row."""

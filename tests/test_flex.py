@@ -8,10 +8,12 @@ import torch
 
 import hf_neural_attention as hfna
 from hf_neural_attention import flex
-from hf_neural_attention.chunked import _RowChunkedAttention
+from hf_neural_attention import chunked
 from hf_neural_attention.runtime import fast_paths
 from test_fast_paths import build_mask, call
 from test_formulas import D, random_inputs
+
+pytestmark = pytest.mark.slow  # each test compiles FlexAttention (torch.compile)
 
 
 @pytest.fixture
@@ -29,7 +31,7 @@ def flex_calls(monkeypatch):
     def no_fallback(*args, **kwargs):
         raise AssertionError("the chunked engine ran instead of FlexAttention")
 
-    monkeypatch.setattr(_RowChunkedAttention, "forward", staticmethod(no_fallback))
+    monkeypatch.setattr(chunked, "_forward_chunks", no_fallback)
     return calls
 
 
@@ -65,3 +67,21 @@ def test_flex_same_shape_different_masks(variant, flex_calls):
                 output, _ = call(variant, module, q, k, v, pattern)
         torch.testing.assert_close(output, expected, rtol=1e-5, atol=1e-6)
     assert len(flex_calls) == 3
+
+
+def test_flex_an_edited_mask_buffer_gets_a_new_block_mask(flex_calls):
+    """A reused mask buffer edited in place between calls (its version counter moves) is read again."""
+    q, k, v, keep = random_inputs(dtype=torch.float32, q_len=9, k_len=11, scale=0.3)
+    buffer = keep.clone()
+    module = hfna.build_variant("expressive", 4, D)
+    for edit in (None, slice(0, 5)):
+        if edit is not None:
+            buffer[:, :, :, edit] = ~buffer[:, :, :, edit]
+            buffer[..., -1] = True
+        with torch.no_grad():
+            with fast_paths(False):
+                expected, _ = call("expressive", module, q, k, v, buffer)
+            with fast_paths(True, min_size=0, flex_inference=True):
+                output, _ = call("expressive", module, q, k, v, buffer)
+        torch.testing.assert_close(output, expected, rtol=1e-5, atol=1e-6)
+    assert len(flex_calls) == 2

@@ -92,6 +92,7 @@ def _tiny_gpt2():
     return hfna.VariantGPT2LMHeadModel(config)
 
 
+@pytest.mark.slow
 def test_train_built_arm_seeds_a_factory_and_trains_a_ready_model(tmp_path):
     """A factory is called after set_seed(seed): the same seed gives the same initial and trained weights, another
     seed other ones; a ready model trains as it is."""

@@ -48,6 +48,7 @@ def test_legacy_checkpoint_loads_with_todays_package(name, fast):
     torch.testing.assert_close(actual, logits, atol=2e-5, rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_legacy_checkpoints_load_through_their_own_code(tmp_path):
     jobs = []
     for name, (auto_class, _, _, _) in CASES.items():

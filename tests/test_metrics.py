@@ -67,6 +67,7 @@ def test_sliding_window_rejects_bad_stride():
             sliding_window_perplexity(BigramModel(), torch.arange(5), block_size=4, stride=stride)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model_class,config_class", [
     ("VariantGPT2LMHeadModel", "VariantGPT2Config"), ("VariantLlamaForCausalLM", "VariantLlamaConfig")])
 def test_trainer_eval_loss_is_the_models_mean_token_loss(model_class, config_class, tmp_path):

@@ -36,6 +36,7 @@ def test_extrapolation_verdict_rule():
     assert extrapolation_verdict([3.0, 5.0, 2.5], [1.0, 1.05, 2.0]) == "inconclusive"  # one seed not flat, wide spread
 
 
+@pytest.mark.slow
 def test_reproduce_retrofit_toy(tmp_path, data_cache):
     """Every arm fine-tunes from the same pretrained dot model with a fresh schedule that actually trains; the
     function-preserving arms start at dot-continued's perplexity, seed by seed; every file is written."""
@@ -58,6 +59,7 @@ def test_reproduce_retrofit_toy(tmp_path, data_cache):
     assert (tmp_path / "results" / "results.png").stat().st_size > 0
 
 
+@pytest.mark.slow
 def test_neural_dead_unit_toy(tmp_path, data_cache):
     """Rows for every arm and seed; the certificate agrees with the data: a certified dead unit gives uniform
     attention; leaky_relu is never certified dead, alive_init never at init."""
@@ -83,6 +85,7 @@ def test_neural_dead_unit_toy(tmp_path, data_cache):
     assert "| leaky_relu |" in (tmp_path / "results" / "results.md").read_text()
 
 
+@pytest.mark.slow
 def test_reproduce_neural_toy_image(tmp_path, data_cache):
     script = load_script("reproduce_neural")
     assert script.main([
@@ -99,6 +102,7 @@ def test_reproduce_neural_toy_image(tmp_path, data_cache):
     assert (tmp_path / "results" / "cards" / "image-neural-first.md").exists()
 
 
+@pytest.mark.slow
 def test_reproduce_cdape_toy(tmp_path, data_cache, monkeypatch):
     """Every arm trains and is scored at every length; Kerple alone trains only the Kerple parameters on top of NoPE
     (its convolutions stay frozen); growth columns and one verdict per base arm are written. Two runs of some arms
@@ -135,6 +139,7 @@ def test_reproduce_cdape_toy(tmp_path, data_cache, monkeypatch):
     assert {f"{arm}.md" for arm in script.ARMS} == {p.name for p in (tmp_path / "results" / "cards").iterdir()}
 
 
+@pytest.mark.slow
 def test_reproduce_expressive_toy(tmp_path):
     """Both arms train at every level and seed through the harness (a model factory per arm); accuracy is scored on
     the held-out recurrence, one card per arm and level, the table has one line per level."""

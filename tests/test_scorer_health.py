@@ -88,6 +88,7 @@ def test_the_monitor_warns_once_per_dead_layer(caplog):
         NeuralScorerMonitor(check_every=0)
 
 
+@pytest.mark.slow
 def test_training_a_neural_model_runs_the_monitor(tmp_path):
     model = hfna.convert(tiny_gpt2(), "neural")
     ids = torch.randint(1, VOCAB, (8, 16), generator=torch.Generator().manual_seed(0))
@@ -138,3 +139,66 @@ def test_the_activation_option_round_trips_and_is_validated(tmp_path):
     assert loaded.transformer.h[0].attn.attention_variant.activation == "leaky_relu"
     with pytest.raises(ValueError, match=r"activation='gelu' is not valid; choose one of \['relu', 'leaky_relu'\]"):
         hfna.convert(tiny_gpt2(), "neural", activation="gelu")
+
+
+# ---- dead on the data: the weights certify nothing, the inputs the model produces never revive it ------------------
+
+@torch.no_grad()
+def dead_on_the_data(scorer) -> None:
+    """A first hidden layer dead for every input of ordinary size (bias -100; the projected q and k are O(1)) but
+    alive where |q~| or |k~| is large, and later layers with a positive weight, so no layer is certified dead."""
+    scorer.mlp_biases[0].fill_(-100.0)
+    for weight, bias in zip(scorer.mlp_weights[1:-1], scorer.mlp_biases[1:-1]):
+        weight.fill_(1.0)
+        bias.fill_(-0.5)
+
+
+def test_a_scorer_dead_on_the_data_but_not_by_its_weights_is_found_by_the_probe():
+    from hf_neural_attention.experiments.scorer_health import constant_on_data
+
+    torch.manual_seed(0)
+    scorer = build_variant("neural", H, D, init="alive")
+    generator = torch.Generator().manual_seed(1)
+    q, k = (torch.randn(2, H, 40, D, generator=generator) for _ in range(2))
+    assert constant_on_data(scorer, q, k, D**-0.5) == []  # alive at init on these inputs
+    dead_on_the_data(scorer)
+    assert dead_groups(scorer) == []  # the weight certificate sees nothing
+    assert constant_on_data(scorer, q, k, D**-0.5) == [0, 1]  # every pair of the data scores the same
+    assert constant_on_data(scorer, 1e4 * q, 1e4 * k, D**-0.5) != [0, 1]  # large inputs revive it: not a certificate
+    add = build_variant("neural", H, D, combine="add")
+    dead_on_the_data(add)
+    with torch.no_grad():
+        add.mlp_weights[-1].fill_(0.3)  # a live last layer: the MLP would matter if its hidden units were alive
+    assert constant_on_data(add, q, k, D**-0.5) == [0, 1]  # attention = plain q.k attention
+
+
+def train_one_step(model, tmp_path):
+    ids = torch.randint(1, VOCAB, (8, 16), generator=torch.Generator().manual_seed(0))
+    dataset = Dataset.from_dict({"input_ids": ids.tolist(), "labels": ids.tolist()})
+    return train_model(model, training_arguments(tmp_path, seed=0, max_steps=1, per_device_train_batch_size=4),
+                       dataset)[0]
+
+
+@pytest.mark.parametrize("dead", [True, False], ids=["dead_on_the_data", "alive"])
+def test_the_monitor_warns_once_for_a_scorer_dead_on_the_data(dead, tmp_path, caplog):
+    torch.manual_seed(0)
+    model = hfna.convert(tiny_gpt2(), "neural", init="alive")  # layer 0, as the paper
+    scorer = model.transformer.h[0].attn.attention_variant
+    if dead:
+        dead_on_the_data(scorer)
+    assert dead_scorers(model) == {}
+    with caplog.at_level(logging.WARNING, logger="hf_neural_attention.experiments.scorer_health"):
+        trainer = train_one_step(model, tmp_path)
+        model.eval()
+        with torch.no_grad():  # a forward after training: the probe armed at the end of training fires, once
+            model(torch.randint(1, VOCAB, (2, 12)))
+    warnings = [r.getMessage() for r in caplog.records if "dead on the data" in r.getMessage()]
+    if not dead:
+        assert warnings == []
+        return
+    assert len(warnings) == 1, warnings
+    assert "transformer.h.0.attn" in warnings[0] and "heads [0, 1, 2, 3]" in warnings[0]
+    assert "leaky_relu" in warnings[0] and "init='alive'" in warnings[0] and "uniform" in warnings[0]
+    assert "prepare" not in vars(scorer) and "kernel_inputs" not in vars(scorer)  # probes removed
+    monitor = next(c for c in trainer.callback_handler.callbacks if isinstance(c, NeuralScorerMonitor))
+    assert monitor.probes == {}

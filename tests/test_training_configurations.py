@@ -13,7 +13,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 import hf_neural_attention as hfna
 from hf_neural_attention import attention_interface
-from hf_neural_attention.chunked import _RowChunkedAttention
+from hf_neural_attention import chunked
 from hf_neural_attention.runtime import fast_paths
 from conftest import ALL_BUILDERS, VOCAB, converted
 from test_formulas import CASES, D, H, Holder, make_module, random_inputs, reference_output
@@ -66,9 +66,8 @@ def gpt2_with_dropout() -> GPT2LMHeadModel:
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_dropout_training_is_reproducible_and_eval_has_none(variant, monkeypatch):
     calls = []
-    original = _RowChunkedAttention.forward
-    monkeypatch.setattr(_RowChunkedAttention, "forward",
-                        staticmethod(lambda ctx, *args: calls.append(1) or original(ctx, *args)))
+    original = chunked._forward_chunks
+    monkeypatch.setattr(chunked, "_forward_chunks", lambda *args: calls.append(1) or original(*args))
     torch.manual_seed(0)
     model = hfna.convert(gpt2_with_dropout(), variant, layers="all", **VARIANTS[variant])
     ids = torch.randint(1, VOCAB, (2, 24), generator=torch.Generator().manual_seed(1))
@@ -182,9 +181,8 @@ def test_autocast_bf16_casts_inputs_and_fast_path_is_as_accurate_as_plain(arch, 
     monkeypatch.setattr(attention_interface, "dispatch_attention", lambda variant_, q, k, v, *args: received.append(
         (q.dtype, k.dtype, v.dtype)) or original(variant_, q, k, v, *args))
     calls = []
-    chunked_forward = _RowChunkedAttention.forward
-    monkeypatch.setattr(_RowChunkedAttention, "forward",
-                        staticmethod(lambda ctx, *args: calls.append(1) or chunked_forward(ctx, *args)))
+    chunked_forward = chunked._forward_chunks
+    monkeypatch.setattr(chunked, "_forward_chunks", lambda *args: calls.append(1) or chunked_forward(*args))
     generator = torch.Generator().manual_seed(3)
     if arch == "vit":
         inputs = {"pixel_values": torch.randn(2, 3, 16, 16, generator=generator), "labels": torch.tensor([1, 3])}

@@ -25,6 +25,7 @@ from conftest import ALL_BUILDERS, VOCAB, converted
 from test_formulas import Holder
 
 assert triton_kernels.interpreted(), "conftest must set TRITON_INTERPRET=1 before triton is imported"
+pytestmark = pytest.mark.triton
 
 B, H, D = 2, 2, 24  # a head dim that is no power of two (padded to 32 inside the kernels)
 SHAPES = [(19, 19), (5, 21), (16, 33)]  # odd lengths, a cache-shaped call (Lq < Lk), exact and ragged blocks
@@ -125,6 +126,7 @@ def test_neural_kernels_match_chunked_path_and_formula(options, q_len, k_len):
     torch.testing.assert_close(fused[0].double(), weights @ v.double(), rtol=0, atol=1e-5)
 
 
+@pytest.mark.slow  # a sweep of tile shapes through Triton's interpreter
 @pytest.mark.parametrize("name", ["rational", "softmax_square", "neural"])
 @pytest.mark.parametrize("q_len,k_len", [(40, 40), (20, 37)])
 @pytest.mark.parametrize("tiles", [None, (Tiles(32, 16, 4), Tiles(16, 32, 4))], ids=["square", "rectangular"])
@@ -338,6 +340,7 @@ def test_the_kernels_are_chosen_only_where_they_apply(monkeypatch):
         hfna.FAST_PATHS.backend = "gpu"
 
 
+@pytest.mark.slow  # a whole model through Triton's interpreter
 @pytest.mark.parametrize("variant", ["expressive", "neural"])
 def test_a_whole_model_trains_the_same_through_the_kernels(variant):
     ids = torch.randint(1, VOCAB, (2, 17), generator=torch.Generator().manual_seed(0))
@@ -378,6 +381,7 @@ def test_float32_products_follow_pytorchs_precision_setting():
     assert torch.equal(as_tf32, values)
 
 
+@pytest.mark.slow
 def test_the_kernels_compile_for_an_h100(tmp_path):
     """What only the GPU compiler checks (tl.dot's shape and dtype rules, layouts, shared memory, registers), which
     the interpreter skips: the neural launches (the most code; bf16, causal, dropout, the GPU tiles) compiled to a

@@ -6,7 +6,8 @@
 CHECKPOINT is a local folder or a Hub id. Every existing weight is kept; only the variant's parameters are new.
 The output folder holds safetensors weights, the config with `auto_map`, the modeling code and a model card, so it
 loads with `from_pretrained(OUTPUT_DIR, trust_remote_code=True)` without this package. `--push-to-hub` uploads that
-folder through the model's own `push_to_hub`. A tokenizer or image processor found next to the checkpoint is copied.
+folder through the model's own `push_to_hub`. A tokenizer or image processor found next to the checkpoint is copied; when the checkpoint has none, none is
+saved (and the command says so) rather than an empty tokenizer built from the model type.
 
 Examples:
     python scripts/retrofit.py openai-community/gpt2 cdape gpt2-cdape --option kernel_size=3
@@ -54,14 +55,43 @@ def model_class_for(checkpoint: str):
     return AutoModel
 
 
+# Files one of which every saved tokenizer has (Transformers' tokenizer config, a fast tokenizer's tokenizer.json, or
+# the vocabulary files of the slow BPE, WordPiece and SentencePiece tokenizers).
+TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json", "vocab.json", "merges.txt", "vocab.txt",
+                   "tokenizer.model", "spiece.model", "sentencepiece.bpe.model")
+
+
+def has_tokenizer_files(checkpoint: str) -> bool:
+    """Whether the checkpoint (a folder, or a Hub id reached or cached) holds any tokenizer file. Without one,
+    AutoTokenizer still builds a tokenizer from the model type, with an empty vocabulary (a 1-token GPT2Tokenizer
+    for GPT-2), and saving that would ship a tokenizer that encodes every text to nothing."""
+    from transformers.utils import cached_file
+
+    for name in TOKENIZER_FILES:
+        try:
+            if cached_file(checkpoint, name, _raise_exceptions_for_missing_entries=False,
+                           _raise_exceptions_for_connection_errors=False) is not None:
+                return True
+        except (OSError, ValueError):
+            continue
+    return False
+
+
 def copy_preprocessor(checkpoint: str, output_dir: str) -> str | None:
-    for loader in (AutoTokenizer, AutoImageProcessor):
+    """Copy the tokenizer (if the checkpoint has tokenizer files) or else an image processor; the class name of what
+    was copied, or None when there was none."""
+    loaders = ((AutoTokenizer,) if has_tokenizer_files(checkpoint) else ()) + (AutoImageProcessor,)
+    for loader in loaders:
         try:
             preprocessor = loader.from_pretrained(checkpoint)
         except (OSError, ValueError, KeyError):
             continue  # none of this kind next to the checkpoint
         except ImportError as error:  # e.g. an image processor without Pillow installed
             print(f"warning: could not copy the {loader.__name__[4:]}: {error}".strip(), file=sys.stderr)
+            continue
+        if loader is AutoTokenizer and len(preprocessor) <= 1:  # files present but no vocabulary: do not ship it
+            print(f"warning: the tokenizer next to {checkpoint} has {len(preprocessor)} token(s); not copied",
+                  file=sys.stderr)
             continue
         preprocessor.save_pretrained(output_dir)
         return type(preprocessor).__name__
@@ -95,7 +125,9 @@ def main(argv: list[str] | None = None) -> int:
     preprocessor = copy_preprocessor(args.checkpoint, args.output_dir)
     print(f"saved {type(model).__name__} ({args.variant}, layers {model.config.attention_variant_layers}, "
           f"options {model.config.attention_variant_options}) to {args.output_dir}"
-          + (f" with its {preprocessor}" if preprocessor else " (no tokenizer or image processor found to copy)"))
+          + (f" with its {preprocessor}" if preprocessor else
+             f"; no tokenizer or image processor saved ({args.checkpoint} has none): save yours next to it with "
+             f"tokenizer.save_pretrained({args.output_dir!r}) before generating text or using pipeline()"))
     if args.push_to_hub:
         url = model.push_to_hub(args.push_to_hub, private=args.private)
         print(f"pushed to {args.push_to_hub}: {url}")

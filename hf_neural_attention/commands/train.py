@@ -1,7 +1,9 @@
 """Train one model with the stock Trainer from a YAML/JSON recipe, with command-line overrides.
 
     hfna-train configs/gpt2_stdlib.yaml [--attention_variant cdape] [--max_steps 100] ...   (or scripts/train.py)
-    accelerate launch --num_processes 2 --cpu scripts/train.py configs/gpt2_stdlib.yaml   # data-parallel
+    torchrun --nproc_per_node 2 -m hf_neural_attention.commands.train configs/gpt2_stdlib.yaml --use_cpu true
+    torchrun --nproc_per_node 2 -m hf_neural_attention.commands.train configs/gpt2_stdlib.yaml --use_cpu true \\
+        --fsdp true --fsdp_config '{transformer_layer_cls_to_wrap: [GPT2Block]}'      # FSDP (README "Several machines")
 
 A recipe holds the fields of ModelArguments, DataArguments (hf_neural_attention/experiments/recipes.py) and
 transformers.TrainingArguments in one mapping. Overrides are `--key value` or `--key=value`; values are read as
@@ -92,14 +94,12 @@ def parse_dict_recipe(recipe: dict) -> tuple[ModelArguments, DataArguments, Trai
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if "-h" in argv or "--help" in argv:  # every recipe field, with its help text and default
-        parser = HfArgumentParser((ModelArguments, DataArguments, TrainingArguments))
-        parser.usage = "hfna-train [RECIPE.yaml] [--key value ...]"
-        print(__doc__.strip() + "\n\n" + parser.format_help())
+    if "-h" in argv or "--help" in argv:
+        print(help_text())
         return 0
     try:
         model_args, data_args, training_args = parse(argv)
-        results = run(model_args, data_args, training_args)
+        results = run(model_args, data_args, training_args, launch_arguments=argv)
     except (ValueError, FileNotFoundError, StrictDataclassClassValidationError) as error:
         # Config validation wraps our ValueError; show the message that names the problem.
         cause = error.__cause__ if isinstance(error, StrictDataclassClassValidationError) else error
@@ -110,6 +110,18 @@ def main(argv: list[str] | None = None) -> int:
         headline = {k: v for k, v in results.items() if k.startswith(("validation_", "test_"))}
         print(json.dumps({"output_dir": training_args.output_dir, **headline}, indent=2))
     return 0
+
+
+def help_text() -> str:
+    """Every recipe field with its help text and default: the model and data fields first, each set under its own
+    heading, then the ~100 fields of transformers.TrainingArguments."""
+    titled = [type(cls.__name__, (cls,), {"_argument_group_name": title}) for cls, title in (
+        (ModelArguments, "model fields (ModelArguments, hf_neural_attention/experiments/recipes.py)"),
+        (DataArguments, "data fields (DataArguments, hf_neural_attention/experiments/recipes.py)"),
+        (TrainingArguments, "training fields (transformers.TrainingArguments)"))]
+    parser = HfArgumentParser(titled)
+    parser.usage = "hfna-train [RECIPE.yaml] [--key value ...]"
+    return __doc__.strip() + "\n\n" + parser.format_help()
 
 
 def finish_distributed() -> None:

@@ -21,6 +21,16 @@ Setting (the project's issue 5): GPT-2 geometry, d_model 512, 8 heads (d_h 64), 
 - level "model": a 1-layer GPT2LMHeadModel (vocabulary 4096, so that attention rather than the output layer
   dominates; training mode), forward + backward of the loss on n random tokens.
 - level "inference": the layer's forward alone under torch.no_grad() (where FlexAttention can run).
+- level "decode": cached generation, what a published checkpoint is mostly used for. A 2-layer model of GPT-2
+  geometry (d_model 512, 8 heads, vocabulary 4096; `--archs llama` adds a Llama-family one: RoPE, 2 key-value
+  heads, SwiGLU) with every attention layer running the method (eval mode, the variants' default options) runs
+  `generate` of 16 greedy tokens from an n-token context whose first n - 1 tokens are already in a DynamicCache
+  (random keys and values: their content does not change a step's work, and no prefill is timed): 16 one-row
+  forward calls per timed step. n is the context (--decode-sizes, 1024 and 4096), for batch 1 and 8 (--batches);
+  tokens/s counts every sequence of the batch (median step); the share of SDPA compares best steps. The methods of
+  one (context, batch, model) run in one process, their timed steps interleaved round by round, so that load from
+  other processes on a shared machine slows them alike (no memory figure for this level). Methods: sdpa and the variants dot, expressive, neural, cdape;
+  targets: tokens/s at least 0.9x SDPA's for dot, expressive and neural, 0.6x for cdape (issue 26).
 Methods:
 - sdpa, eager: Transformers' stock GPT-2 attention implementations ("sdpa" is what users run by default).
 - expressive, neural (paper defaults: d' = 2, MLP 4 -> 2 -> 1 -> 1), cdape (k = 3, D = 32, no positional bias),
@@ -59,7 +69,7 @@ from .benchmark_worker import VOCAB, cpu_busy_seconds
 PACKAGE_PARENT = Path(__file__).resolve().parents[2]  # where the workers import hf_neural_attention from
 
 SIZES = (256, 512, 1024, 2048, 4096)
-LEVELS = ("layer", "model", "inference")
+LEVELS = ("layer", "model", "inference", "decode")
 TRAIN_METHODS = (
     "sdpa", "eager",
     "expressive", "expressive_plain",
@@ -67,7 +77,11 @@ TRAIN_METHODS = (
     "cdape", "cdape_plain", "cdape_kerple", "cdape_reference",
 )
 INFERENCE_METHODS = ("sdpa", "eager", "expressive", "expressive_flex", "neural", "cdape")
-METHODS = TRAIN_METHODS + ("expressive_flex",)
+DECODE_METHODS = ("sdpa", "dot", "expressive", "neural", "cdape")
+METHODS = TRAIN_METHODS + ("expressive_flex", "dot")
+DECODE_SIZES, DECODE_BATCHES = (1024, 4096), (1, 8)
+# Targets of issue 26 for cached generation: tokens/s as a share of SDPA's in the same run (at least).
+DECODE_TARGETS = {"dot": 0.9, "expressive": 0.9, "neural": 0.9, "cdape": 0.6}
 # Targets of issue 5 at n = 2048 (ratio to eager attention: time, memory).
 TARGETS = {"neural": (1.3, 1.3), "expressive": (1.1, 1.1), "cdape": (3.5, 1.5)}
 
@@ -92,17 +106,18 @@ def wait_for_idle(threshold: float, max_wait_s: float) -> float:
 
 # ---- the driver ---------------------------------------------------------------------------------------------------
 
-def run_config(setting, level, method, n, repeats, warmup, threads, budget_s, timeout_s) -> dict:
+def run_config(setting, level, method, n, repeats, warmup, threads, budget_s, timeout_s, batch=1,
+               arch="gpt2") -> dict:
     command = [sys.executable, "-m", "hf_neural_attention.experiments.benchmark_worker", "--dtype", setting[0], "--dropout", setting[1],
                "--level", level, "--method", method, "--n", str(n),
                "--repeats", str(repeats), "--warmup", str(warmup), "--threads", str(threads),
-               "--budget-s", str(budget_s)]
+               "--budget-s", str(budget_s), "--batch", str(batch), "--arch", arch]
     env = dict(os.environ, TRANSFORMERS_VERBOSITY="error", HF_HUB_OFFLINE="1", PYTHONPATH=str(PACKAGE_PARENT))
     try:
         done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout_s)
     except subprocess.TimeoutExpired:
         return {"error": f"timed out after {timeout_s:.0f} s"}
-    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+    lines = [line for line in done.stdout.splitlines() if line.startswith(("{", "["))]
     if done.returncode != 0 or not lines:
         tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
         return {"error": f"exit {done.returncode}: {tail[0][:200]}"}
@@ -128,7 +143,7 @@ def load_rows(path: Path) -> list[dict]:
     """The rows of an earlier results.csv, numbers parsed and empty cells dropped (ratios are recomputed)."""
     if not path.exists():
         return []
-    integers = {"n", "runs", "threads"}
+    integers = {"n", "runs", "threads", "batch"}
     rows = []
     with open(path, newline="") as handle:
         for record in csv.DictReader(handle):
@@ -138,7 +153,7 @@ def load_rows(path: Path) -> list[dict]:
                     continue
                 if key in integers:
                     row[key] = int(value)
-                elif key in ("dtype", "dropout", "level", "method", "note"):
+                elif key in ("dtype", "dropout", "level", "method", "note", "arch"):
                     row[key] = value
                 else:
                     row[key] = float(value)
@@ -149,7 +164,8 @@ def load_rows(path: Path) -> list[dict]:
 
 
 def key_of(row: dict, method: str | None = None) -> tuple:
-    return (row["dtype"], row["dropout"], row["level"], method or row["method"], row["n"])
+    return (row["dtype"], row["dropout"], row["level"], method or row["method"], row["n"], row.get("batch", 1),
+            row.get("arch", "gpt2"))
 
 
 def setting_name(dtype: str, dropout: str) -> str:
@@ -171,7 +187,7 @@ def add_ratios(rows: list[dict]) -> dict:
     return by_key
 
 
-FIELDS = ["dtype", "dropout", "level", "method", "n", "time_s", "peak_mib", "time_vs_eager", "mem_vs_eager", "time_vs_sdpa", "mem_vs_sdpa",
+FIELDS = ["dtype", "dropout", "level", "arch", "method", "n", "batch", "tokens_per_s", "time_s", "peak_mib", "time_vs_eager", "mem_vs_eager", "time_vs_sdpa", "mem_vs_sdpa",
           "runs", "min_s", "max_s", "threads", "busy_before", "foreign_cpu", "note"]
 
 
@@ -213,7 +229,7 @@ def write_outputs(rows: list[dict], out: Path, meta: dict) -> None:
     for dtype, dropout in settings:
         for variant, (time_target, mem_target) in TARGETS.items():
             for level in ("layer", "model"):
-                row = by_key.get((dtype, dropout, level, variant, 2048))
+                row = by_key.get((dtype, dropout, level, variant, 2048, 1, "gpt2"))
                 if not row or row.get("time_vs_eager") is None or row.get("mem_vs_eager") is None:
                     continue
                 t, m = row["time_vs_eager"], row["mem_vs_eager"]
@@ -224,8 +240,9 @@ def write_outputs(rows: list[dict], out: Path, meta: dict) -> None:
                              f"{m:.2f}x | <= {mem_target}x | {fmt(row.get('time_vs_sdpa'), 2)}x | "
                              f"{fmt(row.get('mem_vs_sdpa'), 2)}x | {verdict} |")
     lines.append("")
+    lines += decode_section(rows, by_key)
     for dtype, dropout in settings:
-        for level in LEVELS:
+        for level in LEVELS[:-1]:  # decode has its own section
             level_rows = [r for r in rows if (r["dtype"], r["dropout"], r["level"]) == (dtype, dropout, level)]
             if not level_rows:
                 continue
@@ -251,6 +268,36 @@ def write_outputs(rows: list[dict], out: Path, meta: dict) -> None:
     plot(rows, out)
 
 
+def decode_section(rows: list[dict], by_key: dict) -> list[str]:
+    """The cached-generation rows: tokens/s and the share of SDPA's tokens/s in the same run, against the targets."""
+    decode = [r for r in rows if r["level"] == "decode"]
+    if not decode:
+        return []
+    lines = ["## Decoding: tokens/s of cached `generate` (share of SDPA's in the same run)", "",
+             "A 2-layer model (d_model 512, 8 heads, vocabulary 4096), every layer running the method; 16 greedy "
+             "tokens per timed step from an n-token context already in the cache (n - 1 tokens), batch 1 or 8; the methods "
+             "of one row group run in one process, their steps interleaved round by round "
+             "(tokens/s counts every sequence; median step). The share of SDPA compares the best timed step of each (other "
+             "processes on a shared machine only add time). Targets (issue 26): dot, expressive and neural at least 0.9x SDPA's "
+             "tokens/s, cdape at least 0.6x.", "",
+             "| dtype | model | method | context | batch | tokens/s | share of SDPA (best step) | target | verdict | note |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    order = {method: index for index, method in enumerate(DECODE_METHODS)}
+    for row in sorted(decode, key=lambda r: (r["dtype"], r.get("arch", "gpt2"), r["n"], r.get("batch", 1),
+                                             order.get(r["method"], 99))):
+        sdpa = by_key.get(key_of(row, "sdpa"))
+        # Best (shortest) timed step of each: on a shared machine other processes only ever add time.
+        share = (sdpa["min_s"] / row["min_s"] if sdpa is not None and row.get("min_s") and sdpa.get("min_s")
+                 else None)
+        target = DECODE_TARGETS.get(row["method"])
+        verdict = "" if target is None or share is None else "met" if share >= target else "**MISS**"
+        tokens = row.get("tokens_per_s")
+        lines.append(f"| {row['dtype']} | {row.get('arch', 'gpt2')} | {row['method']} | {row['n']} | "
+                     f"{row.get('batch', 1)} | {fmt(tokens, 1)} | {fmt(share, 2)}{'x' if share else ''} | "
+                     f"{f'>= {target}x' if target else ''} | {verdict} | {row.get('note', '')} |")
+    return lines + [""]
+
+
 def plot(rows: list[dict], out: Path) -> None:
     try:
         import matplotlib
@@ -259,6 +306,9 @@ def plot(rows: list[dict], out: Path) -> None:
         import matplotlib.pyplot as plt
     except ImportError:
         print("matplotlib is not installed: no plots", file=sys.stderr)
+        return
+    rows = [r for r in rows if r["level"] != "decode"]  # decode: a table only
+    if not rows:
         return
     levels = [level for level in LEVELS if any(r["level"] == level for r in rows)]
     settings = sorted({(r["dtype"], r["dropout"]) for r in rows}, key=lambda s: (s[1] != "stock", s[0]))
@@ -315,6 +365,11 @@ def main() -> None:
                         help="fp32, or bf16 autocast over float32 weights")
     parser.add_argument("--dropouts", nargs="+", default=["stock", "0"], choices=["stock", "0"],
                         help="stock: GPT2Config's dropouts (0.1); 0: every dropout off")
+    parser.add_argument("--decode-sizes", type=int, nargs="+", default=list(DECODE_SIZES),
+                        help="level decode: context lengths")
+    parser.add_argument("--batches", type=int, nargs="+", default=list(DECODE_BATCHES), help="level decode: batches")
+    parser.add_argument("--archs", nargs="+", default=["gpt2"], choices=["gpt2", "llama"],
+                        help="level decode: model families")
     parser.add_argument("--repeats", type=int, default=7, help="timed steps for n < 2048 (fewer above)")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--max-reference-n", type=int, default=2048,
@@ -345,34 +400,59 @@ def main() -> None:
         print(f"re-wrote {args.out}/results.md, time.png, memory.png from results.csv")
         return
     settings = [(dtype, dropout) for dropout in args.dropouts for dtype in args.dtypes]
-    planned = {(*setting, level, method, n) for setting in settings for level in args.levels for n in args.sizes
-               for method in args.methods if method in (INFERENCE_METHODS if level == "inference" else TRAIN_METHODS)}
+    train_levels = [level for level in args.levels if level != "decode"]
+    # (setting, level, method, n, batch, arch) of every configuration to run; decode runs in eval mode (dropout 0).
+    jobs = [(setting, level, method, n, 1, "gpt2") for setting in settings for level in train_levels
+            for n in sorted(args.sizes)
+            for method in args.methods if method in (INFERENCE_METHODS if level == "inference" else TRAIN_METHODS)]
+    decode_methods = [m for m in DECODE_METHODS if m in args.methods]  # sdpa first: the reference
+    if "decode" in args.levels and decode_methods:
+        # One job (one process) per (context, batch, model): its methods' steps interleave (benchmark_worker.py).
+        jobs += [((dtype, "0"), "decode", ",".join(decode_methods), n, batch, arch) for dtype in args.dtypes
+                 for arch in args.archs for n in sorted(args.decode_sizes) for batch in sorted(args.batches)]
+    planned = {(*setting, level, method, n, batch, arch) for setting, level, methods, n, batch, arch in jobs
+               for method in methods.split(",")}
     earlier = load_rows(args.out / "results.csv") if args.merge else []
     rows = [row for row in earlier if key_of(row) not in planned]
     started = time.time()
-    for setting, level in [(setting, level) for setting in settings for level in args.levels]:
-        allowed = INFERENCE_METHODS if level == "inference" else TRAIN_METHODS
-        for n in sorted(args.sizes):
-            for method in [m for m in args.methods if m in allowed]:
-                row = {"dtype": setting[0], "dropout": setting[1], "level": level, "method": method, "n": n}
-                reason = skip_reason(method, level, n, args.max_reference_n)
-                if reason:
-                    row["note"] = reason
-                else:
-                    row["busy_before"] = round(wait_for_idle(0.10, args.max_wait_s), 3)
-                    result = run_config(setting, level, method, n, repeats_for(n, args.repeats), 1, args.threads,
-                                        args.budget_s, args.timeout_s)
-                    if "error" in result:
-                        row["note"] = result["error"]
-                    else:
-                        row.update({k: v for k, v in result.items() if k not in ("dtype", "dropout", "level", "method", "n")})
+    for setting, level, method, n, batch, arch in jobs:
+        if "," in method:  # decode: several methods measured together
+            result = run_config(setting, level, method, n, args.repeats, 1, args.threads, args.budget_s,
+                                args.timeout_s, batch, arch)
+            measured = result if isinstance(result, list) else [
+                {"dtype": setting[0], "dropout": setting[1], "level": level, "method": name, "n": n, "batch": batch,
+                 "arch": arch, "note": result.get("error", "no result")} for name in method.split(",")]
+            for row in measured:
                 rows.append(row)
-                print(f"[{time.time() - started:6.0f} s] {setting[0]} {setting[1]:5s} {level:9s} {method:17s} n={n:5d} "
-                      f"time={fmt(row.get('time_s'), 4)} s  peak={fmt(row.get('peak_mib'), 1)} MiB "
-                      f"busy={row.get('busy_before', '')} foreign={row.get('foreign_cpu', '')} {row.get('note', '')}",
-                      flush=True)
-                meta["minutes"] = round((time.time() - started) / 60)
-                write_outputs(rows, args.out, meta)
+                print(f"[{time.time() - started:6.0f} s] {setting[0]} decode {arch} n={n:5d} batch={batch} "
+                      f"{row['method']:11s} tokens/s={fmt(row.get('tokens_per_s'), 1)} best={fmt(row.get('min_s'), 4)} s "
+                      f"median={fmt(row.get('time_s'), 4)} s foreign={row.get('foreign_cpu', '')} "
+                      f"{'' if 'tokens_per_s' in row else row.get('note', '')}", flush=True)
+            meta["minutes"] = round((time.time() - started) / 60)
+            write_outputs(rows, args.out, meta)
+            continue
+        row = {"dtype": setting[0], "dropout": setting[1], "level": level, "method": method, "n": n}
+        if level == "decode":
+            row.update(batch=batch, arch=arch)
+        reason = skip_reason(method, level, n, args.max_reference_n)
+        if reason:
+            row["note"] = reason
+        else:
+            row["busy_before"] = round(wait_for_idle(0.10, args.max_wait_s), 3)
+            result = run_config(setting, level, method, n, repeats_for(n, args.repeats), 1, args.threads,
+                                args.budget_s, args.timeout_s, batch, arch)
+            if "error" in result:
+                row["note"] = result["error"]
+            else:
+                row.update({k: v for k, v in result.items() if k not in ("dtype", "dropout", "level", "method", "n")})
+        rows.append(row)
+        print(f"[{time.time() - started:6.0f} s] {setting[0]} {setting[1]:5s} {level:9s} {method:17s} n={n:5d} "
+              + (f"batch={batch} {arch} tokens/s={fmt(row.get('tokens_per_s'), 1)} " if level == "decode" else "")
+              + f"time={fmt(row.get('time_s'), 4)} s  peak={fmt(row.get('peak_mib'), 1)} MiB "
+              f"busy={row.get('busy_before', '')} foreign={row.get('foreign_cpu', '')} {row.get('note', '')}",
+              flush=True)
+        meta["minutes"] = round((time.time() - started) / 60)
+        write_outputs(rows, args.out, meta)
     print(f"wrote {args.out}/results.csv, results.md, time.png, memory.png in {time.time() - started:.0f} s")
 
 

@@ -15,13 +15,16 @@ import time
 from pathlib import Path
 
 VARIANT_OF = {
-    "expressive": ("expressive", {}), "neural": ("neural", {}), "cdape": ("cdape", {}),
+    "dot": ("dot", {}), "expressive": ("expressive", {}), "neural": ("neural", {}), "cdape": ("cdape", {}),
     "cdape_kerple": ("cdape", {"bias": "kerple"}), "expressive_flex": ("expressive", {}),
     "neural_reference": ("neural", {}), "cdape_reference": ("cdape", {"bias": "kerple"}),
 }
 for _name in ("expressive", "neural", "cdape"):
     VARIANT_OF[f"{_name}_plain"] = VARIANT_OF[_name]
 D_MODEL, HEADS, VOCAB = 512, 8, 4096
+# Level "decode": a small model of each geometry decoding DECODE_NEW_TOKENS tokens per timed step from a cache of n - 1
+# tokens (n = context); every attention layer runs the method.
+DECODE_LAYERS, DECODE_NEW_TOKENS = 2, 16
 
 # ---- the reference implementations, re-stated ---------------------------------------------------------------------
 
@@ -76,8 +79,101 @@ def _status(field: str) -> int:
     return int(match.group(1)) * 1024
 
 
-def build(method: str, level: str, n: int, dtype: str = "fp32", dropout: str = "0"):
+def decode_model(method: str, n: int, arch: str = "gpt2"):
+    """A small eval-mode model (DECODE_LAYERS layers, d_model 512, 8 heads, vocabulary 4096, no dropout) whose every
+    attention layer runs `method` (sdpa, or a variant with its default options)."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    import hf_neural_attention as hfna
+
+    torch.manual_seed(0)
+    if arch == "llama":  # Llama family: RoPE, grouped keys and values (8 query heads, 2 key-value heads), SwiGLU
+        config = LlamaConfig(num_hidden_layers=DECODE_LAYERS, hidden_size=D_MODEL, num_attention_heads=HEADS,
+                             num_key_value_heads=2, intermediate_size=4 * D_MODEL, vocab_size=VOCAB,
+                             max_position_embeddings=n + 2 * DECODE_NEW_TOKENS, bos_token_id=0, eos_token_id=0,
+                             pad_token_id=0)
+        model = LlamaForCausalLM(config)
+    else:
+        config = GPT2Config(n_layer=DECODE_LAYERS, n_embd=D_MODEL, n_head=HEADS, vocab_size=VOCAB,
+                            n_positions=n + 2 * DECODE_NEW_TOKENS, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                            bos_token_id=0, eos_token_id=0, pad_token_id=0)
+        model = GPT2LMHeadModel(config)
+    if method == "sdpa":
+        model.set_attn_implementation("sdpa")
+    else:
+        variant, options = VARIANT_OF[method]
+        hfna.convert(model, variant, layers="all", **options)
+    return model.eval()
+
+
+def build_decode(method: str, n: int, batch: int, dtype: str = "fp32", arch: str = "gpt2"):
+    """Cached generation: the cache holds n - 1 tokens of random keys and values (what they hold does not change the
+    work of a step, and filling it this way skips a prefill that would dominate the run), and one step is
+    `generate` of DECODE_NEW_TOKENS greedy tokens from the n-token context: DECODE_NEW_TOKENS one-row forward calls.
+    After each step the cache is cropped back to n - 1 tokens (a slice, timed with the step: negligible)."""
+    import torch
+    from transformers import DynamicCache
+
+    model = decode_model(method, n, arch)
+    config = model.config
+    heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    head_dim = config.hidden_size // config.num_attention_heads
+    generator = torch.Generator().manual_seed(1)
+    cache = DynamicCache(config=config)
+    for layer in range(config.num_hidden_layers):
+        keys, values = (torch.randn(batch, heads, n - 1, head_dim, generator=generator) for _ in range(2))
+        cache.update(keys, values, layer)
+    ids = torch.randint(1, VOCAB, (batch, n), generator=generator)
+    mask = torch.ones(batch, n, dtype=torch.long)
+    settings = dict(max_new_tokens=DECODE_NEW_TOKENS, min_new_tokens=DECODE_NEW_TOKENS, do_sample=False,
+                    use_cache=True, pad_token_id=0)
+
+    def step():
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bf16"):
+            out = model.generate(input_ids=ids, attention_mask=mask, cache=cache, **settings)
+        assert out.shape == (batch, n + DECODE_NEW_TOKENS), out.shape
+        cache.crop(n - 1 - cache.get_seq_length())  # back to the n - 1 context tokens
+
+    return step, model
+
+
+def decode_interleaved(methods: list[str], n: int, batch: int, dtype: str, arch: str, repeats: int,
+                       budget_s: float) -> list[dict]:
+    """Every method of one (context, batch, model) in this one process, their timed steps interleaved round by
+    round (sdpa, dot, ..., sdpa, dot, ...): on a shared machine a burst of foreign load then slows every method
+    alike, so the ratios hold within the run. Each method gets one warm-up step, then up to `repeats` rounds (fewer
+    once the rounds used `budget_s` per method, at least two)."""
+    steps = {method: build_decode(method, n, batch, dtype, arch)[0] for method in methods}
+    for step in steps.values():
+        step()  # warm-up
+    times = {method: [] for method in methods}
+    started = time.perf_counter()
+    busy_before, own_before = cpu_busy_seconds(), sum(os.times()[:2])
+    for _ in range(repeats):
+        for method, step in steps.items():
+            begin = time.perf_counter()
+            step()
+            times[method].append(time.perf_counter() - begin)
+        if len(times[methods[0]]) >= 2 and time.perf_counter() - started > budget_s * len(methods):
+            break
+    wall = time.perf_counter() - started
+    foreign = (cpu_busy_seconds() - busy_before) - (sum(os.times()[:2]) - own_before)
+    foreign_cpu = round(max(0.0, foreign) / (wall * (os.cpu_count() or 1)), 3)
+    results = []
+    for method in methods:
+        median = statistics.median(times[method])
+        results.append({"method": method, "time_s": median, "runs": len(times[method]), "min_s": min(times[method]),
+                        "max_s": max(times[method]), "tokens_per_s": batch * DECODE_NEW_TOKENS / median,
+                        "foreign_cpu": foreign_cpu})
+    return results
+
+
+def build(method: str, level: str, n: int, dtype: str = "fp32", dropout: str = "0", batch: int = 1,
+          arch: str = "gpt2"):
     """(step function running one step of the configuration, model)."""
+    if level == "decode":
+        return build_decode(method, n, batch, dtype, arch)
     import torch
     from transformers import AttentionInterface, GPT2Config, GPT2LMHeadModel
     from transformers.masking_utils import AttentionMaskInterface, create_causal_mask
@@ -172,9 +268,9 @@ def worker(args) -> dict:
     import torch
 
     torch.set_num_threads(args.threads)
-    step, _ = build(args.method, args.level, args.n, args.dtype, args.dropout)
+    step, _ = build(args.method, args.level, args.n, args.dtype, args.dropout, args.batch, args.arch)
     result = {"dtype": args.dtype, "dropout": args.dropout, "level": args.level, "method": args.method, "n": args.n,
-              "threads": args.threads}
+              "batch": args.batch, "arch": args.arch, "threads": args.threads}
     step()  # warm-up: one-off allocations (thread pools, lazy inits, compilation) are not the method's
     gc.collect()
     Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current resident set
@@ -198,6 +294,8 @@ def worker(args) -> dict:
         if len(times) >= 2 and time.perf_counter() - started > args.budget_s:
             break
     result.update(time_s=statistics.median(times), runs=len(times), min_s=min(times), max_s=max(times))
+    if args.level == "decode":  # generated tokens per second over the batch
+        result["tokens_per_s"] = args.batch * DECODE_NEW_TOKENS / result["time_s"]
     # CPU time other processes took while this one was timed, as a share of all cores: a noise indicator.
     wall = time.perf_counter() - started
     foreign = (cpu_busy_seconds() - busy_before) - (sum(os.times()[:2]) - own_before)
@@ -212,11 +310,23 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--n", type=int, required=True)
     parser.add_argument("--dtype", default="fp32")
     parser.add_argument("--dropout", default="0")
+    parser.add_argument("--batch", type=int, default=1, help="level decode: sequences decoded together")
+    parser.add_argument("--arch", default="gpt2", choices=["gpt2", "llama"], help="level decode: the model family")
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--budget-s", type=float, default=30.0)
-    print(json.dumps(worker(parser.parse_args(argv))))
+    args = parser.parse_args(argv)
+    if args.level == "decode" and "," in args.method:  # several methods interleaved: a JSON list
+        import torch
+
+        torch.set_num_threads(args.threads)
+        rows = decode_interleaved(args.method.split(","), args.n, args.batch, args.dtype, args.arch, args.repeats,
+                                  args.budget_s)
+        print(json.dumps([{"dtype": args.dtype, "dropout": args.dropout, "level": "decode", "n": args.n,
+                           "batch": args.batch, "arch": args.arch, "threads": args.threads, **row} for row in rows]))
+        return
+    print(json.dumps(worker(args)))
 
 
 if __name__ == "__main__":

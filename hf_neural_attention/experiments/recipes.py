@@ -26,16 +26,20 @@ class ModelArguments:
     attention_options: dict | None = field(default=None, metadata={"help": "the variant's options (a mapping)"})
     attention_layers: str | None = field(
         default=None, metadata={"help": 'None (paper default), "all", or comma-separated attention-layer indices'})
-    hidden_size: int = 256
-    num_layers: int = 4
-    num_heads: int = 4
+    hidden_size: int = field(default=256, metadata={"help": "width of the residual stream (a multiple of num_heads)"})
+    num_layers: int = field(default=4, metadata={"help": "transformer blocks"})
+    num_heads: int = field(
+        default=4, metadata={"help": "attention heads per layer (head size hidden_size / num_heads)"})
     num_kv_heads: int | None = field(default=None, metadata={"help": "llama: key/value heads (GQA)"})
     intermediate_size: int | None = field(default=None, metadata={"help": "default: 4 * hidden_size"})
-    max_position_embeddings: int = 1024
-    dropout: float = 0.0
+    max_position_embeddings: int = field(
+        default=1024, metadata={"help": "gpt2, llama: the longest sequence the position embeddings cover"})
+    dropout: float = field(default=0.0, metadata={
+        "help": "dropout probability in [0, 1) (gpt2: residual, embedding, attention; llama: attention; vit: hidden, "
+                "attention)"})
     use_rotary_embeddings: bool = field(default=True, metadata={"help": "llama: False gives NoPE"})
     image_size: int | None = field(default=None, metadata={"help": "vit: default is the data set's image size"})
-    patch_size: int = 2
+    patch_size: int = field(default=2, metadata={"help": "vit: side of the square image patches, in pixels"})
     init_from: str | None = field(
         default=None, metadata={"help": "a stock checkpoint to retrofit instead of training from scratch"})
 
@@ -48,16 +52,20 @@ class DataArguments:
                           "default stdlib-prose (gpt2, llama) or digits (vit)"})
     data_files: str | None = field(default=None, metadata={"help": "dataset 'text': file path or glob"})
     data_dir: str | None = field(default=None, metadata={"help": "dataset 'imagefolder': folder"})
-    block_size: int = 128
-    vocab_size: int = 4096
+    block_size: int = field(default=128, metadata={"help": "text: tokens per training sequence (documents are packed)"})
+    vocab_size: int = field(
+        default=4096, metadata={"help": "text: vocabulary of the byte-level BPE trained on the training split"})
     tokenizer_name: str | None = field(
         default=None, metadata={"help": "a tokenizer to load instead of training a byte-level BPE"})
-    max_train_samples: int | None = None
-    max_eval_samples: int | None = None
+    max_train_samples: int | None = field(
+        default=None, metadata={"help": "use at most this many training sequences/images (default: all)"})
+    max_eval_samples: int | None = field(
+        default=None, metadata={"help": "use at most this many validation and test sequences/images (default: all)"})
     eval_stride: int | None = field(
         default=None, metadata={"help": "tokens scored per window of the final sliding-window perplexity "
                                          "(default block_size // 2; at most block_size - 1)"})
-    cache_dir: str = DEFAULT_CACHE
+    cache_dir: str = field(
+        default=DEFAULT_CACHE, metadata={"help": "where data sets and trained tokenizers are cached"})
 
 
 def _simple_types(annotation: Any) -> tuple[set[type], bool] | None:
@@ -86,6 +94,8 @@ def check_recipe_types(recipe: dict) -> None:
         if kinds is None:
             continue
         allowed, optional = kinds
+        if key == "fsdp":  # TrainingArguments' `fsdp: str | None` takes true (FSDP on) besides the legacy strings
+            allowed = allowed | {bool}
         if value is None and optional:
             continue
         ok = (

@@ -42,6 +42,8 @@ from .recipes import (  # noqa: F401 (re-exported: the recipe API is used throug
     dataset_name,
     validate_arguments,
 )
+from .launch import (ConfigInShardedCheckpoints, check_training_launch, saves_sharded_checkpoints,
+                     shard_on_cpu_processes)
 from .resume import check_resume, tokens_seen_at_resume, whole_run_train_loss
 from .scorer_health import NeuralScorerMonitor
 from ..neural import NeuralAttention
@@ -175,16 +177,35 @@ def train_model(model, training_args: TrainingArguments, train_dataset, eval_dat
         model = model()
     # a model with neural scorers gets the monitor that warns when one dies (scorer_health.py)
     callbacks = [NeuralScorerMonitor()] if any(isinstance(m, NeuralAttention) for m in model.modules()) else None
+    quiet_defaults(training_args)
     trainer = Trainer(model=model, args=training_args, train_dataset=train_dataset, eval_dataset=eval_dataset,
                       data_collator=data_collator, compute_metrics=compute_metrics, processing_class=processing_class,
                       callbacks=callbacks)
+    shard_on_cpu_processes(trainer)  # FSDP on CPU processes (launch.py); nothing elsewhere
+    if saves_sharded_checkpoints(trainer):
+        trainer.add_callback(ConfigInShardedCheckpoints())
     started = time.perf_counter()
     train_output = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     return trainer, train_output, time.perf_counter() - started
 
 
-def run(model_args: ModelArguments, data_args: DataArguments, training_args: TrainingArguments) -> dict:
+def quiet_defaults(training_args: TrainingArguments) -> None:
+    """Settings the Trainer leaves to defaults that warn on every run of these models: pinned memory only where a
+    GPU takes the batches (on CPUs it does nothing, and torch warns on every run), and DDP without the search for unused
+    parameters (every parameter of every variant gets a gradient, tests/test_training_setup.py; the search costs a
+    graph traversal per step and warns on every rank; a recipe that sets ddp_find_unused_parameters keeps it)."""
+    if training_args.device.type != "cuda":
+        training_args.dataloader_pin_memory = False
+    if training_args.ddp_find_unused_parameters is None:
+        training_args.ddp_find_unused_parameters = False
+
+
+def run(model_args: ModelArguments, data_args: DataArguments, training_args: TrainingArguments,
+        launch_arguments: list[str] | None = None) -> dict:
+    """`launch_arguments`: the command's recipe and overrides, which the launch check uses to spell out the command
+    that works when the launch and the training disagree (launch.py)."""
     validate_arguments(model_args, data_args)
+    check_training_launch(training_args, launch_arguments)
     set_seed(training_args.seed)
     with training_args.main_process_first(desc="building the data"):
         prepared = prepare_data(model_args, data_args)
@@ -193,12 +214,15 @@ def run(model_args: ModelArguments, data_args: DataArguments, training_args: Tra
     is_image = model_args.architecture == "vit"
 
     resumed_from = check_resume(training_args, model)
+    model_class = type(model)
     trainer, train_output, train_seconds = train_model(
         model, training_args, prepared.train, prepared.validation,
         compute_metrics=compute_accuracy_from_eval_prediction if is_image else None,
         processing_class=prepared.tokenizer)
     evaluation = trainer.evaluate()
     test = trainer.evaluate(prepared.test, metric_key_prefix="test")
+    # every rank gathers a sharded model; rank 0 scores and saves an unsharded copy
+    final_model = unsharded_copy(model, model_class) if trainer.is_fsdp_enabled else model
 
     results: dict[str, Any] = {
         "architecture": model_args.architecture,
@@ -214,6 +238,10 @@ def run(model_args: ModelArguments, data_args: DataArguments, training_args: Tra
         "train_seconds": train_seconds,
         "train_memory_peak_mib": training_memory_peak_mib(train_output.metrics),
         "world_size": training_args.world_size,
+        "distributed_type": str(trainer.accelerator.distributed_type).rsplit(".", 1)[-1],  # NO, MULTI_CPU, FSDP, ...
+        # this process' share of the parameter elements: all of them unless FSDP shards them
+        "rank0_parameter_elements": sum((p.to_local() if hasattr(p, "to_local") else p).numel()
+                                        for p in model.parameters()),
         **{key: value for key, value in evaluation.items() if isinstance(value, (int, float))},
         **{key: value for key, value in test.items() if isinstance(value, (int, float))},
     }
@@ -228,7 +256,7 @@ def run(model_args: ModelArguments, data_args: DataArguments, training_args: Tra
         results["train_tokens_per_second"] = session_tokens_per_second(training_args, trainer, train_output.metrics)
         stride = data_args.eval_stride or max(1, data_args.block_size // 2)
         if trainer.is_world_process_zero():
-            sliding = sliding_window_perplexity(model, prepared.validation_tokens, data_args.block_size, stride,
+            sliding = sliding_window_perplexity(final_model, prepared.validation_tokens, data_args.block_size, stride,
                                                 max_tokens=None if data_args.max_eval_samples is None else
                                                 data_args.max_eval_samples * data_args.block_size)
             results["validation_perplexity_sliding"] = sliding["perplexity"]
@@ -236,8 +264,22 @@ def run(model_args: ModelArguments, data_args: DataArguments, training_args: Tra
 
     results["loss_curve"] = loss_curve(trainer.state.log_history)
     if trainer.is_world_process_zero():
-        write_outputs(trainer, model, prepared, results, model_args, data_args, training_args)
+        write_outputs(trainer, final_model, prepared, results, model_args, data_args, training_args)
     return results
+
+
+def unsharded_copy(model, model_class):
+    """An FSDP-sharded model's full weights in a plain `model_class` model on rank 0 (None on the other ranks, which
+    take part in the gather): what the final scoring and `from_pretrained` need, whatever the state-dict type of the
+    checkpoints (a SHARDED_STATE_DICT run saves no full weights of its own)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if not torch.distributed.is_initialized() or torch.distributed.get_rank() != 0:
+        return None
+    copy = model_class(model.config)
+    copy.load_state_dict(full)
+    return copy.eval()
 
 
 def write_outputs(trainer, model, prepared, results, model_args, data_args, training_args) -> None:
@@ -246,7 +288,12 @@ def write_outputs(trainer, model, prepared, results, model_args, data_args, trai
     label = f"{model_args.architecture}-{model.config.attention_variant}"
     plot_loss_curves({label: results["loss_curve"]}, output / "loss_curve.png", f"{label} on {results['dataset']}")
     model_dir = output / "model"
-    trainer.save_model(str(model_dir))  # weights, config, code, model card, tokenizer
+    if trainer.is_fsdp_enabled:  # `model` is the unsharded copy; Trainer's save would gather on every rank
+        model.save_pretrained(str(model_dir))
+        if prepared.tokenizer is not None:
+            prepared.tokenizer.save_pretrained(str(model_dir))
+    else:
+        trainer.save_model(str(model_dir))  # weights, config, code, model card, tokenizer
     metric_name = "accuracy" if model_args.architecture == "vit" else "perplexity"
     headline = {key: value for key, value in results.items()
                 if key.startswith(("validation_", "test_")) and isinstance(value, float)}

@@ -1,0 +1,42 @@
+"""Grouped-query attention (Llama-family models with fewer key/value heads than query heads): a one-query decoding
+step folds each kv head's query heads into rows of one map, so the key/value cache is read as it is, never copied
+per query head, with the same numbers as the repeated heads."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hf_neural_attention import dispatch
+from hf_neural_attention.masks import split_attention_mask
+from hf_neural_attention.registry import build_variant
+
+CASES = [("dot", {}, True), ("expressive", {"form": "softmax_square", "scale": True}, True),
+         ("neural", {"proj_dim": 4, "hidden_dims": [4, 2]}, True), ("neural", {"per_head": True}, False),
+         ("cdape", {"bias": "kerple"}, False)]
+
+
+@pytest.mark.parametrize("name,options,folds", CASES, ids=lambda x: str(x))
+@pytest.mark.parametrize("padded", [False, True], ids=["plain", "padded"])
+def test_a_decoding_step_reads_the_cache_without_repeating_it(name, options, folds, padded, monkeypatch):
+    torch.manual_seed(0)
+    variant = build_variant(name, 8, 16, **options).double()
+    with torch.no_grad():
+        for parameter in variant.parameters():
+            parameter.add_(torch.randn_like(parameter) * 0.3)
+    generator = torch.Generator().manual_seed(1)
+    q = torch.randn(3, 8, 1, 16, generator=generator, dtype=torch.float64)
+    k, v = (torch.randn(3, 2, 40, 16, generator=generator, dtype=torch.float64) for _ in range(2))
+    keep = None
+    if padded:  # the mask of a left-padded decoding step: [B, 1, 1, Lk]
+        keep = torch.ones(3, 1, 1, 40, dtype=torch.bool)
+        keep[0, ..., :7] = False
+    mask = split_attention_mask(keep, 1, 40, True, q.device)
+    copies = []
+    original = dispatch.repeat_kv
+    monkeypatch.setattr(dispatch, "repeat_kv", lambda t, n: (copies.append(n) if n > 1 else None) or original(t, n))
+    with torch.no_grad():
+        output, _ = dispatch.attention(variant, q, k, v, mask, 16**-0.5, 0.0)
+        expected, _ = dispatch.attention(variant, q, original(k, 4), original(v, 4), mask, 16**-0.5, 0.0)
+    assert (not copies) == folds, copies
+    torch.testing.assert_close(output, expected, rtol=1e-12, atol=1e-12)
