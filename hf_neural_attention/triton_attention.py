@@ -66,6 +66,9 @@ GPU_TILES = {kernels.SCORE_RATIONAL: _EXPRESSIVE_TILES, kernels.SCORE_SQUARE: _E
 # neural with combine="add" holds q, k and dQ's operands too: its backward spills less at 32x64/8 (0 B in bf16 at d_h
 # 64; 32 B at 32x32/4), where replace spilled on sm_80
 NEURAL_ADD_TILES = {64: (Tiles(64, 32, 8), Tiles(32, 64, 8)), 128: (Tiles(64, 32, 8), Tiles(32, 32, 4))}
+# per GPU generation (compute capability x 10), entries that replace GPU_TILES': neural's backward at d_h 64 runs
+# 32x64/8 on sm_90 (143 lane-instructions per pair, no spills), where sm_80 capped it at 128 registers and spilled
+ARCH_TILES = {(kernels.SCORE_NEURAL, 90): {64: (Tiles(64, 32, 8), Tiles(32, 64, 8))}}
 INTERPRETER_TILES = (Tiles(16, 16, 4), Tiles(16, 16, 4))
 
 
@@ -80,14 +83,24 @@ def tiles_for(table: dict[int, tuple[Tiles, Tiles]], head_dim: int) -> tuple[Til
     return table[min((key for key in table if key >= size), default=max(table))]
 
 
-def _tiles(score: int, head_dim: int) -> tuple[Tiles, Tiles]:
-    return INTERPRETER_TILES if kernels.interpreted() else tiles_for(GPU_TILES[score], head_dim)
+def _arch(device: torch.device) -> int:
+    """The GPU's compute capability x 10 (90 for an H100), 0 off CUDA."""
+    if device.type != "cuda":
+        return 0
+    major, minor = torch.cuda.get_device_capability(device)
+    return 10 * major + minor
 
 
-def _neural_tiles(add_dot: bool, head_dim: int) -> tuple[Tiles, Tiles]:
+def _tiles(score: int, head_dim: int, device: torch.device) -> tuple[Tiles, Tiles]:
+    if kernels.interpreted():
+        return INTERPRETER_TILES
+    return tiles_for({**GPU_TILES[score], **ARCH_TILES.get((score, _arch(device)), {})}, head_dim)
+
+
+def _neural_tiles(add_dot: bool, head_dim: int, device: torch.device) -> tuple[Tiles, Tiles]:
     if add_dot and not kernels.interpreted():
         return tiles_for(NEURAL_ADD_TILES, head_dim)
-    return _tiles(kernels.SCORE_NEURAL, head_dim)
+    return _tiles(kernels.SCORE_NEURAL, head_dim, device)
 
 
 def _keep_bytes(mask: KeyMask) -> torch.Tensor | None:
@@ -113,7 +126,7 @@ def triton_attention_output(inputs: KernelInputs, value: torch.Tensor, mask: Key
     if isinstance(inputs, ExpressiveKernelInputs):
         score = kernels.EXPRESSIVE_SCORES[inputs.form]
         call = KernelCall(score, False, inputs.dot_scale, keep, mask.bias, causal, dropout, streams, False,
-                          *_tiles(score, dim))
+                          *_tiles(score, dim, value.device))
         return _FusedAttention.apply(call, inputs.query, inputs.key, value, empty, empty, empty, empty, empty, empty)
     if inputs.activation not in ("relu", "leaky_relu"):
         return (f"the kernels cover neural's relu and leaky_relu MLPs; activation={inputs.activation!r} runs the "
@@ -121,7 +134,7 @@ def triton_attention_output(inputs: KernelInputs, value: torch.Tensor, mask: Key
     per_head = inputs.hidden_weight.shape[0] > 1
     slope = LEAKY_SLOPE if inputs.activation == "leaky_relu" else 0.0
     call = KernelCall(kernels.SCORE_NEURAL, inputs.add_dot, inputs.dot_scale, keep, mask.bias, causal, dropout,
-                      streams, per_head, *_neural_tiles(inputs.add_dot, dim), slope=slope)
+                      streams, per_head, *_neural_tiles(inputs.add_dot, dim, value.device), slope=slope)
     return _FusedAttention.apply(call, inputs.query, inputs.key, value, inputs.query_part, inputs.key_part,
                                  inputs.hidden_weight, inputs.hidden_bias, inputs.out_weight.flatten(1),
                                  inputs.out_bias.flatten())

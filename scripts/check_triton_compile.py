@@ -246,6 +246,8 @@ def run_config(label: str, target, records: list[dict], tiles=None, spec: dict |
             triton_attention.GPU_TILES[score] = dict.fromkeys(
                 triton_attention.GPU_TILES[score], (triton_attention.Tiles(*tiles), triton_attention.Tiles(*tiles)))
     originals = [getattr(module, name) for name in names]
+    arch = triton_attention._arch
+    triton_attention._arch = lambda device: target.arch  # the tiles a GPU of this generation would get
     for name, kernel, kind in zip(names, originals, ("forward", "backward")):
         setattr(module, name, CompileInsteadOfLaunch(kernel, kind, target, records, label, cost))
     try:
@@ -265,6 +267,7 @@ def run_config(label: str, target, records: list[dict], tiles=None, spec: dict |
     finally:
         for name, kernel in zip(names, originals):
             setattr(module, name, kernel)
+        triton_attention._arch = arch
         triton_attention.GPU_TILES.update(chosen)
 
 

@@ -364,6 +364,24 @@ def test_gpu_benchmark_refuses_clearly_without_a_gpu(monkeypatch, capsys):
     assert "--device cuda needs a CUDA GPU" in capsys.readouterr().err
 
 
+def test_gpu_tiles_follow_the_head_size_and_the_gpu_generation(monkeypatch):
+    """Tiles per BLOCK_D (d_h 64 and 128 differ; other sizes take the next entry up, or the largest), and per GPU
+    generation where the compile matrix showed one spilling (neural's d_h 64 backward: 32x64/8 on sm_90, 32x32/4 on
+    sm_80)."""
+    monkeypatch.setattr(triton_kernels, "interpreted", lambda: False)
+    cuda = torch.device("cuda")
+    for arch, backward in ((80, Tiles(32, 32, 4)), (90, Tiles(32, 64, 8))):
+        monkeypatch.setattr(triton_attention, "_arch", lambda device, arch=arch: arch)
+        assert triton_attention._tiles(triton_kernels.SCORE_NEURAL, 64, cuda)[1] == backward
+        assert triton_attention._tiles(triton_kernels.SCORE_NEURAL, 128, cuda)[1] == Tiles(32, 32, 4)
+    rational = triton_kernels.SCORE_RATIONAL
+    assert triton_attention._tiles(rational, 64, cuda)[0] == Tiles(128, 32, 8)
+    assert triton_attention._tiles(rational, 24, cuda) == triton_attention._tiles(rational, 64, cuda)
+    assert triton_attention._tiles(rational, 96, cuda) == triton_attention._tiles(rational, 128, cuda) != \
+        triton_attention._tiles(rational, 64, cuda)
+    assert triton_attention._tiles(rational, 256, cuda) == triton_attention._tiles(rational, 128, cuda)
+
+
 def test_float32_products_follow_pytorchs_precision_setting():
     """IEEE products for float32 under PyTorch's default "highest", TF32 when the user allows it; upcast float16
     always TF32, which holds every float16 value exactly (so no precision is lost against float16 itself)."""
@@ -395,7 +413,7 @@ def test_the_kernels_compile_for_an_h100(tmp_path):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     records = json.loads((tmp_path / "results.json").read_text())["records"]
     assert [r["kernel"] for r in records] == ["forward", "backward"]
-    assert [r["num_warps"] for r in records] == [8, 4]  # the GPU tiles (64x32/8, 32x32/4), not the interpreter's
+    assert [r["num_warps"] for r in records] == [8, 8]  # sm_90's GPU tiles (64x32/8, 32x64/8), not the interpreter's
     assert all(r["spilled"] == 0 for r in records), records
 
 
