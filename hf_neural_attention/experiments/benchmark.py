@@ -348,15 +348,7 @@ def plot(rows: list[dict], out: Path) -> None:
         plt.close(figure)
 
 
-def main() -> None:
-    device = argparse.ArgumentParser(add_help=False)
-    device.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
-                        help="cpu: this benchmark; cuda: the Triton kernels on a GPU (benchmark_cuda.py)")
-    known, rest = device.parse_known_args()
-    if known.device == "cuda":
-        from hf_neural_attention.experiments.benchmark_cuda import main as cuda_main
-
-        sys.exit(cuda_main(rest))
+def parse_arguments(device: argparse.ArgumentParser) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], parents=[device])
     parser.add_argument("--sizes", type=int, nargs="+", default=list(SIZES))
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
@@ -385,7 +377,71 @@ def main() -> None:
     parser.add_argument("--merge", action="store_true",
                         help="keep the rows of an earlier results.csv in --out that this run does not re-measure "
                              "(to re-run noisy or failed configurations)")
-    args = parser.parse_args()
+    return parser.parse_args()
+
+
+def planned_jobs(args: argparse.Namespace) -> list[tuple]:
+    """(setting, level, method, n, batch, arch) of every configuration to run; decode runs in eval mode (dropout 0),
+    one job (one process) per (context, batch, model) whose methods' steps interleave (benchmark_worker.py)."""
+    settings = [(dtype, dropout) for dropout in args.dropouts for dtype in args.dtypes]
+    train_levels = [level for level in args.levels if level != "decode"]
+    jobs = [(setting, level, method, n, 1, "gpt2") for setting in settings for level in train_levels
+            for n in sorted(args.sizes)
+            for method in args.methods if method in (INFERENCE_METHODS if level == "inference" else TRAIN_METHODS)]
+    decode_methods = [m for m in DECODE_METHODS if m in args.methods]  # sdpa first: the reference
+    if "decode" in args.levels and decode_methods:
+        jobs += [((dtype, "0"), "decode", ",".join(decode_methods), n, batch, arch) for dtype in args.dtypes
+                 for arch in args.archs for n in sorted(args.decode_sizes) for batch in sorted(args.batches)]
+    return jobs
+
+
+def measure_decode(job: tuple, args: argparse.Namespace, started: float) -> list[dict]:
+    """The rows of one decode job: its methods measured together in one process."""
+    setting, level, methods, n, batch, arch = job
+    result = run_config(setting, level, methods, n, args.repeats, 1, args.threads, args.budget_s, args.timeout_s,
+                        batch, arch)
+    rows = result if isinstance(result, list) else [
+        {"dtype": setting[0], "dropout": setting[1], "level": level, "method": name, "n": n, "batch": batch,
+         "arch": arch, "note": result.get("error", "no result")} for name in methods.split(",")]
+    for row in rows:
+        print(f"[{time.time() - started:6.0f} s] {setting[0]} decode {arch} n={n:5d} batch={batch} "
+              f"{row['method']:11s} tokens/s={fmt(row.get('tokens_per_s'), 1)} best={fmt(row.get('min_s'), 4)} s "
+              f"median={fmt(row.get('time_s'), 4)} s foreign={row.get('foreign_cpu', '')} "
+              f"{'' if 'tokens_per_s' in row else row.get('note', '')}", flush=True)
+    return rows
+
+
+def measure(job: tuple, args: argparse.Namespace, started: float) -> dict:
+    """The row of one training or inference configuration, in its own process after waiting for an idle machine."""
+    setting, level, method, n, batch, arch = job
+    row = {"dtype": setting[0], "dropout": setting[1], "level": level, "method": method, "n": n}
+    reason = skip_reason(method, level, n, args.max_reference_n)
+    if reason:
+        row["note"] = reason
+    else:
+        row["busy_before"] = round(wait_for_idle(0.10, args.max_wait_s), 3)
+        result = run_config(setting, level, method, n, repeats_for(n, args.repeats), 1, args.threads,
+                            args.budget_s, args.timeout_s, batch, arch)
+        if "error" in result:
+            row["note"] = result["error"]
+        else:
+            row.update({k: v for k, v in result.items() if k not in ("dtype", "dropout", "level", "method", "n")})
+    print(f"[{time.time() - started:6.0f} s] {setting[0]} {setting[1]:5s} {level:9s} {method:17s} n={n:5d} "
+          f"time={fmt(row.get('time_s'), 4)} s  peak={fmt(row.get('peak_mib'), 1)} MiB "
+          f"busy={row.get('busy_before', '')} foreign={row.get('foreign_cpu', '')} {row.get('note', '')}", flush=True)
+    return row
+
+
+def main() -> None:
+    device = argparse.ArgumentParser(add_help=False)
+    device.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                        help="cpu: this benchmark; cuda: the Triton kernels on a GPU (benchmark_cuda.py)")
+    known, rest = device.parse_known_args()
+    if known.device == "cuda":
+        from hf_neural_attention.experiments.benchmark_cuda import main as cuda_main
+
+        sys.exit(cuda_main(rest))
+    args = parse_arguments(device)
 
     import platform
 
@@ -399,58 +455,16 @@ def main() -> None:
         write_outputs(load_rows(args.out / "results.csv"), args.out, meta)
         print(f"re-wrote {args.out}/results.md, time.png, memory.png from results.csv")
         return
-    settings = [(dtype, dropout) for dropout in args.dropouts for dtype in args.dtypes]
-    train_levels = [level for level in args.levels if level != "decode"]
-    # (setting, level, method, n, batch, arch) of every configuration to run; decode runs in eval mode (dropout 0).
-    jobs = [(setting, level, method, n, 1, "gpt2") for setting in settings for level in train_levels
-            for n in sorted(args.sizes)
-            for method in args.methods if method in (INFERENCE_METHODS if level == "inference" else TRAIN_METHODS)]
-    decode_methods = [m for m in DECODE_METHODS if m in args.methods]  # sdpa first: the reference
-    if "decode" in args.levels and decode_methods:
-        # One job (one process) per (context, batch, model): its methods' steps interleave (benchmark_worker.py).
-        jobs += [((dtype, "0"), "decode", ",".join(decode_methods), n, batch, arch) for dtype in args.dtypes
-                 for arch in args.archs for n in sorted(args.decode_sizes) for batch in sorted(args.batches)]
+    jobs = planned_jobs(args)
     planned = {(*setting, level, method, n, batch, arch) for setting, level, methods, n, batch, arch in jobs
                for method in methods.split(",")}
-    earlier = load_rows(args.out / "results.csv") if args.merge else []
-    rows = [row for row in earlier if key_of(row) not in planned]
+    rows = [row for row in (load_rows(args.out / "results.csv") if args.merge else []) if key_of(row) not in planned]
     started = time.time()
-    for setting, level, method, n, batch, arch in jobs:
-        if "," in method:  # decode: several methods measured together
-            result = run_config(setting, level, method, n, args.repeats, 1, args.threads, args.budget_s,
-                                args.timeout_s, batch, arch)
-            measured = result if isinstance(result, list) else [
-                {"dtype": setting[0], "dropout": setting[1], "level": level, "method": name, "n": n, "batch": batch,
-                 "arch": arch, "note": result.get("error", "no result")} for name in method.split(",")]
-            for row in measured:
-                rows.append(row)
-                print(f"[{time.time() - started:6.0f} s] {setting[0]} decode {arch} n={n:5d} batch={batch} "
-                      f"{row['method']:11s} tokens/s={fmt(row.get('tokens_per_s'), 1)} best={fmt(row.get('min_s'), 4)} s "
-                      f"median={fmt(row.get('time_s'), 4)} s foreign={row.get('foreign_cpu', '')} "
-                      f"{'' if 'tokens_per_s' in row else row.get('note', '')}", flush=True)
-            meta["minutes"] = round((time.time() - started) / 60)
-            write_outputs(rows, args.out, meta)
-            continue
-        row = {"dtype": setting[0], "dropout": setting[1], "level": level, "method": method, "n": n}
-        if level == "decode":
-            row.update(batch=batch, arch=arch)
-        reason = skip_reason(method, level, n, args.max_reference_n)
-        if reason:
-            row["note"] = reason
+    for job in jobs:
+        if job[1] == "decode":
+            rows += measure_decode(job, args, started)
         else:
-            row["busy_before"] = round(wait_for_idle(0.10, args.max_wait_s), 3)
-            result = run_config(setting, level, method, n, repeats_for(n, args.repeats), 1, args.threads,
-                                args.budget_s, args.timeout_s, batch, arch)
-            if "error" in result:
-                row["note"] = result["error"]
-            else:
-                row.update({k: v for k, v in result.items() if k not in ("dtype", "dropout", "level", "method", "n")})
-        rows.append(row)
-        print(f"[{time.time() - started:6.0f} s] {setting[0]} {setting[1]:5s} {level:9s} {method:17s} n={n:5d} "
-              + (f"batch={batch} {arch} tokens/s={fmt(row.get('tokens_per_s'), 1)} " if level == "decode" else "")
-              + f"time={fmt(row.get('time_s'), 4)} s  peak={fmt(row.get('peak_mib'), 1)} MiB "
-              f"busy={row.get('busy_before', '')} foreign={row.get('foreign_cpu', '')} {row.get('note', '')}",
-              flush=True)
+            rows.append(measure(job, args, started))
         meta["minutes"] = round((time.time() - started) / 60)
         write_outputs(rows, args.out, meta)
     print(f"wrote {args.out}/results.csv, results.md, time.png, memory.png in {time.time() - started:.0f} s")
