@@ -2,8 +2,10 @@
 with an autograd Function around them.
 
 `triton_attention_output(inputs, value, mask, dropout, seed)` returns the [B, H, Lq, D] output, or the reason the
-kernels do not cover the call (dispatch.py says it once and the chunked path runs): an additive mask bias, an MLP
-activation the kernels lack, triton installed but not importable. Variants without kernels say so themselves.
+kernels do not cover the call (dispatch.py says it once and the chunked path runs): dropout p >= 1, triton installed
+but not importable. Variants without kernels say so themselves (neural: other MLP depths). Boolean masks and additive
+float biases, relu and leaky_relu MLPs, grouped-query keys and values with fewer heads than the queries (H_KV
+dividing H) all run in the kernels.
 cdape stays on the chunked path: its convolution over the score map mixes neighbouring keys and all heads, so a tile
 would need a halo of scores from every head, and the chunked engine already keeps its memory linear in n.
 """
@@ -16,8 +18,10 @@ from typing import NamedTuple
 import torch
 
 from . import triton_kernels as kernels
+from .dropout_mask import dropout_streams
 from .kernel_inputs import ExpressiveKernelInputs, KernelInputs
 from .masks import KeyMask
+from .neural import LEAKY_SLOPE
 from .triton_kernels import available  # noqa: F401 (Transformers ships a sibling with a checkpoint only when a
 # line reads "from .<sibling> import"; "from . import" alone left triton_kernels.py out: tests/test_shipped_code.py)
 
@@ -38,27 +42,65 @@ class KernelCall:
     add_dot: bool
     dot_scale: float
     keep: torch.Tensor | None  # int8, broadcastable to [B, H, Lq, Lk]; None: every key, or the causal pattern
+    bias: torch.Tensor | None  # the mask's additive float bias, broadcastable to [B, H, Lq, Lk]; None: zero
     causal: bool  # the bottom-right causal pattern, computed in the kernels (tiles above the diagonal skipped)
     dropout: float
-    seed: int
+    streams: torch.Tensor | None  # int32 [B, H]: dropout_mask's stream key per (batch, head); None without dropout
     per_head: bool
     forward_tiles: Tiles
     backward_tiles: Tiles  # the row statistics do not depend on the tiling, so backward may tile differently
+    slope: float = 0.0  # the neural MLP's activation: relu (0) or leaky_relu (LEAKY_SLOPE)
 
 
-# GPU tiles per score, (forward, backward): the largest of those compiled for sm_90 in bf16 at d_h = 64 (the paper
-# MLP for neural) that keep every kernel within 255 registers per thread without spilling to local memory
-# (scripts/check_triton_compile.py; the sweep is in results/triton_compile/results.md). Speed on a GPU is unmeasured.
-# The interpreter gets the smallest tiles tl.dot takes (16): it is slow per element.
-_EXPRESSIVE_TILES = (Tiles(128, 64, 8), Tiles(64, 32, 4))
+# GPU tiles per score and head-size block (BLOCK_D), (forward, backward): per pass, the tiles with the fewest
+# lane-instructions per (query, key) pair in the cost model (scripts/check_triton_compile.py --cost; sm_90, bf16,
+# causal, dropout 0.1) among those compiled without spilling to local memory, then moved where padding masks, sm_80
+# or float16 spilled (forward 128x64/8 -> 128x32/8 at d_h 64 and 64x32/4 at 128 for padding; neural's backward
+# 32x64/8 -> 32x32/4 for sm_80, which capped it at 128 registers and spilled 1,920 B); results/triton_compile/cost.md.
+# Head sizes above 128 take the 128 entry (not in the compile matrix). Speed on a GPU is unmeasured. The interpreter
+# gets the smallest tiles tl.dot takes (16): it is slow per element.
+_EXPRESSIVE_TILES = {64: (Tiles(128, 32, 8), Tiles(32, 64, 8)), 128: (Tiles(64, 32, 4), Tiles(32, 64, 8))}
 GPU_TILES = {kernels.SCORE_RATIONAL: _EXPRESSIVE_TILES, kernels.SCORE_SQUARE: _EXPRESSIVE_TILES,
              kernels.SCORE_SOFTMAX_SQUARE: _EXPRESSIVE_TILES,
-             kernels.SCORE_NEURAL: (Tiles(64, 64, 8), Tiles(64, 32, 8))}
+             kernels.SCORE_NEURAL: {64: (Tiles(64, 32, 8), Tiles(32, 32, 4)), 128: (Tiles(64, 32, 8), Tiles(32, 32, 4))}}
+# neural with combine="add" holds q, k and dQ's operands too: its backward spills less at 32x64/8 (0 B in bf16 at d_h
+# 64; 32 B at 32x32/4), where replace spilled on sm_80
+NEURAL_ADD_TILES = {64: (Tiles(64, 32, 8), Tiles(32, 64, 8)), 128: (Tiles(64, 32, 8), Tiles(32, 32, 4))}
+# per GPU generation (compute capability x 10), entries that replace GPU_TILES': neural's backward at d_h 64 runs
+# 32x64/8 on sm_90 (143 lane-instructions per pair, no spills), where sm_80 capped it at 128 registers and spilled
+ARCH_TILES = {(kernels.SCORE_NEURAL, 90): {64: (Tiles(64, 32, 8), Tiles(32, 64, 8))}}
 INTERPRETER_TILES = (Tiles(16, 16, 4), Tiles(16, 16, 4))
 
 
-def _tiles(score: int) -> tuple[Tiles, Tiles]:
-    return INTERPRETER_TILES if kernels.interpreted() else GPU_TILES[score]
+def block_d(head_dim: int) -> int:
+    """The kernels' head-dimension block: the next power of two, at least 16 (tl.dot's minimum)."""
+    return max(16, 1 << (head_dim - 1).bit_length())
+
+
+def tiles_for(table: dict[int, tuple[Tiles, Tiles]], head_dim: int) -> tuple[Tiles, Tiles]:
+    """The (forward, backward) tiles of a per-BLOCK_D table: the smallest entry that holds the head size."""
+    size = block_d(head_dim)
+    return table[min((key for key in table if key >= size), default=max(table))]
+
+
+def _arch(device: torch.device) -> int:
+    """The GPU's compute capability x 10 (90 for an H100), 0 off CUDA."""
+    if device.type != "cuda":
+        return 0
+    major, minor = torch.cuda.get_device_capability(device)
+    return 10 * major + minor
+
+
+def _tiles(score: int, head_dim: int, device: torch.device) -> tuple[Tiles, Tiles]:
+    if kernels.interpreted():
+        return INTERPRETER_TILES
+    return tiles_for({**GPU_TILES[score], **ARCH_TILES.get((score, _arch(device)), {})}, head_dim)
+
+
+def _neural_tiles(add_dot: bool, head_dim: int, device: torch.device) -> tuple[Tiles, Tiles]:
+    if add_dot and not kernels.interpreted():
+        return tiles_for(NEURAL_ADD_TILES, head_dim)
+    return _tiles(kernels.SCORE_NEURAL, head_dim, device)
 
 
 def _keep_bytes(mask: KeyMask) -> torch.Tensor | None:
@@ -71,23 +113,28 @@ def _keep_bytes(mask: KeyMask) -> torch.Tensor | None:
 def triton_attention_output(inputs: KernelInputs, value: torch.Tensor, mask: KeyMask, dropout: float = 0.0,
                             seed: torch.Tensor | None = None) -> torch.Tensor | str:
     """[B, H, Lq, D] output of the fused kernels, or the reason they cannot take this call."""
-    if mask.bias is not None:
-        return "the mask carries an additive bias (pass a boolean mask)"
     if not kernels.available():
         return "triton is installed but cannot be imported"
+    if dropout >= 1.0:
+        return "dropout p >= 1 drops every weight"
     causal = mask.pure_causal  # computed in the kernels from indices; tiles above the diagonal skipped
     keep = None if causal else _keep_bytes(mask)
-    seed = int(seed) % (2**31 - 2**20) if dropout > 0.0 else 0
+    batch, heads = value.shape[0], inputs.query.shape[1]
+    streams = dropout_streams(seed, batch, heads) if dropout > 0.0 else None
     empty = value.new_zeros(1, dtype=torch.float32)
+    dim = inputs.query.shape[-1]
     if isinstance(inputs, ExpressiveKernelInputs):
         score = kernels.EXPRESSIVE_SCORES[inputs.form]
-        call = KernelCall(score, False, inputs.dot_scale, keep, causal, dropout, seed, False, *_tiles(score))
+        call = KernelCall(score, False, inputs.dot_scale, keep, mask.bias, causal, dropout, streams, False,
+                          *_tiles(score, dim, value.device))
         return _FusedAttention.apply(call, inputs.query, inputs.key, value, empty, empty, empty, empty, empty, empty)
-    if inputs.activation != "relu":
-        return f"the kernels cover neural's relu MLP; activation={inputs.activation!r} runs the chunked engine"
+    if inputs.activation not in ("relu", "leaky_relu"):
+        return (f"the kernels cover neural's relu and leaky_relu MLPs; activation={inputs.activation!r} runs the "
+                "chunked engine")
     per_head = inputs.hidden_weight.shape[0] > 1
-    call = KernelCall(kernels.SCORE_NEURAL, inputs.add_dot, inputs.dot_scale, keep, causal, dropout, seed, per_head,
-                      *_tiles(kernels.SCORE_NEURAL))
+    slope = LEAKY_SLOPE if inputs.activation == "leaky_relu" else 0.0
+    call = KernelCall(kernels.SCORE_NEURAL, inputs.add_dot, inputs.dot_scale, keep, mask.bias, causal, dropout,
+                      streams, per_head, *_neural_tiles(inputs.add_dot, dim, value.device), slope=slope)
     return _FusedAttention.apply(call, inputs.query, inputs.key, value, inputs.query_part, inputs.key_part,
                                  inputs.hidden_weight, inputs.hidden_bias, inputs.out_weight.flatten(1),
                                  inputs.out_bias.flatten())
@@ -112,24 +159,29 @@ def _launch_settings(call: KernelCall, query, key, query_part, w2, b2):
     batch, heads, q_len, dim = query.shape
     keep = call.keep if call.keep is not None else query.new_zeros(1, 1, 1, 1, dtype=torch.int8)
     keep = keep.expand(batch, heads, q_len, key.shape[2])
+    bias = call.bias if call.bias is not None else query.new_zeros(1, 1, 1, 1, dtype=torch.float32)
+    bias = bias.expand(batch, heads, q_len, key.shape[2])
     units = query_part.shape[-1] if call.score == kernels.SCORE_NEURAL else 1
     outs = b2.shape[-1] if call.score == kernels.SCORE_NEURAL else 1
     return dict(
         stride_kb=keep.stride(0), stride_kh=keep.stride(1), stride_kq=keep.stride(2), stride_kk=keep.stride(3),
-        H=heads, LQ=q_len, LK=key.shape[2], D=dim, dot_scale=call.dot_scale, dropout_p=call.dropout, seed=call.seed,
+        stride_bb=bias.stride(0), stride_bh=bias.stride(1), stride_bq=bias.stride(2), stride_bk=bias.stride(3),
+        HAS_BIAS=call.bias is not None, SLOPE=call.slope,
+        H=heads, H_KV=key.shape[1], LQ=q_len, LK=key.shape[2], D=dim, dot_scale=call.dot_scale, dropout_p=call.dropout,
+        threshold=kernels.signed_threshold(call.dropout),
         per_head=int(call.per_head), SCORE=call.score, ADD_DOT=call.add_dot, H1=units, H2=outs,
         BLOCK_H=max(2, kernels.triton.next_power_of_2(units)), HAS_KEEP=call.keep is not None, CAUSAL=call.causal,
         DROPOUT=call.dropout > 0.0, DOT_FP32=kernels.interpreted() or query.dtype == torch.float16,
         PRECISION=_float32_products(query.dtype),
-        BLOCK_D=max(16, kernels.triton.next_power_of_2(dim)),
-    ), keep
+        BLOCK_D=block_d(dim),
+    ), keep, bias, (call.streams if call.streams is not None else query.new_zeros(1, dtype=torch.int32))
 
 
 class _FusedAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, call: KernelCall, query, key, value, query_part, key_part, w2, b2, w3, b3):
         batch, heads, q_len, dim = query.shape
-        settings, keep = _launch_settings(call, query, key, query_part, w2, b2)
+        settings, keep, bias, streams = _launch_settings(call, query, key, query_part, w2, b2)
         flat = [_flat(t) for t in (query, key, value)]
         parts = [_flat(t.float()) if call.score == kernels.SCORE_NEURAL else t for t in (query_part, key_part)]
         weights = [t.float().contiguous() for t in (w2, b2, w3, b3)]
@@ -140,15 +192,16 @@ class _FusedAttention(torch.autograd.Function):
         row_sum = torch.empty_like(row_max)
         tiles = call.forward_tiles
         grid = (kernels.triton.cdiv(q_len, tiles.block_m), batch * heads)
-        kernels._forward_kernel[grid](*flat, *parts, *weights, keep, out, row_max, row_sum,
+        kernels._forward_kernel[grid](*flat, *parts, *weights, keep, bias, streams, out, row_max, row_sum,
                                       BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, num_warps=tiles.num_warps, **settings)
-        ctx.call, ctx.settings, ctx.shape = call, settings, query.shape
-        ctx.save_for_backward(query, key, value, query_part, key_part, w2, b2, w3, b3, out, row_max, row_sum, keep)
+        ctx.call, ctx.settings, ctx.shape, ctx.streams = call, settings, query.shape, streams
+        ctx.save_for_backward(query, key, value, query_part, key_part, w2, b2, w3, b3, out, row_max, row_sum, keep,
+                              bias)
         return out.view(batch, heads, q_len, dim).to(value.dtype)
 
     @staticmethod
     def backward(ctx, grad_output):
-        query, key, value, query_part, key_part, w2, b2, w3, b3, out, row_max, row_sum, keep = ctx.saved_tensors
+        query, key, value, query_part, key_part, w2, b2, w3, b3, out, row_max, row_sum, keep, bias = ctx.saved_tensors
         call, settings = ctx.call, ctx.settings
         batch, heads, q_len, dim = ctx.shape
         k_len = key.shape[2]
@@ -165,12 +218,12 @@ class _FusedAttention(torch.autograd.Function):
         size = settings["H2"] * settings["H1"] + 2 * settings["H2"] + 1
         partial = torch.zeros(batch * heads * key_blocks, size if neural else 1, device=query.device)
         block_h2 = max(2, kernels.triton.next_power_of_2(settings["H2"]))
-        common = [*flat, grad_out, row_dot, row_max, row_sum, *parts, *weights, keep, *grads, *grad_parts, partial]
-        for for_keys, blocks in ((True, key_blocks), (False, kernels.triton.cdiv(q_len, tiles.block_m))):
-            kernels._backward_kernel[(blocks, batch * heads)](
-                *common, BLOCK_H2=block_h2, FOR_KEYS=for_keys, BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n,
-                num_warps=tiles.num_warps, **settings)
-        grad_q, grad_k, grad_v = (g.view(batch, heads, -1, dim).to(t.dtype) for g, t in zip(grads, (query, key, value)))
+        common = [*flat, grad_out, row_dot, row_max, row_sum, *parts, *weights, keep, bias, ctx.streams, *grads,
+                  *grad_parts, partial]
+        kernels._backward_kernel[(key_blocks, batch * heads)](
+            *common, BLOCK_H2=block_h2, BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, num_warps=tiles.num_warps,
+            **settings)
+        grad_q, grad_k, grad_v = (g.view(t.shape).to(t.dtype) for g, t in zip(grads, (query, key, value)))
         if not neural:
             return None, grad_q, grad_k, grad_v, None, None, None, None, None, None
         grad_qp, grad_kp = (g.view(batch, heads, -1, g.shape[-1]).to(t.dtype)

@@ -9,16 +9,22 @@ weights (and, for exp-based scores, the running max), in float32 whatever the in
     neural                          logit = W3 relu(W2 relu(qp_i + kp_j) + b2) + b3 (+ q.k scaling for combine="add"),
                                     online softmax; masked keys at -1e30, so a fully masked row is uniform as in eager
 
-qp and kp are the first MLP layer's per-query and per-key parts (neural.py's split, computed by `prepare` under
-autograd, so the gradients of the down-projections flow from the kernel's dqp, dkp). The backward recomputes each
-tile's scores from the saved row statistics: one kernel per key block (dK, dV, dkp and per-program partial sums of
-the MLP weights' gradients, reduced afterwards) and one per query block (dQ, dqp). Attention dropout draws a Philox
-mask from (seed + batch*head, row * Lk + column), the same numbers in forward and backward.
+qp and kp are the first MLP layer's per-query and per-key parts (the variant's kernel inputs, computed under
+autograd, so the gradients of the down-projections flow from the kernel's dqp, dkp); the MLP runs as one 2-D plane
+per hidden unit with its weights as scalars, exponentials in base 2. The backward recomputes each tile's scores from
+the saved row statistics in one kernel per key block (dK, dV, dkp and per-program partial sums of the MLP weights'
+gradients kept in registers and reduced once), adding dQ and dqp atomically in float32, as FlashAttention-2 does, so
+the MLP and the exponentials run twice per tile in training (forward, backward), not three times. Attention dropout
+is dropout_mask's position-keyed hash (a uint32 stream key per (batch, head), mixed with the query row once per row and
+with the key column per element, about 10 integer operations), the same mask in forward and backward and on every
+path.
 
 Masks: any boolean keep pattern broadcastable to [B, H, Lq, Lk] (causal, padding, sliding window), read tile by tile;
 a keep pattern that is exactly the bottom-right causal one is not read at all (CAUSAL: computed from the indices, and
-the tiles above the diagonal are skipped, as FlashAttention does). Additive float biases are not handled here (the
-chunked path runs). Grouped-query keys arrive repeated per head.
+the tiles above the diagonal are skipped, as FlashAttention does). An additive float bias (HAS_BIAS, broadcastable
+the same way) is read tile by tile as the keep mask is. The neural MLP's activation is relu or leaky_relu (SLOPE). Grouped-query keys and values
+may arrive once per key/value head (H_KV divides H; query head h reads kv head h // (H / H_KV)), their gradients
+added per group. Per-program base offsets are 64-bit.
 
 Triton's interpreter (TRITON_INTERPRET=1) runs these kernels on the CPU; it computes bfloat16 tl.dot
 wrongly, so there the products run in float32 (`interpreted()`), on a GPU in the input dtype. Float32 products
@@ -49,6 +55,13 @@ def interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
+def signed_threshold(p: float) -> int:
+    """dropout_mask.keep_threshold(p) - 2^31: the kernels compare the hash with its sign bit flipped, as int32."""
+    from .dropout_mask import keep_threshold
+
+    return keep_threshold(p) - 2**31 if p > 0.0 else -(2**31)
+
+
 if triton is not None:
     # the same constants as the module's, in the form jit functions may read globals
     NEG_ = tl.constexpr(NEG)
@@ -56,33 +69,93 @@ if triton is not None:
     SQUARE_ = tl.constexpr(SCORE_SQUARE)
     SOFTMAX_SQUARE_ = tl.constexpr(SCORE_SOFTMAX_SQUARE)
     NEURAL_ = tl.constexpr(SCORE_NEURAL)
+    LOG2E_ = tl.constexpr(1.4426950408889634)  # exp-based scores run in base 2: exp2(x log2 e) = exp(x)
+    SQRT_LOG2E_ = tl.constexpr(1.2011224087864498)
+    FAST_ = tl.constexpr(not interpreted())  # inline PTX (fast reciprocal) only where a GPU compiles the kernels
 
     @triton.jit
-    def _tile(q, k, qp_ptr, kp_ptr, w2_ptr, b2_ptr, w3_ptr, b3, rows, cols, LQ, LK, keep, dot_scale,
-              SCORE: tl.constexpr, ADD_DOT: tl.constexpr, H1: tl.constexpr, H2: tl.constexpr,
-              BLOCK_H: tl.constexpr, PRECISION: tl.constexpr):
-        """Scores of one [BLOCK_M, BLOCK_N] tile: (values, s) where values are f (masked: 0) for the expressive
-        scores and logits (masked: NEG) for neural; s is q.k x dot_scale (0 where not used)."""
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * dot_scale
-        if SCORE == NEURAL_:
-            units = tl.arange(0, BLOCK_H)
-            qp = tl.load(qp_ptr + rows[:, None] * H1 + units[None, :], mask=(rows[:, None] < LQ) & (units[None, :] < H1), other=0.0)
-            kp = tl.load(kp_ptr + cols[:, None] * H1 + units[None, :], mask=(cols[:, None] < LK) & (units[None, :] < H1), other=0.0)
-            hidden = tl.maximum(qp[:, None, :] + kp[None, :, :], 0.0)  # [M, N, BLOCK_H]
-            logits = tl.zeros_like(s) + b3
-            for o in range(H2):
-                w2 = tl.load(w2_ptr + o * H1 + units, mask=units < H1, other=0.0)
-                z = tl.sum(hidden * w2[None, None, :], axis=2) + tl.load(b2_ptr + o)
-                logits += tl.load(w3_ptr + o) * tl.maximum(z, 0.0)
-            if ADD_DOT:
-                logits += s
-            return tl.where(keep, logits, NEG_), s
+    def _activate(x, SLOPE: tl.constexpr):
+        """The MLP's hidden activation: relu (SLOPE 0) or leaky_relu with that slope."""
+        if SLOPE == 0.0:
+            result = tl.maximum(x, 0.0)
+        else:
+            result = tl.where(x > 0, x, x * SLOPE)
+        return result
+
+    @triton.jit
+    def _activate_backward(x, grad, SLOPE: tl.constexpr):
+        """dL/dx from dL/d(activation(x))."""
+        if SLOPE == 0.0:
+            result = tl.where(x > 0, grad, 0.0)
+        else:
+            result = tl.where(x > 0, grad, grad * SLOPE)
+        return result
+
+    @triton.jit
+    def _reciprocal(x, FAST: tl.constexpr):
+        """1 / x: one MUFU.RCP on a GPU (rcp.approx, about 1 ulp), a division under the interpreter."""
+        if FAST:
+            y = tl.inline_asm_elementwise("rcp.approx.ftz.f32 $0, $1;", "=r,r", [x], dtype=tl.float32, is_pure=True,
+                                          pack=1)
+        else:
+            y = 1.0 / x
+        return y
+
+    @triton.jit
+    def _mlp_planes(qp_ptr, kp_ptr, w2_ptr, b2_ptr, w3_ptr, rows, cols, LQ, LK, H1: tl.constexpr, H2: tl.constexpr,
+                    SLOPE: tl.constexpr):
+        """The pairwise MLP on a tile, one 2-D plane per hidden unit with its weights as scalars: (sum_o w3_o
+        act(z_o) [M, N], pre-activations of the first layer (H1 planes), their activations, z (H2 planes))."""
+        pre = ()
+        hidden = ()
+        for c in tl.static_range(H1):
+            query_part = tl.load(qp_ptr + rows * H1 + c, mask=rows < LQ, other=0.0)
+            key_part = tl.load(kp_ptr + cols * H1 + c, mask=cols < LK, other=0.0)
+            plane = query_part[:, None] + key_part[None, :]
+            pre = pre + (plane,)
+            hidden = hidden + (_activate(plane, SLOPE),)
+        zs = ()
+        for o in tl.static_range(H2):
+            z = hidden[0] * tl.load(w2_ptr + o * H1) + tl.load(b2_ptr + o)
+            for c in tl.static_range(1, H1):
+                z += hidden[c] * tl.load(w2_ptr + o * H1 + c)
+            zs = zs + (z,)
+        out = _activate(zs[0], SLOPE) * tl.load(w3_ptr)
+        for o in tl.static_range(1, H2):
+            out += _activate(zs[o], SLOPE) * tl.load(w3_ptr + o)
+        return out, pre, hidden, zs
+
+    @triton.jit
+    def _scores(q, k, dot_scale, bias, SCORE: tl.constexpr, ADD_DOT: tl.constexpr, HAS_BIAS: tl.constexpr,
+                PRECISION: tl.constexpr, FAST: tl.constexpr):
+        """The expressive scores of a tile before masking: (values, s, r) with s = q.k x dot_scale, r = 1/(1+s^2)
+        for rational. softmax_square works in base 2: s carries sqrt(log2 e), so values = s^2 = s_true^2 log2 e."""
+        if SCORE == SOFTMAX_SQUARE_:
+            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * (dot_scale * SQRT_LOG2E_)
+        else:
+            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * dot_scale
         squared = s * s
+        r = 0.0
         if SCORE == RATIONAL_:
-            values = squared / (1.0 + squared)
+            r = _reciprocal(1.0 + squared, FAST)
+            values = squared * r
         else:
             values = squared  # square; softmax_square exponentiates with the running max
-        return tl.where(keep, values, 0.0), s
+        if HAS_BIAS:
+            if SCORE == SOFTMAX_SQUARE_:
+                values += bias * LOG2E_
+            else:
+                values = values * tl.exp(bias)
+        return values, s, r
+
+    @triton.jit
+    def _load_bias(bias_ptr, stride_bq, stride_bk, rows, cols, LQ, LK, HAS_BIAS: tl.constexpr):
+        """The additive mask bias of a tile in float32 (0 outside), or 0 without one."""
+        if HAS_BIAS:
+            inside = (rows[:, None] < LQ) & (cols[None, :] < LK)
+            return tl.load(bias_ptr + rows[:, None].to(tl.int64) * stride_bq + cols[None, :] * stride_bk, mask=inside,
+                           other=0.0).to(tl.float32)
+        return 0.0
 
     @triton.jit
     def _load_keep(keep_ptr, stride_kq, stride_kk, rows, cols, LQ, LK, HAS_KEEP: tl.constexpr,
@@ -91,7 +164,8 @@ if triton is not None:
         if CAUSAL:  # bottom-right aligned: query i is key slot LK - LQ + i
             inside = inside & (cols[None, :] <= rows[:, None] + (LK - LQ))
         if HAS_KEEP:
-            kept = tl.load(keep_ptr + rows[:, None] * stride_kq + cols[None, :] * stride_kk, mask=inside, other=0)
+            kept = tl.load(keep_ptr + rows[:, None].to(tl.int64) * stride_kq + cols[None, :] * stride_kk, mask=inside,
+                           other=0)
             return inside & (kept != 0)
         return inside
 
@@ -110,10 +184,20 @@ if triton is not None:
         return 0
 
     @triton.jit
-    def _load_rows(matrix, rows, length, dims, D, DOT_FP32: tl.constexpr):
+    def _inside(rows, length, dims, D: tl.constexpr, BLOCK_D: tl.constexpr):
+        """[rows, BLOCK_D] mask of a head's [length, D] matrix: rows only when D fills the block (so loads and stores
+        stay vectorised along the head dimension)."""
+        if D == BLOCK_D:
+            inside = rows[:, None] < length
+        else:
+            inside = (rows[:, None] < length) & (dims[None, :] < D)
+        return inside
+
+    @triton.jit
+    def _load_rows(matrix, rows, length, dims, D: tl.constexpr, BLOCK_D: tl.constexpr, DOT_FP32: tl.constexpr):
         """Rows `rows` of one head's [length, D] matrix as a [rows, BLOCK_D] block, zero outside; float32 when the
         products run in float32."""
-        block = tl.load(matrix + rows[:, None] * D + dims[None, :], mask=(rows[:, None] < length) & (dims[None, :] < D),
+        block = tl.load(matrix + rows[:, None] * D + dims[None, :], mask=_inside(rows, length, dims, D, BLOCK_D),
                         other=0.0)
         if DOT_FP32:
             block = block.to(tl.float32)
@@ -129,44 +213,88 @@ if triton is not None:
                 tl.load(ROW_SUM + head + rows, mask=inside, other=1.0))
 
     @triton.jit
-    def _dropout_keep(seed, bh, rows, cols, LK, p):
-        return tl.rand(seed + bh, rows[:, None] * LK + cols[None, :]) >= p
+    def _mix(x):
+        """dropout_mask.mix32 on uint32: logical shifts, wrapping products."""
+        x ^= x >> 16
+        x *= 0x21F0AAAD
+        x ^= x >> 15
+        x *= 0x735A2D97
+        x ^= x >> 15
+        return x
+
+    @triton.jit
+    def _dropout_stream(STREAMS, bh, DROPOUT: tl.constexpr):
+        """The (batch, head) pair's uint32 stream key (dropout_mask.dropout_streams, an int32 [B, H] tensor)."""
+        if DROPOUT:
+            return tl.load(STREAMS + bh).to(tl.uint32, bitcast=True)
+        return tl.zeros([], dtype=tl.uint32)
+
+    @triton.jit
+    def _dropout_row_keys(stream, rows, DROPOUT: tl.constexpr):
+        """Per query row (its index in the call): mix(stream ^ row)."""
+        if DROPOUT:
+            return _mix(stream ^ rows.to(tl.uint32, bitcast=True))
+        return rows.to(tl.uint32, bitcast=True)
+
+    @triton.jit
+    def _dropout_keep(row_keys, cols, threshold):
+        """[rows, cols] keep mask: mix(row_key ^ col) >= the uint32 threshold, compared as int32 after flipping the
+        sign bit (threshold arrives as signed_threshold(p))."""
+        hashed = _mix(row_keys[:, None] ^ cols[None, :].to(tl.uint32, bitcast=True))
+        return (hashed ^ 0x80000000).to(tl.int32, bitcast=True) >= threshold
 
     @triton.jit
     def _forward_kernel(
-        Q, K, V, QP, KP, W2, B2, W3, B3, KEEP, OUT, ROW_MAX, ROW_SUM,
-        stride_kb, stride_kh, stride_kq, stride_kk, H, LQ, LK, D, dot_scale, dropout_p, seed, per_head,
+        Q, K, V, QP, KP, W2, B2, W3, B3, KEEP, BIAS, STREAMS, OUT, ROW_MAX, ROW_SUM,
+        stride_kb, stride_kh, stride_kq, stride_kk, stride_bb, stride_bh, stride_bq, stride_bk,
+        H, H_KV, LQ, LK, D: tl.constexpr, dot_scale, dropout_p, threshold, per_head,
         SCORE: tl.constexpr, ADD_DOT: tl.constexpr, H1: tl.constexpr, H2: tl.constexpr, BLOCK_H: tl.constexpr,
-        HAS_KEEP: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, DOT_FP32: tl.constexpr,
+        HAS_KEEP: tl.constexpr, HAS_BIAS: tl.constexpr, SLOPE: tl.constexpr, CAUSAL: tl.constexpr,
+        DROPOUT: tl.constexpr, DOT_FP32: tl.constexpr,
         PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     ):
         block, bh = tl.program_id(0), tl.program_id(1)
         b, h = bh // H, bh % H
+        bh = bh.to(tl.int64)  # every per-program base offset in 64 bits: B * H * L * D may pass 2^31
+        kv = (b * H_KV + h // (H // H_KV)).to(tl.int64)  # grouped-query heads share their key/value head
         rows = block * BLOCK_M + tl.arange(0, BLOCK_M)
         dims = tl.arange(0, BLOCK_D)
-        q = _load_rows(Q + bh * LQ * D, rows, LQ, dims, D, DOT_FP32)
-        keep_ptr = KEEP + b * stride_kb + h * stride_kh
+        q = _load_rows(Q + bh * LQ * D, rows, LQ, dims, D, BLOCK_D, DOT_FP32)
+        keep_ptr = KEEP + b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh
+        bias_ptr = BIAS + b.to(tl.int64) * stride_bb + h.to(tl.int64) * stride_bh
+        row_keys = _dropout_row_keys(_dropout_stream(STREAMS, bh, DROPOUT), rows, DROPOUT)
         group = h * per_head  # the MLP's weights: one set per head, or one shared (group 0)
         b3 = tl.load(B3 + group) if SCORE == NEURAL_ else 0.0
+        w2_ptr, b2_ptr, w3_ptr = W2 + group * H2 * H1, B2 + group * H2, W3 + group * H2
         row_max = tl.zeros([BLOCK_M], dtype=tl.float32) + (NEG_ if SCORE == NEURAL_ else 0.0)
         row_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
         for start in range(0, _key_end(block, LQ, LK, BLOCK_M, CAUSAL), BLOCK_N):
             cols = start + tl.arange(0, BLOCK_N)
-            k = _load_rows(K + bh * LK * D, cols, LK, dims, D, DOT_FP32)
-            v = _load_rows(V + bh * LK * D, cols, LK, dims, D, DOT_FP32)
+            k = _load_rows(K + kv * LK * D, cols, LK, dims, D, BLOCK_D, DOT_FP32)
+            v = _load_rows(V + kv * LK * D, cols, LK, dims, D, BLOCK_D, DOT_FP32)
             keep = _load_keep(keep_ptr, stride_kq, stride_kk, rows, cols, LQ, LK, HAS_KEEP, CAUSAL)
-            values, s = _tile(q, k, QP + bh * LQ * H1, KP + bh * LK * H1, W2 + group * H2 * H1, B2 + group * H2,
-                              W3 + group * H2, b3, rows, cols, LQ, LK, keep, dot_scale, SCORE, ADD_DOT, H1, H2, BLOCK_H,
-                              PRECISION)
+            bias = _load_bias(bias_ptr, stride_bq, stride_bk, rows, cols, LQ, LK, HAS_BIAS)
+            if SCORE == NEURAL_:  # logits in base 2 (log2 e folded into the last layer's output)
+                logits, _, _, _ = _mlp_planes(QP + bh * LQ * H1, KP + bh * LK * H1, w2_ptr, b2_ptr, w3_ptr, rows,
+                                              cols, LQ, LK, H1, H2, SLOPE)
+                logits = (logits + b3) * LOG2E_
+                if ADD_DOT:
+                    logits += tl.dot(q, tl.trans(k), input_precision=PRECISION) * (dot_scale * LOG2E_)
+                if HAS_BIAS:
+                    logits += bias * LOG2E_
+                values = tl.where(keep, logits, NEG_)
+            else:
+                values, _, _ = _scores(q, k, dot_scale, bias, SCORE, ADD_DOT, HAS_BIAS, PRECISION, FAST_)
+                values = tl.where(keep, values, 0.0)
             if SCORE == NEURAL_ or SCORE == SOFTMAX_SQUARE_:
                 new_max = tl.maximum(row_max, tl.max(values, axis=1))
-                weights = tl.exp(values - new_max[:, None])
+                weights = tl.exp2(values - new_max[:, None])
                 if SCORE == SOFTMAX_SQUARE_:
                     weights = tl.where(keep, weights, 0.0)
                 else:
                     weights = tl.where(cols[None, :] < LK, weights, 0.0)
-                rescale = tl.exp(row_max - new_max)
+                rescale = tl.exp2(row_max - new_max)
                 row_sum = row_sum * rescale + tl.sum(weights, axis=1)
                 acc = acc * rescale[:, None]
                 row_max = new_max
@@ -174,163 +302,183 @@ if triton is not None:
                 weights = values
                 row_sum += tl.sum(weights, axis=1)
             if DROPOUT:
-                weights = tl.where(_dropout_keep(seed, bh, rows, cols, LK, dropout_p), weights / (1.0 - dropout_p), 0.0)
+                weights = tl.where(_dropout_keep(row_keys, cols, threshold), weights, 0.0)  # 1 / (1 - p) below
             acc += tl.dot(weights.to(v.dtype), v, input_precision=PRECISION)
         safe_sum = tl.where(row_sum > 0, row_sum, 1.0)
-        out = acc / safe_sum[:, None]
+        inverse = 1.0 / safe_sum  # one reciprocal per row
+        if DROPOUT:
+            inverse = inverse * (1.0 / (1.0 - dropout_p))
+        out = acc * inverse[:, None]
         tl.store(OUT + bh * LQ * D + rows[:, None] * D + dims[None, :], out.to(OUT.dtype.element_ty),
-                 mask=(rows[:, None] < LQ) & (dims[None, :] < D))
+                 mask=_inside(rows, LQ, dims, D, BLOCK_D))
         tl.store(ROW_MAX + bh * LQ + rows, row_max, mask=rows < LQ)
         tl.store(ROW_SUM + bh * LQ + rows, safe_sum, mask=rows < LQ)
 
     @triton.jit
-    def _tile_gradients(q, k, v, do, row_dot, row_max, row_sum, qp_ptr, kp_ptr, w2_ptr, b2_ptr, w3_ptr, b3,
-                        rows, cols, LQ, LK, keep, dot_scale, dropout_p, seed, bh,
-                        SCORE: tl.constexpr, ADD_DOT: tl.constexpr, H1: tl.constexpr, H2: tl.constexpr,
-                        BLOCK_H: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr):
-        """One tile's backward, recomputed from the row statistics: (weights after dropout [M, N] for dV, ds [M, N]
-        with dq = ds k and dk = ds^T q, and for neural dlogit [M, N] and the tile's hidden pre-activations
-        [M, N, BLOCK_H]; zeros otherwise)."""
-        values, s = _tile(q, k, qp_ptr, kp_ptr, w2_ptr, b2_ptr, w3_ptr, b3, rows, cols, LQ, LK, keep, dot_scale,
-                          SCORE, ADD_DOT, H1, H2, BLOCK_H, PRECISION)
-        inside = (rows[:, None] < LQ) & (cols[None, :] < LK)
-        if SCORE == NEURAL_:
-            weights = tl.where(inside, tl.exp(values - row_max[:, None]), 0.0) / row_sum[:, None]
-        elif SCORE == SOFTMAX_SQUARE_:
-            values = tl.where(keep, tl.exp(values - row_max[:, None]), 0.0)  # f, unnormalised
-            weights = values / row_sum[:, None]
+    def _fold(accumulator, tile, PER_TILE: tl.constexpr):
+        """Adds a [M, N] tile into a running partial: elementwise ([M, N] planes), or summed over rows ([N])."""
+        if PER_TILE:
+            result = accumulator + tl.sum(tile, axis=0)
         else:
-            weights = values / row_sum[:, None]
-        grad_weights = tl.dot(do, tl.trans(v), input_precision=PRECISION)  # dL/d(weights after dropout)
-        if DROPOUT:
-            kept = _dropout_keep(seed, bh, rows, cols, LK, dropout_p)
-            weights_dropped = tl.where(kept, weights / (1.0 - dropout_p), 0.0)
-            grad_weights = tl.where(kept, grad_weights / (1.0 - dropout_p), 0.0)
-        else:
-            weights_dropped = weights
-        centred = grad_weights - row_dot[:, None]
-        if SCORE == NEURAL_:
-            dlogit = tl.where(keep, weights * centred, 0.0)
-            ds = dlogit * dot_scale if ADD_DOT else tl.zeros_like(dlogit)
-            return weights_dropped, ds, dlogit
-        df = tl.where(keep, centred / row_sum[:, None], 0.0)
-        if SCORE == RATIONAL_:
-            denominator = 1.0 + s * s
-            ds = df * 2.0 * s / (denominator * denominator)
-        elif SCORE == SQUARE_:
-            ds = df * 2.0 * s
-        else:
-            ds = df * 2.0 * s * values
-        return weights_dropped, ds * dot_scale, tl.zeros_like(ds)
+            result = accumulator + tile
+        return result
 
     @triton.jit
-    def _mlp_backward(dlogit, qp, kp, w2_ptr, b2_ptr, w3_ptr, H1: tl.constexpr, H2: tl.constexpr,
-                      BLOCK_H: tl.constexpr, BLOCK_H2: tl.constexpr):
-        """The pairwise MLP's backward on a tile: (dpre [M, N, BLOCK_H], dW2 [BLOCK_H2, BLOCK_H], db2 [BLOCK_H2],
-        dW3 [BLOCK_H2], db3) with pre = qp_i + kp_j the first layer's pre-activations."""
-        units, outs = tl.arange(0, BLOCK_H), tl.arange(0, BLOCK_H2)
-        pre = qp[:, None, :] + kp[None, :, :]
-        hidden = tl.maximum(pre, 0.0)
-        grad_hidden = tl.zeros_like(pre)
-        grad_w2 = tl.zeros([BLOCK_H2, BLOCK_H], dtype=tl.float32)
-        grad_b2 = tl.zeros([BLOCK_H2], dtype=tl.float32)
-        grad_w3 = tl.zeros([BLOCK_H2], dtype=tl.float32)
-        for o in range(H2):
-            w2 = tl.load(w2_ptr + o * H1 + units, mask=units < H1, other=0.0)
-            z = tl.sum(hidden * w2[None, None, :], axis=2) + tl.load(b2_ptr + o)
-            grad_w3 += tl.where(outs == o, tl.sum(dlogit * tl.maximum(z, 0.0)), 0.0)
-            grad_z = tl.where(z > 0, dlogit * tl.load(w3_ptr + o), 0.0)
-            grad_b2 += tl.where(outs == o, tl.sum(grad_z), 0.0)
-            grad_w2 += tl.where(outs[:, None] == o, tl.sum(tl.sum(grad_z[:, :, None] * hidden, axis=0), axis=0)[None, :], 0.0)
-            grad_hidden += grad_z[:, :, None] * w2[None, None, :]
-        grad_pre = tl.where(pre > 0, grad_hidden, 0.0)
-        return grad_pre, grad_w2, grad_b2, grad_w3, tl.sum(dlogit)
+    def _total(accumulator, PER_TILE: tl.constexpr, SCALAR: tl.constexpr):
+        """A running partial reduced over rows ([N]), and over keys too when SCALAR."""
+        if PER_TILE:
+            per_key = accumulator
+        else:
+            per_key = tl.sum(accumulator, axis=0)
+        if SCALAR:
+            per_key = tl.sum(per_key, axis=0)
+        return per_key
 
     @triton.jit
     def _backward_kernel(
-        Q, K, V, DO, ROW_DOT, ROW_MAX, ROW_SUM, QP, KP, W2, B2, W3, B3, KEEP,
+        Q, K, V, DO, ROW_DOT, ROW_MAX, ROW_SUM, QP, KP, W2, B2, W3, B3, KEEP, BIAS, STREAMS,
         DQ, DK, DV, DQP, DKP, GRAD_WEIGHTS,
-        stride_kb, stride_kh, stride_kq, stride_kk, H, LQ, LK, D, dot_scale, dropout_p, seed, per_head,
+        stride_kb, stride_kh, stride_kq, stride_kk, stride_bb, stride_bh, stride_bq, stride_bk,
+        H, H_KV, LQ, LK, D: tl.constexpr, dot_scale, dropout_p, threshold, per_head,
         SCORE: tl.constexpr, ADD_DOT: tl.constexpr, H1: tl.constexpr, H2: tl.constexpr, BLOCK_H: tl.constexpr,
-        BLOCK_H2: tl.constexpr, HAS_KEEP: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
-        DOT_FP32: tl.constexpr, PRECISION: tl.constexpr, FOR_KEYS: tl.constexpr, BLOCK_M: tl.constexpr,
+        BLOCK_H2: tl.constexpr, HAS_KEEP: tl.constexpr, HAS_BIAS: tl.constexpr, SLOPE: tl.constexpr,
+        CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
+        DOT_FP32: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     ):
-        """FOR_KEYS: one key block per program, looping over query blocks: dK, dV, dkp and the program's partial sums
-        of the MLP weights' gradients. Else one query block per program, looping over key blocks: dQ, dqp."""
+        """One key block per program, looping over the query blocks that see it (FlashAttention-2's backward): dK,
+        dV, dkp and the program's partial sums of the MLP weights' gradients in registers, written once; dQ and dqp
+        added atomically in float32 per tile, so each tile's scores are recomputed once, not twice."""
         block, bh = tl.program_id(0), tl.program_id(1)
         b, h = bh // H, bh % H
+        bh = bh.to(tl.int64)  # every per-program base offset in 64 bits
+        kv = (b * H_KV + h // (H // H_KV)).to(tl.int64)
         group = h * per_head
         b3 = tl.load(B3 + group) if SCORE == NEURAL_ else 0.0
         w2_ptr, b2_ptr, w3_ptr = W2 + group * H2 * H1, B2 + group * H2, W3 + group * H2
         qp_ptr, kp_ptr = QP + bh * LQ * H1, KP + bh * LK * H1
-        keep_ptr = KEEP + b * stride_kb + h * stride_kh
+        keep_ptr = KEEP + b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh
+        bias_ptr = BIAS + b.to(tl.int64) * stride_bb + h.to(tl.int64) * stride_bh
+        stream = _dropout_stream(STREAMS, bh, DROPOUT)
         dims, units = tl.arange(0, BLOCK_D), tl.arange(0, BLOCK_H)
-        own = block * (BLOCK_N if FOR_KEYS else BLOCK_M) + tl.arange(0, BLOCK_N if FOR_KEYS else BLOCK_M)
-        own_len = LK if FOR_KEYS else LQ
-        own_mask = (own[:, None] < own_len) & (dims[None, :] < D)
-        if FOR_KEYS:
-            k = _load_rows(K + bh * LK * D, own, LK, dims, D, DOT_FP32)
-            v = _load_rows(V + bh * LK * D, own, LK, dims, D, DOT_FP32)
-            kp = tl.load(kp_ptr + own[:, None] * H1 + units[None, :], mask=(own[:, None] < LK) & (units[None, :] < H1), other=0.0)
-            grad_k = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-            grad_v = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-            grad_kp = tl.zeros([BLOCK_N, BLOCK_H], dtype=tl.float32)
-            grad_w2 = tl.zeros([BLOCK_H2, BLOCK_H], dtype=tl.float32)
-            grad_b2 = tl.zeros([BLOCK_H2], dtype=tl.float32)
-            grad_w3 = tl.zeros([BLOCK_H2], dtype=tl.float32)
-            grad_b3 = 0.0
-            for start in range(_query_start(block, LQ, LK, BLOCK_M, BLOCK_N, CAUSAL), LQ, BLOCK_M):
-                rows = start + tl.arange(0, BLOCK_M)
-                q = _load_rows(Q + bh * LQ * D, rows, LQ, dims, D, DOT_FP32)
-                do = _load_rows(DO + bh * LQ * D, rows, LQ, dims, D, DOT_FP32)
-                row_dot, row_max, row_sum = _load_row_statistics(ROW_DOT, ROW_MAX, ROW_SUM, bh * LQ, rows, LQ)
-                keep = _load_keep(keep_ptr, stride_kq, stride_kk, rows, own, LQ, LK, HAS_KEEP, CAUSAL)
-                weights, ds, dlogit = _tile_gradients(
-                    q, k, v, do, row_dot, row_max, row_sum, qp_ptr, kp_ptr, w2_ptr, b2_ptr, w3_ptr, b3, rows, own,
-                    LQ, LK, keep, dot_scale, dropout_p, seed, bh, SCORE, ADD_DOT, H1, H2, BLOCK_H, DROPOUT, PRECISION)
-                grad_v += tl.dot(tl.trans(weights).to(do.dtype), do, input_precision=PRECISION)
+        own = block * BLOCK_N + tl.arange(0, BLOCK_N)
+        own_mask = _inside(own, LK, dims, D, BLOCK_D)
+        k = _load_rows(K + kv * LK * D, own, LK, dims, D, BLOCK_D, DOT_FP32)
+        v = _load_rows(V + kv * LK * D, own, LK, dims, D, BLOCK_D, DOT_FP32)
+        kept_scale = 1.0 / (1.0 - dropout_p)
+        NEEDS_DS: tl.constexpr = SCORE != NEURAL_ or ADD_DOT  # neural replace: q.k is not in the scores
+        grad_k = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+        grad_v = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+        # neural: every weight-gradient partial and dkp kept as [M, N] planes across the loop, reduced once at the end;
+        # a wider MLP (more than 8 such planes: registers) sums each tile over its rows into [N] vectors instead
+        PER_TILE: tl.constexpr = H2 * H1 + 2 * H2 + 1 + H1 > 8
+        zero = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        acc_zero = tl.zeros([BLOCK_N], dtype=tl.float32) if PER_TILE else zero
+        acc_kp = ()
+        for c in tl.static_range(H1):
+            acc_kp = acc_kp + (acc_zero,)
+        acc_w2 = ()
+        for i in tl.static_range(H2 * H1):
+            acc_w2 = acc_w2 + (acc_zero,)
+        acc_b2 = ()
+        acc_w3 = ()
+        for o in tl.static_range(H2):
+            acc_b2 = acc_b2 + (acc_zero,)
+            acc_w3 = acc_w3 + (acc_zero,)
+        acc_b3 = acc_zero
+        for start in range(_query_start(block, LQ, LK, BLOCK_M, BLOCK_N, CAUSAL), LQ, BLOCK_M):
+            rows = start + tl.arange(0, BLOCK_M)
+            q = _load_rows(Q + bh * LQ * D, rows, LQ, dims, D, BLOCK_D, DOT_FP32)
+            do = _load_rows(DO + bh * LQ * D, rows, LQ, dims, D, BLOCK_D, DOT_FP32)
+            row_dot, row_max, row_sum = _load_row_statistics(ROW_DOT, ROW_MAX, ROW_SUM, bh * LQ, rows, LQ)
+            keep = _load_keep(keep_ptr, stride_kq, stride_kk, rows, own, LQ, LK, HAS_KEEP, CAUSAL)
+            bias = _load_bias(bias_ptr, stride_bq, stride_bk, rows, own, LQ, LK, HAS_BIAS)
+            grad_weights = tl.dot(do, tl.trans(v), input_precision=PRECISION)  # dL/d(weights after dropout)
+            if DROPOUT:
+                kept = _dropout_keep(_dropout_row_keys(stream, rows, DROPOUT), own, threshold)
+                grad_weights = tl.where(kept, grad_weights * kept_scale, 0.0)
+            centred = grad_weights - row_dot[:, None]
+            if SCORE == NEURAL_:
+                logits, pre, hidden, zs = _mlp_planes(qp_ptr, kp_ptr, w2_ptr, b2_ptr, w3_ptr, rows, own, LQ, LK, H1,
+                                                      H2, SLOPE)
+                logits = (logits + b3) * LOG2E_
+                if ADD_DOT:
+                    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * dot_scale
+                    logits += s * LOG2E_
+                if HAS_BIAS:
+                    logits += bias * LOG2E_
+                # weights = exp2(logit - max - log2(sum)): no division per element (the max first, so a fully
+                # masked row, all logits NEG, keeps log2(sum) and gets uniform weights)
+                inside = (rows[:, None] < LQ) & (own[None, :] < LK)
+                shifted = tl.where(keep, logits, NEG_) - row_max[:, None]
+                weights = tl.where(inside, tl.exp2(shifted - tl.log2(row_sum)[:, None]), 0.0)
+                dlogit = tl.where(keep, weights * centred, 0.0)
+                ds = dlogit * dot_scale
+                # the MLP's backward, plane by plane
+                grad_hidden = ()
+                for c in tl.static_range(H1):
+                    grad_hidden = grad_hidden + (zero,)
+                new_w2 = ()
+                new_b2 = ()
+                new_w3 = ()
+                for o in tl.static_range(H2):
+                    new_w3 = new_w3 + (_fold(acc_w3[o], dlogit * _activate(zs[o], SLOPE), PER_TILE),)
+                    grad_z = _activate_backward(zs[o], dlogit * tl.load(w3_ptr + o), SLOPE)
+                    new_b2 = new_b2 + (_fold(acc_b2[o], grad_z, PER_TILE),)
+                    updated = ()
+                    for c in tl.static_range(H1):
+                        new_w2 = new_w2 + (_fold(acc_w2[o * H1 + c], grad_z * hidden[c], PER_TILE),)
+                        updated = updated + (grad_hidden[c] + grad_z * tl.load(w2_ptr + o * H1 + c),)
+                    grad_hidden = updated
+                acc_w2, acc_b2, acc_w3 = new_w2, new_b2, new_w3
+                acc_b3 = _fold(acc_b3, dlogit, PER_TILE)
+                new_kp = ()
+                for c in tl.static_range(H1):
+                    grad_pre = _activate_backward(pre[c], grad_hidden[c], SLOPE)
+                    new_kp = new_kp + (_fold(acc_kp[c], grad_pre, PER_TILE),)
+                    tl.atomic_add(DQP + bh * LQ * H1 + rows * H1 + c, tl.sum(grad_pre, axis=1), mask=rows < LQ,
+                                  sem="relaxed")
+                acc_kp = new_kp
+            elif SCORE == SOFTMAX_SQUARE_:
+                values, s, _ = _scores(q, k, dot_scale, bias, SCORE, ADD_DOT, HAS_BIAS, PRECISION, FAST_)
+                lse = row_max + tl.log2(row_sum)
+                weights = tl.where(keep, tl.exp2(values - lse[:, None]), 0.0)
+                # d weight / d s^2 = weight (centred): s carries sqrt(log2 e), undone in the constant
+                ds = weights * centred * s * (2.0 * dot_scale / SQRT_LOG2E_)
+            else:
+                values, s, r = _scores(q, k, dot_scale, bias, SCORE, ADD_DOT, HAS_BIAS, PRECISION, FAST_)
+                inverse = 1.0 / row_sum  # one reciprocal per row
+                weights = tl.where(keep, values, 0.0) * inverse[:, None]
+                df = tl.where(keep, centred, 0.0) * inverse[:, None]
+                if HAS_BIAS:
+                    df = df * tl.exp(bias)  # f = r(s) exp(bias): the ratio rule's bias scales df/ds
+                if SCORE == RATIONAL_:
+                    ds = df * s * (r * r) * (2.0 * dot_scale)  # d/ds s^2/(1+s^2) = 2s/(1+s^2)^2
+                else:
+                    ds = df * s * (2.0 * dot_scale)
+            if DROPOUT:
+                weights = tl.where(kept, weights * kept_scale, 0.0)
+            grad_v += tl.dot(tl.trans(weights).to(do.dtype), do, input_precision=PRECISION)
+            if NEEDS_DS:
                 grad_k += tl.dot(tl.trans(ds).to(q.dtype), q, input_precision=PRECISION)
-                if SCORE == NEURAL_:
-                    qp = tl.load(qp_ptr + rows[:, None] * H1 + units[None, :], mask=(rows[:, None] < LQ) & (units[None, :] < H1), other=0.0)
-                    grad_pre, gw2, gb2, gw3, gb3 = _mlp_backward(dlogit, qp, kp, w2_ptr, b2_ptr, w3_ptr, H1, H2, BLOCK_H, BLOCK_H2)
-                    grad_kp += tl.sum(grad_pre, axis=0)
-                    grad_w2 += gw2
-                    grad_b2 += gb2
-                    grad_w3 += gw3
-                    grad_b3 += gb3
-            tl.store(DK + bh * LK * D + own[:, None] * D + dims[None, :], grad_k, mask=own_mask)
-            tl.store(DV + bh * LK * D + own[:, None] * D + dims[None, :], grad_v, mask=own_mask)
-            if SCORE == NEURAL_:
-                tl.store(DKP + bh * LK * H1 + own[:, None] * H1 + units[None, :], grad_kp, mask=(own[:, None] < LK) & (units[None, :] < H1))
-                # this program's partial sums: [W2 (H2 x H1), b2 (H2), W3 (H2), b3]
-                size = H2 * H1 + 2 * H2 + 1
-                partial = GRAD_WEIGHTS + (bh * tl.num_programs(0) + block) * size
-                outs = tl.arange(0, BLOCK_H2)
-                tl.store(partial + outs[:, None] * H1 + units[None, :], grad_w2, mask=(outs[:, None] < H2) & (units[None, :] < H1))
-                tl.store(partial + H2 * H1 + outs, grad_b2, mask=outs < H2)
-                tl.store(partial + H2 * H1 + H2 + outs, grad_w3, mask=outs < H2)
-                tl.store(partial + H2 * H1 + 2 * H2, grad_b3)
-        else:
-            q = _load_rows(Q + bh * LQ * D, own, LQ, dims, D, DOT_FP32)
-            do = _load_rows(DO + bh * LQ * D, own, LQ, dims, D, DOT_FP32)
-            row_dot, row_max, row_sum = _load_row_statistics(ROW_DOT, ROW_MAX, ROW_SUM, bh * LQ, own, LQ)
-            qp = tl.load(qp_ptr + own[:, None] * H1 + units[None, :], mask=(own[:, None] < LQ) & (units[None, :] < H1), other=0.0)
-            grad_q = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-            grad_qp = tl.zeros([BLOCK_M, BLOCK_H], dtype=tl.float32)
-            for start in range(0, _key_end(block, LQ, LK, BLOCK_M, CAUSAL), BLOCK_N):
-                cols = start + tl.arange(0, BLOCK_N)
-                k = _load_rows(K + bh * LK * D, cols, LK, dims, D, DOT_FP32)
-                v = _load_rows(V + bh * LK * D, cols, LK, dims, D, DOT_FP32)
-                keep = _load_keep(keep_ptr, stride_kq, stride_kk, own, cols, LQ, LK, HAS_KEEP, CAUSAL)
-                weights, ds, dlogit = _tile_gradients(
-                    q, k, v, do, row_dot, row_max, row_sum, qp_ptr, kp_ptr, w2_ptr, b2_ptr, w3_ptr, b3, own, cols,
-                    LQ, LK, keep, dot_scale, dropout_p, seed, bh, SCORE, ADD_DOT, H1, H2, BLOCK_H, DROPOUT, PRECISION)
-                grad_q += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
-                if SCORE == NEURAL_:
-                    kp = tl.load(kp_ptr + cols[:, None] * H1 + units[None, :], mask=(cols[:, None] < LK) & (units[None, :] < H1), other=0.0)
-                    grad_pre, _, _, _, _ = _mlp_backward(dlogit, qp, kp, w2_ptr, b2_ptr, w3_ptr, H1, H2, BLOCK_H, BLOCK_H2)
-                    grad_qp += tl.sum(grad_pre, axis=1)
-            tl.store(DQ + bh * LQ * D + own[:, None] * D + dims[None, :], grad_q, mask=own_mask)
-            if SCORE == NEURAL_:
-                tl.store(DQP + bh * LQ * H1 + own[:, None] * H1 + units[None, :], grad_qp, mask=(own[:, None] < LQ) & (units[None, :] < H1))
+                grad_q = tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
+                tl.atomic_add(DQ + bh * LQ * D + rows[:, None] * D + dims[None, :], grad_q,
+                              mask=_inside(rows, LQ, dims, D, BLOCK_D), sem="relaxed")
+        if H_KV == H:
+            tl.store(DK + kv * LK * D + own[:, None] * D + dims[None, :], grad_k, mask=own_mask)
+            tl.store(DV + kv * LK * D + own[:, None] * D + dims[None, :], grad_v, mask=own_mask)
+        else:  # the group's query heads add into their shared key/value head
+            tl.atomic_add(DK + kv * LK * D + own[:, None] * D + dims[None, :], grad_k, mask=own_mask, sem="relaxed")
+            tl.atomic_add(DV + kv * LK * D + own[:, None] * D + dims[None, :], grad_v, mask=own_mask, sem="relaxed")
+        if SCORE == NEURAL_:
+            for c in tl.static_range(H1):
+                tl.store(DKP + bh * LK * H1 + own * H1 + c, _total(acc_kp[c], PER_TILE, False), mask=own < LK)
+            # this program's partial sums: [W2 (H2 x H1), b2 (H2), W3 (H2), b3]
+            size = H2 * H1 + 2 * H2 + 1
+            partial = GRAD_WEIGHTS + (bh * tl.num_programs(0) + block) * size
+            for o in tl.static_range(H2):
+                for c in tl.static_range(H1):
+                    tl.store(partial + o * H1 + c, _total(acc_w2[o * H1 + c], PER_TILE, True))
+                tl.store(partial + H2 * H1 + o, _total(acc_b2[o], PER_TILE, True))
+                tl.store(partial + H2 * H1 + H2 + o, _total(acc_w3[o], PER_TILE, True))
+            tl.store(partial + H2 * H1 + 2 * H2, _total(acc_b3, PER_TILE, True))

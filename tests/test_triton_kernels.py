@@ -1,7 +1,7 @@
 """The fused Triton kernels (expressive, neural) run through Triton's interpreter on this CPU (conftest sets
 TRITON_INTERPRET=1) and match the chunked path and the float64 formulas: outputs, and gradients of q, k, v and the
 neural MLP's weights, over block-boundary shapes, masks with fully masked rows, cache-shaped calls, grouped-query
-heads, dropout (against the same Philox mask), bfloat16, a whole model, and the rule that selects them."""
+heads, dropout (dropout_mask's position-keyed mask), bfloat16, a whole model, and the rule that selects them."""
 
 from __future__ import annotations
 
@@ -13,8 +13,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import triton
-import triton.language as tl
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 import hf_neural_attention as hfna
@@ -153,6 +151,45 @@ def test_a_causal_mask_is_computed_in_the_kernels_and_skips_tiles(name, q_len, k
     torch.testing.assert_close(fused[0].double(), weights @ v.double(), rtol=0, atol=1e-5)
 
 
+def launches(monkeypatch) -> list[dict]:
+    """Records the launch settings of every kernel call from here on."""
+    settings = []
+    launch = triton_attention._launch_settings
+    monkeypatch.setattr(triton_attention, "_launch_settings", lambda *a: settings.append(launch(*a)[0]) or launch(*a))
+    return settings
+
+
+@pytest.mark.parametrize("activation", ["relu", "leaky_relu"])
+def test_each_neural_activation_runs_its_own_kernel(activation, monkeypatch):
+    """relu and leaky_relu (slope 0.01) both run in the kernels, each with its own slope: routing leaky_relu into
+    the relu kernel (or the reverse) changes the scores of every negative pre-activation and fails the comparison."""
+    settings = launches(monkeypatch)
+    variant = neural_variant({"activation": activation, "proj_dim": 4, "hidden_dims": [4, 3]})
+    q, k, v, keep = inputs(19, 21)
+    fused = run(variant, q, k, v, keep, TRITON)
+    assert settings and {s["SLOPE"] for s in settings} == {0.01 if activation == "leaky_relu" else 0.0}
+    assert_same(fused, run(variant, q, k, v, keep, CHUNKED))
+
+
+@pytest.mark.parametrize("name", ["rational", "square", "softmax_square", "neural", "neural-add"])
+def test_an_additive_float_bias_is_read_by_the_kernels(name, monkeypatch):
+    """A float mask (finite biases, -1e9 and the dtype's minimum for masked keys, a fully masked row) runs in the
+    kernels, read tile by tile, and equals the chunked path's softmax and ratio rules (logits + bias; f x exp(bias))."""
+    settings = launches(monkeypatch)
+    if name.startswith("neural"):
+        variant = neural_variant({"combine": "add"} if name == "neural-add" else {})
+    else:
+        variant = build_variant("expressive", H, D, form=name, scale=True)
+    q, k, v, keep = inputs(19, 21)
+    generator = torch.Generator().manual_seed(5)
+    bias = 0.5 * torch.randn(B, H, 19, 21, generator=generator)  # per head
+    bias = bias.masked_fill(~keep, torch.finfo(torch.float32).min)
+    bias[0, :, 3, :5] = -1e9  # a large finite bias: kept, weighs (almost) nothing
+    fused = run(variant, q, k, v, bias, TRITON)
+    assert settings and all(s["HAS_BIAS"] for s in settings)
+    assert_same(fused, run(variant, q, k, v, bias, CHUNKED))
+
+
 def test_neural_with_other_depths_falls_back_to_the_chunked_path(monkeypatch):
     calls = []
     monkeypatch.setattr(triton_attention._FusedAttention, "apply", lambda *a: calls.append(1))
@@ -162,42 +199,32 @@ def test_neural_with_other_depths_falls_back_to_the_chunked_path(monkeypatch):
     assert not calls
 
 
-if triton is not None:
-
-    @triton.jit
-    def _dropout_mask_kernel(OUT, seed, LQ, LK, p, BLOCK: tl.constexpr):
-        """Writes the keep mask the kernels draw for one (batch * head) program row: the test's reference."""
-        bh = tl.program_id(0)
-        rows, cols = tl.arange(0, BLOCK), tl.arange(0, BLOCK)
-        kept = triton_kernels._dropout_keep(seed, bh, rows, cols, LK, p)
-        inside = (rows[:, None] < LQ) & (cols[None, :] < LK)
-        tl.store(OUT + bh * LQ * LK + rows[:, None] * LK + cols[None, :], kept.to(tl.int8), mask=inside)
-
-
-def dropout_keep_map(seed: int, q_len: int, k_len: int, p: float) -> torch.Tensor:
-    out = torch.zeros(B * H, q_len, k_len, dtype=torch.int8)
-    _dropout_mask_kernel[(B * H,)](out, seed, q_len, k_len, p, BLOCK=32)
-    return out.view(B, H, q_len, k_len).bool()
-
-
 @pytest.mark.parametrize("name", ["expressive", "neural"])
-def test_dropout_uses_one_philox_mask_in_forward_and_backward(name, monkeypatch):
-    """Against the float64 weights with the kernels' own mask: output and gradients, so backward regenerated the
-    forward's mask exactly."""
-    p, q_len, k_len = 0.3, 19, 21
-    seeds = []
-    monkeypatch.setattr(dispatch, "draw_dropout_seed", lambda device: seeds.append(12345) or torch.tensor(12345))
+@pytest.mark.parametrize("causal", [False, True], ids=["padding", "causal"])
+def test_dropout_is_dropout_masks_position_keyed_mask_in_forward_and_backward(name, causal, monkeypatch):
+    """The kernels drop exactly dropout_mask.dropout_keep's weights (the mask every path draws, from the call's seed
+    and (batch, head, row, key)): output and gradients against the float64 weights times dropout_scale, so the
+    forward and backward passes drew the same mask, with tiles that differ between passes."""
+    from hf_neural_attention.dropout_mask import dropout_scale, dropout_streams
+
+    p, q_len, k_len = 0.3, 19, 37
+    seed = torch.tensor(0x1234_5678_9ABC, dtype=torch.int64)
+    devices = []
+    monkeypatch.setattr(dispatch, "draw_dropout_seed", lambda device: devices.append(device) or seed)
+    monkeypatch.setattr(triton_attention, "INTERPRETER_TILES", (Tiles(16, 32, 4), Tiles(32, 16, 4)))
     variant = build_variant("expressive", H, D) if name == "expressive" else neural_variant({})
     q, k, v, keep = inputs(q_len, k_len, fully_masked_row=False)
-    fused = run(variant, q, k, v, keep, TRITON, dropout=p)
-    assert seeds
-    dropped = dropout_keep_map(12345, q_len, k_len, p)
-    assert 0.55 < dropped.float().mean() < 0.85  # about 1 - p kept
+    if causal:
+        keep = causal_keep(q_len, k_len, q.device).expand(B, 1, q_len, k_len)
+    fused = run(variant, q, k, v, keep, TRITON, dropout=p, causal=causal)
+    assert devices == [q.device]
+    scale = dropout_scale(dropout_streams(seed, B, H), 0, q_len, k_len, p).double()
+    assert 0.6 < (scale > 0).double().mean() < 0.8  # about 1 - p kept
     q64, k64, v64 = (t.double().requires_grad_() for t in (q, k, v))
     double = variant.double() if name == "expressive" else neural_variant({}).double()
     reference = expressive_reference if name == "expressive" else neural_reference
     weights = reference(q64, k64, keep, double)
-    expected = (weights * dropped / (1 - p)) @ v64
+    expected = (weights * scale) @ v64
     torch.testing.assert_close(fused[0].double(), expected, rtol=0, atol=1e-5)
     grad_output = torch.randn(expected.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float32)
     for index, grad in enumerate(torch.autograd.grad(expected, [q64, k64, v64], grad_output.double())):
@@ -215,6 +242,65 @@ def test_half_inputs_accumulate_in_float32(name, dtype):
     torch.testing.assert_close(fused[0].float(), exact[0], rtol=0, atol=2e-2)
     for fused_grad, exact_grad in zip(fused[1][:3], exact[1][:3]):
         torch.testing.assert_close(fused_grad.float(), exact_grad, rtol=0, atol=5e-2)
+
+
+def test_float16_neural_add_hands_the_kernels_float16_q_and_k(monkeypatch):
+    """combine="add" in float16: q and k reach the kernels in float16 (upcast inside, TF32 products), not as
+    prepare's float32 copies, which ran IEEE float32 dots on CUDA cores and spilled (issue 23.5)."""
+    seen = []
+    original = triton_attention._FusedAttention.apply
+    monkeypatch.setattr(triton_attention._FusedAttention, "apply",
+                        lambda *a: seen.append((a[1].dtype, a[2].dtype)) or original(*a))
+    variant = neural_variant({"combine": "add"}).half()
+    q, k, v, keep = inputs(19, 19, dtype=torch.float16)
+    fused = run(variant, q, k, v, keep, TRITON)
+    assert seen == [(torch.float16, torch.float16)]
+    exact = run(variant.float(), q.float(), k.float(), v.float(), keep, CHUNKED)
+    torch.testing.assert_close(fused[0].float(), exact[0], rtol=0, atol=2e-2)
+    for fused_grad, exact_grad in zip(fused[1][:3], exact[1][:3]):
+        torch.testing.assert_close(fused_grad.float(), exact_grad, rtol=0, atol=5e-2)
+
+
+@pytest.mark.parametrize("name", ["rational", "neural-add-per-head"])
+@pytest.mark.parametrize("dropout", [0.0, 0.2])
+def test_grouped_query_heads_read_their_key_value_head_in_the_kernels(name, dropout, monkeypatch):
+    """GQA without repeat_kv: k and v with H / 2 heads go into the kernels (query head h reads kv head h // 2), and
+    dK, dV come back per kv head, summed over the group, equal to the chunked path on repeated k, v (whose autograd
+    sums the copies)."""
+    seed = torch.tensor(987654321, dtype=torch.int64)
+    heads = 2 * H
+    variant = (build_variant("expressive", heads, D, form="rational", scale=True) if name == "rational" else
+               build_variant("neural", heads, D, combine="add", per_head=True))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for parameter in variant.parameters():
+            parameter.normal_(0.0, 0.5)
+    generator = torch.Generator().manual_seed(3)
+    q = torch.randn(B, heads, 19, D, generator=generator).requires_grad_()
+    k, v = (torch.randn(B, H, 21, D, generator=generator).requires_grad_() for _ in range(2))
+    keep = torch.rand(B, 1, 19, 21, generator=generator) < 0.7
+    keep[..., -1] = True
+    mask = split_attention_mask(keep, 19, 21, False, q.device)
+    grad_output = torch.randn(B, heads, 19, D, generator=generator)
+    # neural's key parts are per query head (from the repeated keys); the kernels read k, v per kv head
+    inputs_ = variant.kernel_inputs(q, k.repeat_interleave(2, 1), mask, D**-0.5)._replace(key=k)
+    fused = triton_attention.triton_attention_output(inputs_, v, mask, dropout, seed if dropout > 0.0 else None)
+    fused_grads = torch.autograd.grad(fused, [q, k, v], grad_output)
+    assert [g.shape for g in fused_grads] == [q.shape, k.shape, v.shape]
+    with fast_paths(True, **CHUNKED):
+        expected, _ = dispatch.attention(variant, q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1), mask,
+                                         D**-0.5, 0.0)
+    if dropout > 0.0:  # the chunked path draws its own seed: compare against the float64 weights with this mask
+        from hf_neural_attention.dropout_mask import dropout_scale, dropout_streams
+
+        with fast_paths(True, **CHUNKED):
+            identity = torch.eye(21).expand(B, heads, 21, 21)  # v = identity: the weights themselves
+            plain, _ = dispatch.attention(variant, q, k.repeat_interleave(2, 1), identity, mask, D**-0.5, 0.0)
+        scale = dropout_scale(dropout_streams(seed, B, heads), 0, 19, 21, dropout)
+        expected = (plain * scale) @ v.repeat_interleave(2, 1)
+    torch.testing.assert_close(fused, expected, rtol=0, atol=1e-5)
+    for index, grad in enumerate(torch.autograd.grad(expected, [q, k, v], grad_output)):
+        torch.testing.assert_close(fused_grads[index], grad, rtol=0, atol=1e-4, msg=f"gradient {index}")
 
 
 @pytest.mark.parametrize("name", ["expressive", "neural"])
@@ -243,11 +329,11 @@ def test_the_kernels_are_chosen_only_where_they_apply(monkeypatch):
     assert calls == [1]
     cdape = build_variant("cdape", H, D)  # stays on the chunked path, even when the kernels are forced
     assert_same(run(cdape, q, k, v, keep, TRITON), run(cdape, q, k, v, keep, CHUNKED), output_atol=0, grad_atol=0)
-    bias = torch.zeros(keep.shape).masked_fill(~keep, float("-inf")) + 0.5 * keep  # an additive bias: chunked
+    bias = torch.zeros(keep.shape).masked_fill(~keep, float("-inf")) + 0.5 * keep  # an additive bias: kernels too
     mask = split_attention_mask(bias, 19, 19, False, q.device)
     with fast_paths(True, **TRITON):
         dispatch.attention(variant, q, k, v, mask, D**-0.5, 0.0)
-    assert calls == [1]
+    assert calls == [1, 1]
     with pytest.raises(ValueError, match=r"backend='cuda' is not valid; choose one of \['auto', 'triton', 'chunked'\]"):
         fast_paths(True, backend="cuda")
     with pytest.raises(ValueError, match="FAST_PATHS.backend='gpu' is not valid"):
@@ -276,6 +362,24 @@ def test_gpu_benchmark_refuses_clearly_without_a_gpu(monkeypatch, capsys):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert benchmark_cuda.main(["--sizes", "1024"]) == 2
     assert "--device cuda needs a CUDA GPU" in capsys.readouterr().err
+
+
+def test_gpu_tiles_follow_the_head_size_and_the_gpu_generation(monkeypatch):
+    """Tiles per BLOCK_D (d_h 64 and 128 differ; other sizes take the next entry up, or the largest), and per GPU
+    generation where the compile matrix showed one spilling (neural's d_h 64 backward: 32x64/8 on sm_90, 32x32/4 on
+    sm_80)."""
+    monkeypatch.setattr(triton_kernels, "interpreted", lambda: False)
+    cuda = torch.device("cuda")
+    for arch, backward in ((80, Tiles(32, 32, 4)), (90, Tiles(32, 64, 8))):
+        monkeypatch.setattr(triton_attention, "_arch", lambda device, arch=arch: arch)
+        assert triton_attention._tiles(triton_kernels.SCORE_NEURAL, 64, cuda)[1] == backward
+        assert triton_attention._tiles(triton_kernels.SCORE_NEURAL, 128, cuda)[1] == Tiles(32, 32, 4)
+    rational = triton_kernels.SCORE_RATIONAL
+    assert triton_attention._tiles(rational, 64, cuda)[0] == Tiles(128, 32, 8)
+    assert triton_attention._tiles(rational, 24, cuda) == triton_attention._tiles(rational, 64, cuda)
+    assert triton_attention._tiles(rational, 96, cuda) == triton_attention._tiles(rational, 128, cuda) != \
+        triton_attention._tiles(rational, 64, cuda)
+    assert triton_attention._tiles(rational, 256, cuda) == triton_attention._tiles(rational, 128, cuda)
 
 
 def test_float32_products_follow_pytorchs_precision_setting():
@@ -308,6 +412,51 @@ def test_the_kernels_compile_for_an_h100(tmp_path):
         capture_output=True, text=True, timeout=600, env=env)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     records = json.loads((tmp_path / "results.json").read_text())["records"]
-    assert [r["kernel"] for r in records] == ["forward", "backward[keys]", "backward[queries]"]
-    assert [r["num_warps"] for r in records] == [8, 8, 8]  # the GPU tiles, not the interpreter's
+    assert [r["kernel"] for r in records] == ["forward", "backward"]
+    assert [r["num_warps"] for r in records] == [8, 8]  # sm_90's GPU tiles (64x32/8, 32x64/8), not the interpreter's
     assert all(r["spilled"] == 0 for r in records), records
+
+
+@pytest.mark.parametrize("q_len,k_len,causal,p", [(19, 21, False, 0.0), (20, 37, True, 0.0), (19, 21, False, 0.3),
+                                                  (40, 40, True, 0.3)])
+def test_the_dot_reference_kernel_of_the_cost_model_is_exact(q_len, k_len, causal, p):
+    """triton_dot_reference (FlashAttention-2's algorithm, counted by the cost model beside the project's kernels)
+    against float64 softmax attention with dropout_mask's mask: so its instruction counts are of a correct kernel."""
+    from hf_neural_attention.dropout_mask import dropout_scale, dropout_streams
+    from hf_neural_attention.triton_dot_reference import dot_reference_attention
+
+    q, k, v, keep = inputs(q_len, k_len)
+    if causal:
+        keep = causal_keep(q_len, k_len, q.device).expand(B, 1, q_len, k_len)
+    seed = torch.tensor(123456789123, dtype=torch.int64)
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    out = dot_reference_attention(q, k, v, keep, causal, D**-0.5, p, seed)
+    grad_output = torch.randn(out.shape, generator=torch.Generator().manual_seed(1))
+    grads = torch.autograd.grad(out, [q, k, v], grad_output)
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    weights = torch.softmax((q64 @ k64.transpose(-1, -2) * D**-0.5).masked_fill(~keep, float("-inf")), -1)
+    weights = weights.nan_to_num(0.0)  # a row with no visible key: zeros, as the kernel (and SDPA's flash) give
+    if p > 0:
+        weights = weights * dropout_scale(dropout_streams(seed, B, H), 0, q_len, k_len, p).double()
+    expected = weights @ v64
+    torch.testing.assert_close(out.double(), expected, rtol=0, atol=1e-5)
+    for index, grad in enumerate(torch.autograd.grad(expected, [q64, k64, v64], grad_output.double())):
+        torch.testing.assert_close(grads[index].double(), grad, rtol=0, atol=1e-4, msg=f"gradient {index}")
+
+
+@pytest.mark.parametrize("name", ["rational", "neural"])
+def test_a_mask_whose_offsets_pass_2_to_the_31_is_read_exactly(name):
+    """64-bit offsets: a boolean keep mask that is a view into a 3 GiB buffer (batch 3, batch stride 3 * 2^29 bytes,
+    which fits in int32 while 2 * stride does not; only the allocation is big, its untouched pages are never
+    committed), through forward and backward against the chunked path on the same mask. With 32-bit offsets the
+    third batch's rows are read 1 GiB before the buffer (a segmentation fault)."""
+    generator = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(3, H, n, D, generator=generator) for n in (19, 21, 21))
+    keep = torch.rand(3, 1, 19, 21, generator=generator) < 0.7
+    keep[..., -1] = True
+    stride = 3 * 2**29
+    buffer = torch.empty(2 * stride + keep[0].numel(), dtype=torch.bool)
+    far = buffer.as_strided(keep.shape, (stride, keep[0].numel(), keep.shape[-1], 1))
+    far.copy_(keep)
+    variant = neural_variant({}) if name == "neural" else build_variant("expressive", H, D, form=name)
+    assert_same(run(variant, q, k, v, far, TRITON), run(variant, q, k, v, keep, CHUNKED))
