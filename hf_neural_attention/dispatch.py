@@ -16,8 +16,9 @@ and each engine states the dtypes it computes in.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
-from typing import Callable, NamedTuple, Union
+from typing import Callable, Union
 
 import torch
 
@@ -35,16 +36,35 @@ from .variant import AttentionVariant
 logger = logging.getLogger(__name__)
 
 
-class AttentionCall(NamedTuple):
+def repeat_kv(hidden_states: torch.Tensor, n_rep: int) -> torch.Tensor:
+    """[B, H_kv, L, D] -> [B, H_kv * n_rep, L, D], each kv head repeated for its group of query heads."""
+    if n_rep == 1:
+        return hidden_states
+    batch, num_kv_heads, length, head_dim = hidden_states.shape
+    hidden_states = hidden_states[:, :, None].expand(batch, num_kv_heads, n_rep, length, head_dim)
+    return hidden_states.reshape(batch, num_kv_heads * n_rep, length, head_dim)
+
+
+@dataclasses.dataclass
+class AttentionCall:
     """One call's inputs after the attention function prepared them."""
 
     query: torch.Tensor  # [B, H, Lq, D]
-    key: torch.Tensor  # [B, H, Lk, D], key/value heads already repeated for grouped-query attention
-    value: torch.Tensor  # [B, H, Lk, D]
+    grouped_key: torch.Tensor  # [B, H_kv, Lk, D]: grouped-query heads as the model holds them (the kernels read them)
+    grouped_value: torch.Tensor  # [B, H_kv, Lk, D]
     mask: KeyMask
     scaling: float
     dropout: float  # attention dropout probability; 0 outside training
     seed: torch.Tensor | None  # the call's dropout seed (int64 tensor), None without dropout
+
+    @functools.cached_property
+    def key(self) -> torch.Tensor:
+        """[B, H, Lk, D]: each kv head repeated for its query heads, made only for the engines that need it."""
+        return repeat_kv(self.grouped_key, self.query.shape[1] // self.grouped_key.shape[1])
+
+    @functools.cached_property
+    def value(self) -> torch.Tensor:
+        return repeat_kv(self.grouped_value, self.query.shape[1] // self.grouped_value.shape[1])
 
 
 # An engine gives the output [B, H, Lq, D], a reason it does not apply (worth saying once), or None (does not apply,
@@ -56,7 +76,7 @@ _SAID: set[str] = set()
 
 def flex_engine(variant: AttentionVariant, call: AttentionCall) -> EngineResult:
     score_mod = variant.flex_score_mod(call.scaling)
-    if score_mod is None or not flex_applies(call.query, call.key):
+    if score_mod is None or not flex_applies(call.query, call.grouped_key):
         return None
     return flex_inference_output(call.query, call.key, call.value, call.mask, score_mod, call.dropout,
                                  call.dropout > 0.0, fully_masked=variant.flex_fully_masked)
@@ -65,17 +85,19 @@ def flex_engine(variant: AttentionVariant, call: AttentionCall) -> EngineResult:
 def kernel_engine(variant: AttentionVariant, call: AttentionCall) -> EngineResult:
     if not triton_applies(call.query):
         return None
-    inputs = variant.kernel_inputs(call.query, call.key, call.mask, call.scaling)
+    # the kernels read each kv head for its group of query heads: no repeated copy of the keys and values
+    inputs = variant.kernel_inputs(call.query, call.grouped_key, call.mask, call.scaling)
     if isinstance(inputs, str):
         return f"the fused kernels do not run here: {inputs}"
     from .triton_attention import triton_attention_output  # triton is optional
 
-    if self_check_applies(call.value):
+    value = call.grouped_value
+    if self_check_applies(value):
         distrusted = kernels_trusted(
-            variant, inputs, call.value, lambda inputs_, value, mask: triton_attention_output(inputs_, value, mask))
+            variant, inputs, value, lambda inputs_, value_, mask: triton_attention_output(inputs_, value_, mask))
         if distrusted is not None:
             return None  # said once by the check itself
-    output = triton_attention_output(inputs, call.value, call.mask, call.dropout, call.seed)
+    output = triton_attention_output(inputs, value, call.mask, call.dropout, call.seed)
     return f"the fused kernels do not run here: {output}" if isinstance(output, str) else output
 
 
@@ -132,15 +154,6 @@ def call_settings(variant: AttentionVariant) -> FastPathSettings:
     return settings
 
 
-def repeat_kv(hidden_states: torch.Tensor, n_rep: int) -> torch.Tensor:
-    """[B, H_kv, L, D] -> [B, H_kv * n_rep, L, D], each kv head repeated for its group of query heads."""
-    if n_rep == 1:
-        return hidden_states
-    batch, num_kv_heads, length, head_dim = hidden_states.shape
-    hidden_states = hidden_states[:, :, None].expand(batch, num_kv_heads, n_rep, length, head_dim)
-    return hidden_states.reshape(batch, num_kv_heads * n_rep, length, head_dim)
-
-
 def groups_fold_into_rows(variant: AttentionVariant, query: torch.Tensor, key: torch.Tensor, mask: KeyMask,
                           dropout: float, weights_requested: bool) -> bool:
     """Whether a grouped-query call can run with each kv head's query heads as rows of one map: a one-query step
@@ -162,7 +175,6 @@ def attention(variant: AttentionVariant, query: torch.Tensor, key: torch.Tensor,
         folded = query.reshape(batch, key.shape[1], groups, dim)  # [B, H_kv, group, D]: query heads as rows
         output, _ = attention(variant, folded, key, value, mask, scaling, 0.0)
         return output.reshape(batch, heads, 1, dim), None
-    key, value = repeat_kv(key, groups), repeat_kv(value, groups)  # [B, H, Lk, D]
     with replaying_settings(call_settings(variant)), torch.autocast(query.device.type, enabled=False):
         seed = draw_dropout_seed(query.device) if dropout > 0.0 else None
         call = AttentionCall(query, key, value, mask, scaling, dropout, seed)

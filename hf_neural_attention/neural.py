@@ -112,8 +112,12 @@ class NeuralAttention(AttentionVariant):
 
     def first_layer_parts(self, query: torch.Tensor, key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The first MLP layer split into its per-query part [B, H, Lq, h1] (bias included) and per-key part
-        [B, H, Lk, h1], with float32 results at least (the projections are tiny next to the pairwise MLP)."""
+        [B, H, Lk, h1], with float32 results at least (the projections are tiny next to the pairwise MLP). The keys
+        may have fewer (grouped-query) heads than the queries."""
         dtype = compute_dtype(query.dtype)
+        groups = query.shape[1] // key.shape[1]  # grouped-query keys: [B, H_kv, Lk, D]
+        if groups > 1 and self.per_head:  # per-head weights need each query head's own copy of its keys
+            key = key.repeat_interleave(groups, dim=1)
         query, key = query.to(dtype), key.to(dtype)
         first = self.mlp_weights[0].to(dtype)  # [G, h1, 2d']
         first_q, first_k = first[..., : self.proj_dim], first[..., self.proj_dim :]  # [G, h1, d'] each
@@ -124,7 +128,9 @@ class NeuralAttention(AttentionVariant):
         query_bias = (first_q @ self.query_down_bias.to(dtype)[..., None])[..., 0] + self.mlp_biases[0].to(dtype)
         key_bias = (first_k @ self.key_down_bias.to(dtype)[..., None])[..., 0]  # [G, h1]
         query_part = torch.matmul(query, query_weight.transpose(-1, -2)) + query_bias[:, None, :]  # [B, H, Lq, h1]
-        key_part = torch.matmul(key, key_weight.transpose(-1, -2)) + key_bias[:, None, :]  # [B, H, Lk, h1]
+        key_part = torch.matmul(key, key_weight.transpose(-1, -2)) + key_bias[:, None, :]  # [B, H or H_kv, Lk, h1]
+        if key_part.shape[1] != query.shape[1]:  # shared weights: project each kv head once, then repeat h1 columns
+            key_part = key_part.repeat_interleave(groups, dim=1)
         return query_part, key_part
 
     def prepare(self, query: torch.Tensor, key: torch.Tensor, mask: KeyMask, scaling: float):

@@ -40,3 +40,32 @@ def test_a_decoding_step_reads_the_cache_without_repeating_it(name, options, fol
         expected, _ = dispatch.attention(variant, q, original(k, 4), original(v, 4), mask, 16**-0.5, 0.0)
     assert (not copies) == folds, copies
     torch.testing.assert_close(output, expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("name,options", [("expressive", {}), ("neural", {"proj_dim": 4, "hidden_dims": [4, 2]}),
+                                          ("neural", {"per_head": True, "combine": "add"})], ids=str)
+def test_the_kernels_get_the_grouped_keys_and_values_as_they_are(name, options, monkeypatch):
+    """The kernels index kv head h // group themselves: dispatch hands them k and v unrepeated (a training-shaped
+    call, so nothing folds), and the numbers equal the chunked engine's on repeated heads."""
+    from hf_neural_attention.runtime import fast_paths
+
+    torch.manual_seed(0)
+    variant = build_variant(name, 4, 16, **options)
+    generator = torch.Generator().manual_seed(2)
+    q = torch.randn(2, 4, 19, 16, generator=generator, requires_grad=True)
+    k, v = (torch.randn(2, 2, 19, 16, generator=generator, requires_grad=True) for _ in range(2))
+    mask = split_attention_mask(None, 19, 19, True, q.device)
+    copies = []
+    original = dispatch.repeat_kv
+    monkeypatch.setattr(dispatch, "repeat_kv", lambda t, n: (copies.append(n) if n > 1 else None) or original(t, n))
+    results = []
+    for backend in ("triton", "chunked"):
+        with fast_paths(True, min_size=0, chunk_size=4, backend=backend):
+            output, _ = dispatch.attention(variant, q, k, v, mask, 16**-0.5, 0.0)
+        results.append((output, *torch.autograd.grad(output.sum(), [q, k, v])))
+        if backend == "triton":
+            assert not copies, "the kernels got repeated keys or values"
+    assert copies == [2, 2], "the chunked engine repeats them"
+    for got, expected in zip(*results):
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-4)
