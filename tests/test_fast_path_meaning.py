@@ -206,3 +206,30 @@ def test_the_chunked_op_passes_opcheck():
     args = (v, inputs, [False] * len(inputs), None, None, torch.tensor(5), id(variant), len(rows), 8**-0.5, 0.1,
             True, True, 4)
     torch.library.opcheck(chunked._chunked_forward, args)
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("name", ["expressive", "neural"])
+def test_the_three_paths_draw_one_dropout_mask(name):
+    """Training mode, attention dropout 0.25, the same seed: the plain path, the chunked engine and the Triton kernels
+    (interpreter, float32) give the same output and gradients, so any of them may recompute another's forward."""
+    variant = build_variant(name, 4, 16, **({"proj_dim": 4, "hidden_dims": [4, 2]} if name == "neural" else {}))
+    generator = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(2, 4, 21, 16, generator=generator) for _ in range(3))
+    keep = torch.rand(2, 1, 21, 21, generator=generator) < 0.8
+    keep[..., -1] = True
+    mask = split_attention_mask(keep, 21, 21, False, q.device)
+    results = []
+    for settings in ({"enabled": False}, {"min_size": 0, "chunk_size": 3, "backend": "chunked"},
+                     {"min_size": 0, "backend": "triton"}):
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        torch.manual_seed(5)
+        with fast_paths(settings.pop("enabled", True), **settings):
+            output, _ = dispatch.attention(variant, *leaves, mask, 16**-0.5, 0.25)
+        results.append((output, *torch.autograd.grad(output.square().sum(), leaves)))
+    for other in results[1:]:
+        for got, expected in zip(other, results[0]):
+            torch.testing.assert_close(got, expected, rtol=0, atol=1e-4)
+    torch.manual_seed(6)
+    moved, _ = dispatch.attention(variant, q, k, v, mask, 16**-0.5, 0.25)
+    assert not torch.allclose(moved, results[0][0]), "another seed, another mask"
