@@ -147,6 +147,17 @@ REMOTE_CODE_LOADER = textwrap.dedent(
 
 
 
+def load_repo_file(relative_path: str, name: str):
+    """A script of the repository (not a package module) imported as a module, for its functions."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[1] / relative_path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def load_without_the_package(jobs: list[list[str]], tmp_path) -> dict:
     """jobs: [folder, Auto class name]; returns {folder: {class, module, implementation, max_diff}}."""
     env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_OFFLINE": "1", "PYTHONPATH": ""}

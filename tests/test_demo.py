@@ -4,7 +4,6 @@ and never touches the committed reference run in results/demo; its figure keeps 
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import subprocess
 import sys
@@ -14,14 +13,13 @@ import pytest
 
 from hf_neural_attention.experiments import report
 
+from conftest import load_repo_file
+
 REPO = Path(__file__).resolve().parents[1]
 
 
 def load_demo():
-    spec = importlib.util.spec_from_file_location("demo_script", REPO / "scripts" / "demo.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_repo_file("scripts/demo.py", "demo_script")
 
 
 def digest(folder: Path) -> dict[str, str]:

@@ -3,19 +3,17 @@ library's dependencies (torch excepted, and said so), and the README states the 
 
 from __future__ import annotations
 
-import importlib.util
 import re
 import tomllib
 from pathlib import Path
+
+from conftest import load_repo_file
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def floor_module():
-    spec = importlib.util.spec_from_file_location("floor_requirements", REPO / ".ci" / "floor_requirements.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_repo_file(".ci/floor_requirements.py", "floor_requirements")
 
 
 def test_the_floor_job_pins_every_lower_bound_of_pyproject():
