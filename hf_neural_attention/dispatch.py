@@ -16,7 +16,6 @@ and each engine states the dtypes it computes in.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import logging
 from typing import Callable, Union
 
@@ -56,15 +55,24 @@ class AttentionCall:
     scaling: float
     dropout: float  # attention dropout probability; 0 outside training
     seed: torch.Tensor | None  # the call's dropout seed (int64 tensor), None without dropout
+    # made on first use, only for the engines that need them (not functools.cached_property: its lock breaks
+    # torch.compile's graph)
+    _repeated: tuple[torch.Tensor, torch.Tensor] | None = dataclasses.field(default=None, init=False, repr=False)
 
-    @functools.cached_property
+    def _heads(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._repeated is None:
+            groups = self.query.shape[1] // self.grouped_key.shape[1]
+            self._repeated = (repeat_kv(self.grouped_key, groups), repeat_kv(self.grouped_value, groups))
+        return self._repeated
+
+    @property
     def key(self) -> torch.Tensor:
-        """[B, H, Lk, D]: each kv head repeated for its query heads, made only for the engines that need it."""
-        return repeat_kv(self.grouped_key, self.query.shape[1] // self.grouped_key.shape[1])
+        """[B, H, Lk, D]: each kv head repeated for its query heads."""
+        return self._heads()[0]
 
-    @functools.cached_property
+    @property
     def value(self) -> torch.Tensor:
-        return repeat_kv(self.grouped_value, self.query.shape[1] // self.grouped_value.shape[1])
+        return self._heads()[1]
 
 
 # An engine gives the output [B, H, Lq, D], a reason it does not apply (worth saying once), or None (does not apply,
