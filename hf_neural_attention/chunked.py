@@ -16,10 +16,9 @@ import torch
 
 from .dropout_mask import dropout_scale, dropout_streams
 from .masks import Chunk, KeyMask, make_chunks
-from .normalisation import compute_dtype, normalisation_backward_, normalise
+from .normalisation import compute_dtype, normalisation_backward_, normalise, operand_dtype
 from .runtime import current_settings
 from .variant import LIVE_VARIANTS, AttentionVariant
-
 
 
 def chunk_rows(batch: int, heads: int, k_len: int, q_len: int, device: torch.device) -> int:
@@ -111,14 +110,15 @@ def _forward_chunks(plan: ChunkPlan, value: torch.Tensor, inputs: tuple[torch.Te
     return output, [torch.cat(parts, dim=2) for parts in zip(*stats)]  # each [B, H, Lq, 1]
 
 
-def _backward_chunks(plan: ChunkPlan, value, stats, inputs, needs_input_grad, grad_output):
+def _backward_chunks(plan: ChunkPlan, value, stats, inputs, needs, grad_output):
+    """Gradients of value and of each input (None where `needs`, value first, says none is needed)."""
     num_rows = plan.num_row_inputs
     row_inputs, shared = inputs[:num_rows], list(inputs[num_rows:])
-    needs = needs_input_grad[2:]
+    needs_value, needs = needs[0], needs[1:]
     grad_output = grad_output.contiguous()
     work_dtype = stats[0].dtype  # float32 (float64 for float64 inputs): what the weights were computed in
 
-    grad_value = _accumulator(value) if needs_input_grad[1] else None
+    grad_value = _accumulator(value) if needs_value else None
     grad_rows = [_accumulator(t) if need else None for t, need in zip(row_inputs, needs[:num_rows])]
     grad_shared: list[torch.Tensor | None] = [None] * len(shared)
 
@@ -221,7 +221,7 @@ def _chunked_backward(grad_output: torch.Tensor, value: torch.Tensor, stats: lis
     plan = _plan(variant_key, value, inputs, keep, bias, seed, num_rows, scaling, dropout, causal, pure_causal,
                  rows_per_chunk)
     with _autograd_inside_op(), torch.autocast(device_type=value.device.type, enabled=False):
-        grads = _backward_chunks(plan, value, stats, _present(inputs, missing), (False, *needs), grad_output)
+        grads = _backward_chunks(plan, value, stats, _present(inputs, missing), needs, grad_output)
     return [value.new_empty(0) if grad is None else grad for grad in grads]
 
 
@@ -250,6 +250,16 @@ def _backward(ctx, grads: list[torch.Tensor]):
 
 
 _chunked_forward.register_autograd(_backward, setup_context=_setup_context)
+
+
+def variant_chunked_attention(variant: AttentionVariant, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                              mask: KeyMask, scaling: float, dropout: float = 0.0,
+                              seed: torch.Tensor | None = None) -> torch.Tensor:
+    """[B, H, Lq, D] output of a variant on the chunked engine from q, k, v: products in the operand dtype (float16 in
+    float32), the variant's prepare, then chunked_attention."""
+    query, key = (t.to(operand_dtype(t.dtype)) for t in (query, key))
+    rows, shared = variant.prepare(query, key, mask, scaling)
+    return chunked_attention(variant, value, rows, shared, mask, scaling, dropout, seed)
 
 
 def chunked_attention(

@@ -21,12 +21,11 @@ from typing import Callable, Union
 
 import torch
 
-from .chunked import chunked_attention
+from .chunked import variant_chunked_attention
 from .dropout_mask import draw_dropout_seed, dropout_scale, dropout_streams
 from .flex import flex_inference_output
 from .kernel_check import kernels_trusted, self_check_applies
 from .masks import KeyMask
-from .normalisation import operand_dtype
 from .runtime import (
     FastPathSettings, current_settings, fast_path_skip_reason, flex_applies, replaying_settings, triton_applies,
 )
@@ -115,9 +114,8 @@ def chunked_engine(variant: AttentionVariant, call: AttentionCall) -> EngineResu
     reason = fast_path_skip_reason(call.query, call.key, call.value)
     if reason is not None:
         return None if reason in QUIET_REASONS else f"the chunked fast path does not run: {reason}"
-    query, key = (t.to(operand_dtype(t.dtype)) for t in (call.query, call.key))  # float16 -> float32
-    rows, shared = variant.prepare(query, key, call.mask, call.scaling)
-    return chunked_attention(variant, call.value, rows, shared, call.mask, call.scaling, call.dropout, call.seed)
+    return variant_chunked_attention(variant, call.query, call.key, call.value, call.mask, call.scaling,
+                                     call.dropout, call.seed)
 
 
 ENGINES: tuple[tuple[str, Callable[[AttentionVariant, AttentionCall], EngineResult]], ...] = (

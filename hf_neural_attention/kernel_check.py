@@ -14,10 +14,9 @@ from typing import Callable
 
 import torch
 
-from .chunked import chunked_attention
+from .chunked import variant_chunked_attention
 from .kernel_inputs import ExpressiveKernelInputs, KernelInputs
 from .masks import KeyMask
-from .normalisation import operand_dtype
 from .runtime import current_settings, replaying_settings
 from .variant import AttentionVariant
 
@@ -71,9 +70,7 @@ def compare_with_chunked(variant: AttentionVariant, run_kernels: Callable, dtype
             if engine == "kernels":
                 output = run_kernels(variant.kernel_inputs(leaves[0], leaves[1], mask, scaling), leaves[2], mask)
             else:
-                query, key = (t.to(operand_dtype(t.dtype)) for t in leaves[:2])
-                rows, shared = variant.prepare(query, key, mask, scaling)
-                output = chunked_attention(variant, leaves[2], rows, shared, mask, scaling)
+                output = variant_chunked_attention(variant, *leaves, mask, scaling)
             grads = torch.autograd.grad(output, leaves, upstream, allow_unused=True)
         results.append([output, *(torch.zeros_like(t) if g is None else g for g, t in zip(grads, leaves))])
     return max_relative_error(*results)

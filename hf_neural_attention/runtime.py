@@ -70,16 +70,14 @@ _OVERRIDES: contextvars.ContextVar[dict[str, Any]] = contextvars.ContextVar("hfn
 def current_settings() -> FastPathSettings:
     """The settings in effect here: this context's `fast_paths` overrides over the process-wide FAST_PATHS. Under
     torch.compile they are read once, when the graph is traced (Dynamo cannot trace a ContextVar)."""
-    if torch.compiler.is_compiling():
-        return FastPathSettings(*_setting_values())
-    overrides = _OVERRIDES.get()
-    if not overrides:
+    if not torch.compiler.is_compiling() and not _OVERRIDES.get():
         return FAST_PATHS
-    return FastPathSettings(**{name: overrides.get(name, getattr(FAST_PATHS, name)) for name in _FIELDS})
+    return FastPathSettings(*_setting_values())
 
 
 @torch.compiler.assume_constant_result
 def _setting_values() -> tuple:
+    """Every field's value here, in field order: this context's override, else the process-wide one."""
     overrides = _OVERRIDES.get()
     return tuple(overrides.get(name, getattr(FAST_PATHS, name)) for name in _FIELDS)
 
