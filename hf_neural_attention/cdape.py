@@ -22,7 +22,9 @@ import torch
 from torch import nn
 
 from .masks import Chunk, KeyMask, query_key_slots
-from .variant import AttentionVariant, Option, boolean, choice, odd_positive_int, positive_int, tracked
+from .variant import (
+    AttentionVariant, Option, boolean, choice, grouped_matmul, odd_positive_int, positive_int, tracked,
+)
 
 CDAPE_BIASES = ("none", "alibi", "kerple")
 KERPLE_MIN = 1e-2  # the reference clamps r1, r2 to stay positive
@@ -148,7 +150,7 @@ class CDAPEAttention(AttentionVariant):
         weight_in, bias_in, weight_out, bias_out = shared[1:5]
         inplace = not tracked(*rows, *shared)
         keys = shared[0][:, :, : chunk.key_end]
-        scores = torch.matmul(rows[0], keys.transpose(-1, -2)).to(weight_in.dtype).mul_(scaling)  # [B, H, rows, keys]
+        scores = grouped_matmul(rows[0], keys.transpose(-1, -2)).to(weight_in.dtype).mul_(scaling)  # [B, H, rows, keys]
         logits = conv_input = scores
         if self.bias != "none":
             position = self.position_bias(rows[1], shared[5][..., : chunk.key_end], shared[6:], scores.dtype)

@@ -15,6 +15,7 @@ and each engine states the dtypes it computes in.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 from typing import Callable, Union
@@ -29,7 +30,7 @@ from .masks import KeyMask
 from .runtime import (
     FastPathSettings, current_settings, fast_path_skip_reason, flex_applies, replaying_settings, triton_applies,
 )
-from .variant import AttentionVariant
+from .variant import AttentionVariant, grouped_matmul
 
 logger = logging.getLogger(__name__)
 
@@ -111,7 +112,7 @@ def kernel_engine(variant: AttentionVariant, call: AttentionCall) -> EngineResul
 def chunked_engine(variant: AttentionVariant, call: AttentionCall) -> EngineResult:
     if not variant.has_chunked_path:
         return None
-    reason = fast_path_skip_reason(call.query, call.key, call.value)
+    reason = fast_path_skip_reason(call.query, call.grouped_key, call.grouped_value)  # before any repeat
     if reason is not None:
         return None if reason in QUIET_REASONS else f"the chunked fast path does not run: {reason}"
     return variant_chunked_attention(variant, call.query, call.key, call.value, call.mask, call.scaling,
@@ -124,14 +125,15 @@ ENGINES: tuple[tuple[str, Callable[[AttentionVariant, AttentionCall], EngineResu
 
 
 def plain_attention(variant: AttentionVariant, call: AttentionCall) -> tuple[torch.Tensor, torch.Tensor]:
-    """The whole map: output [B, H, Lq, D] and the weights after dropout [B, H, Lq, Lk] in the value's dtype."""
-    weights = variant.attention_weights(call.query, call.key, call.mask, call.scaling)  # float32 or float64
+    """The whole map: output [B, H, Lq, D] and the weights after dropout [B, H, Lq, Lk] in the value's dtype. Keys
+    and values keep their grouped-query heads (the products read each kv head for its group)."""
+    weights = variant.attention_weights(call.query, call.grouped_key, call.mask, call.scaling)  # float32/float64
     if call.dropout > 0.0:
         batch, heads, q_len, k_len = weights.shape
         streams = dropout_streams(call.seed, batch, heads)
         weights = weights * dropout_scale(streams, 0, q_len, k_len, call.dropout, weights.dtype)
-    weights = weights.to(call.value.dtype)
-    return torch.matmul(weights, call.value), weights
+    weights = weights.to(call.grouped_value.dtype)
+    return grouped_matmul(weights, call.grouped_value), weights
 
 
 def say_once(reason: str) -> None:
@@ -170,6 +172,14 @@ def groups_fold_into_rows(variant: AttentionVariant, query: torch.Tensor, key: t
             and dropout == 0.0 and not weights_requested)
 
 
+def autocast_off(device_type: str) -> contextlib.AbstractContextManager:
+    """Autocast off for the block (entering torch.autocast costs a decoding step more than its matmuls save)."""
+    return torch.autocast(device_type, enabled=False) if torch.is_autocast_enabled(device_type) else _NO_CONTEXT
+
+
+_NO_CONTEXT = contextlib.nullcontext()
+
+
 def attention(variant: AttentionVariant, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
               mask: KeyMask, scaling: float, dropout: float, weights_requested: bool = False,
               ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -181,7 +191,7 @@ def attention(variant: AttentionVariant, query: torch.Tensor, key: torch.Tensor,
         folded = query.reshape(batch, key.shape[1], groups, dim)  # [B, H_kv, group, D]: query heads as rows
         output, _ = attention(variant, folded, key, value, mask, scaling, 0.0)
         return output.reshape(batch, heads, 1, dim), None
-    with replaying_settings(call_settings(variant)), torch.autocast(query.device.type, enabled=False):
+    with replaying_settings(call_settings(variant)), autocast_off(query.device.type):
         seed = draw_dropout_seed(query.device) if dropout > 0.0 else None
         call = AttentionCall(query, key, value, mask, scaling, dropout, seed)
         if weights_requested:

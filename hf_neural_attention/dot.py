@@ -11,7 +11,7 @@ from typing import Callable
 import torch
 
 from .masks import Chunk
-from .variant import AttentionVariant
+from .variant import AttentionVariant, grouped_matmul
 
 
 class DotProductAttention(AttentionVariant):
@@ -22,7 +22,7 @@ class DotProductAttention(AttentionVariant):
 
     def score(self, rows: list[torch.Tensor], shared: list[torch.Tensor], chunk: Chunk, scaling: float) -> torch.Tensor:
         query_rows, keys = rows[0], shared[0][:, :, : chunk.key_end]  # [B, H, rows, D], [B, H, keys, D]
-        return torch.matmul(query_rows, keys.transpose(-1, -2)) * scaling  # [B, H, rows, keys]
+        return grouped_matmul(query_rows, keys.transpose(-1, -2)) * scaling  # [B, H, rows, keys]
 
     def flex_score_mod(self, scaling: float) -> Callable:
         def score_mod(score, batch, head, query_index, key_index):

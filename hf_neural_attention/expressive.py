@@ -19,7 +19,7 @@ import torch
 from .kernel_inputs import ExpressiveKernelInputs
 from .masks import Chunk, KeyMask
 from .normalisation import compute_dtype
-from .variant import AttentionVariant, Option, boolean, choice, tracked
+from .variant import AttentionVariant, Option, boolean, choice, grouped_matmul, tracked
 
 EXPRESSIVE_FORMS = ("rational", "square", "softmax_square")
 
@@ -53,7 +53,7 @@ class ExpressiveAttention(AttentionVariant):
         return ExpressiveKernelInputs(self.form, scaling if self.scale else 1.0, query, key)
 
     def _dot(self, rows: list[torch.Tensor], shared: list[torch.Tensor], chunk: Chunk, scaling: float) -> torch.Tensor:
-        scores = torch.matmul(rows[0], shared[0][:, :, : chunk.key_end].transpose(-1, -2))  # [B, H, rows, keys]
+        scores = grouped_matmul(rows[0], shared[0][:, :, : chunk.key_end].transpose(-1, -2))  # [B, H, rows, keys]
         scores = scores.to(compute_dtype(scores.dtype))
         return scores.mul_(scaling) if self.scale else scores
 

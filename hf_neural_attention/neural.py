@@ -26,7 +26,7 @@ from torch.nn import functional
 from .kernel_inputs import PairwiseMLPKernelInputs
 from .masks import Chunk, KeyMask
 from .normalisation import compute_dtype
-from .variant import AttentionVariant, Option, boolean, choice, positive_int, positive_int_list
+from .variant import AttentionVariant, Option, boolean, choice, grouped_matmul, positive_int, positive_int_list
 
 NEURAL_COMBINE = ("replace", "add")
 NEURAL_ACTIVATIONS = ("relu", "leaky_relu")
@@ -111,27 +111,33 @@ class NeuralAttention(AttentionVariant):
         return tensor.expand(heads, *tensor.shape[1:])
 
     def first_layer_parts(self, query: torch.Tensor, key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The first MLP layer split into its per-query part [B, H, Lq, h1] (bias included) and per-key part
-        [B, H, Lk, h1], with float32 results at least (the projections are tiny next to the pairwise MLP). The keys
-        may have fewer (grouped-query) heads than the queries."""
+        """The first MLP layer split into its per-query part [B, H, Lq, h1] (every bias of the layer included) and
+        per-key part [B, H, Lk, h1], with float32 results at least (the projections are tiny next to the pairwise
+        MLP). The keys may have fewer (grouped-query) heads than the queries. Both parts are views of unit-major
+        [B, H, h1, L] tensors: W x^T with the h1 outputs as rows is a far faster product than x W^T with h1 (2)
+        columns, and each hidden unit's plane then reads a contiguous row."""
         dtype = compute_dtype(query.dtype)
         groups = query.shape[1] // key.shape[1]  # grouped-query keys: [B, H_kv, Lk, D]
         if groups > 1 and self.per_head:  # per-head weights need each query head's own copy of its keys
             key = key.repeat_interleave(groups, dim=1)
-        query, key = query.to(dtype), key.to(dtype)
-        first = self.mlp_weights[0].to(dtype)  # [G, h1, 2d']
-        first_q, first_k = first[..., : self.proj_dim], first[..., self.proj_dim :]  # [G, h1, d'] each
-        # (x W^T + b) F^T = x (F W)^T + F b: the down-projection and the first layer as one [d_h -> h1] product per
-        # group, a plain matmul that broadcasts over batch and heads (the key cache is read once, not copied)
-        query_weight = first_q @ self.query_down_weight.to(dtype)  # [G, h1, d_h]
-        key_weight = first_k @ self.key_down_weight.to(dtype)
-        query_bias = (first_q @ self.query_down_bias.to(dtype)[..., None])[..., 0] + self.mlp_biases[0].to(dtype)
-        key_bias = (first_k @ self.key_down_bias.to(dtype)[..., None])[..., 0]  # [G, h1]
-        query_part = torch.matmul(query, query_weight.transpose(-1, -2)) + query_bias[:, None, :]  # [B, H, Lq, h1]
-        key_part = torch.matmul(key, key_weight.transpose(-1, -2)) + key_bias[:, None, :]  # [B, H or H_kv, Lk, h1]
-        if key_part.shape[1] != query.shape[1]:  # shared weights: project each kv head once, then repeat h1 columns
+        query_weight, bias, key_weight = self._first_layer_weights(dtype)
+        # [G, h1, d_h] @ [B, H, d_h, L] + [G, h1, 1]: a plain matmul that broadcasts over batch and heads (the key
+        # cache is read once, not copied)
+        query_part = torch.matmul(query_weight, query.to(dtype).transpose(-1, -2)) + bias  # [B, H, h1, Lq]
+        key_part = torch.matmul(key_weight, key.to(dtype).transpose(-1, -2))  # [B, H or H_kv, h1, Lk]
+        if key_part.shape[1] != query.shape[1]:  # shared weights: project each kv head once, then repeat h1 rows
             key_part = key_part.repeat_interleave(groups, dim=1)
-        return query_part, key_part
+        return query_part.transpose(-1, -2), key_part.transpose(-1, -2)
+
+    def _first_layer_weights(self, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+        """The down-projections folded into the first layer, (x W^T + b) F^T = x (F W)^T + F b: query and key
+        weights [G, h1, d_h] and every bias of the layer as one [G, h1, 1] on the query side (the smaller map in a
+        decoding step)."""
+        first = self.mlp_weights[0].to(dtype)  # [G, h1, 2d']: [first_q | first_k]
+        first_q, first_k = first[..., : self.proj_dim], first[..., self.proj_dim :]  # [G, h1, d'] each
+        down_biases = torch.cat([self.query_down_bias, self.key_down_bias], dim=-1).to(dtype)[..., None]  # [G, 2d', 1]
+        bias = torch.baddbmm(self.mlp_biases[0].to(dtype)[..., None], first, down_biases)  # F [bq; bk] + b1
+        return first_q @ self.query_down_weight.to(dtype), bias, first_k @ self.key_down_weight.to(dtype)
 
     def prepare(self, query: torch.Tensor, key: torch.Tensor, mask: KeyMask, scaling: float):
         """Rows: the first layer's per-query part (and q for combine="add"); shared: its per-key part, the later
@@ -158,7 +164,7 @@ class NeuralAttention(AttentionVariant):
         weights, biases = shared[1 : 1 + num_layers], shared[1 + num_layers : 1 + 2 * num_layers]
         scores = self.mlp(rows[0], shared[0][:, :, : chunk.key_end], weights, biases)  # [B, H, rows, keys]
         if self.combine == "add":
-            dot = torch.matmul(rows[1], shared[-1][:, :, : chunk.key_end].transpose(-1, -2))
+            dot = grouped_matmul(rows[1], shared[-1][:, :, : chunk.key_end].transpose(-1, -2))
             scores = scores + dot.to(scores.dtype) * scaling
         return scores
 
@@ -179,20 +185,21 @@ class NeuralAttention(AttentionVariant):
         self, query_part: torch.Tensor, key_part: torch.Tensor, weights: list[torch.Tensor], biases: list[torch.Tensor]
     ) -> torch.Tensor:
         """The same MLP for narrow layers, one [B, H, Lq, Lk] plane per hidden unit: every op is a contiguous
-        elementwise pass (a multiply-add per weight) instead of a batched matmul with a tiny inner dimension."""
-        heads = query_part.shape[1]
-        planes = [
-            self._activate(query_part[..., unit, None] + key_part[..., None, :, unit], inplace=True)
-            for unit in range(query_part.shape[-1])
-        ]
+        elementwise pass (a multiply-add per weight) instead of a batched matmul with a tiny inner dimension. Each
+        weight is a [G, 1, 1] tensor that broadcasts over the planes' heads (G is 1 or H), taken apart by one unbind
+        per layer (a decoding step pays per op)."""
+        query_units = query_part.unsqueeze(-1).unbind(-2)  # h1 x [B, H, Lq, 1]
+        key_units = key_part.unsqueeze(-3).unbind(-1)  # h1 x [B, H, 1, Lk]
+        planes = [self._activate(q + k, inplace=True) for q, k in zip(query_units, key_units)]
         for index, (weight, bias) in enumerate(zip(weights, biases)):
-            weight = self._per_head(weight, heads)[None, :, :, :, None, None]  # [1, H, out, in, 1, 1]
-            bias = self._per_head(bias, heads)[None, :, :, None, None]  # [1, H, out, 1, 1]
+            out_dim, in_dim = weight.shape[1], weight.shape[2]
+            scalars = weight.reshape(weight.shape[0], -1, 1, 1).unbind(1)  # out * in x [G, 1, 1], row-major
+            offsets = bias[..., None, None].unbind(1)  # out x [G, 1, 1]
             outputs = []
-            for out in range(weight.shape[2]):
-                hidden = torch.addcmul(bias[:, :, out], planes[0], weight[:, :, out, 0])
-                for unit in range(1, len(planes)):
-                    hidden = torch.addcmul(hidden, planes[unit], weight[:, :, out, unit])
+            for out in range(out_dim):
+                hidden = torch.addcmul(offsets[out], planes[0], scalars[out * in_dim])
+                for unit in range(1, in_dim):
+                    hidden = torch.addcmul(hidden, planes[unit], scalars[out * in_dim + unit])
                 outputs.append(self._activate(hidden, inplace=True) if index != len(weights) - 1 else hidden)
             planes = outputs
         return planes[0]

@@ -80,6 +80,21 @@ def normalise(
     raise ValueError(f"unknown normalisation {rule!r}; valid normalisations are {list(NORMALISATIONS)}")
 
 
+def whole_map_weights(scores: torch.Tensor, chunk: Chunk, rule: str) -> torch.Tensor:
+    """Weights [B, H, Lq, Lk] of the whole map, without the row statistics the chunked engine keeps: the softmax is
+    torch's one fused op (a one-row decoding step pays per op, not per element), with the same masking."""
+    if rule != "softmax":
+        return normalise(scores, chunk, rule)[0]
+    target = compute_dtype(scores.dtype)
+    inplace = not (torch.is_grad_enabled() and scores.requires_grad)
+    scores = scores.to(target)
+    if chunk.bias is not None:
+        bias = chunk.bias.to(target)
+        scores = scores.add_(bias) if inplace else scores + bias
+    scores = _fill_masked(scores, chunk, torch.finfo(target).min, inplace)
+    return torch.softmax(scores, dim=-1)
+
+
 def normalisation_backward_(
     grad_weights: torch.Tensor, weights: torch.Tensor, stats: tuple[torch.Tensor, ...], row_dot: torch.Tensor,
     chunk: Chunk, rule: str,

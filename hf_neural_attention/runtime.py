@@ -87,10 +87,13 @@ class replaying_settings:  # noqa: N801
     forward's settings when autograd recomputes that forward during backward (activation checkpointing)."""
 
     def __init__(self, settings: FastPathSettings) -> None:
+        self.settings = settings
         self.values = {name: getattr(settings, name) for name in _FIELDS}
 
     def __enter__(self) -> None:
-        self.token = None if torch.compiler.is_compiling() else _OVERRIDES.set(self.values)
+        # nothing to set when these are the settings in effect already (inference, and every call without overrides)
+        unchanged = self.settings is current_settings()
+        self.token = None if unchanged or torch.compiler.is_compiling() else _OVERRIDES.set(self.values)
 
     def __exit__(self, *exc_info) -> None:
         if self.token is not None:

@@ -18,7 +18,7 @@ from torch import nn
 
 from .kernel_inputs import KernelInputs
 from .masks import Chunk, KeyMask, whole_map
-from .normalisation import normalise, operand_dtype
+from .normalisation import operand_dtype, whole_map_weights
 
 
 # ---- option checks: each raises a ValueError naming the option and the valid values, and returns the value -------
@@ -68,6 +68,18 @@ class Option:
 def tracked(*tensors: torch.Tensor) -> bool:
     """Whether autograd records operations on these tensors (then a score rule must not work in place)."""
     return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
+def grouped_matmul(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+    """left [B, H, M, K] @ right [B, H_kv, K, N] -> [B, H, M, N], where H_kv divides H and each right head serves its
+    group of H / H_kv consecutive left heads (grouped-query attention): the group's rows share one product instead
+    of right being copied per left head."""
+    batch, heads, rows, inner = left.shape
+    kv_heads = right.shape[1]
+    if kv_heads == heads:
+        return torch.matmul(left, right)
+    stacked = left.reshape(batch, kv_heads, heads // kv_heads * rows, inner)  # each group's heads as rows
+    return torch.matmul(stacked, right).view(batch, heads, rows, right.shape[-1])
 
 
 # Every live variant by id: the chunked engine's custom ops take this key instead of the object, so a compiled graph
@@ -189,9 +201,9 @@ class AttentionVariant(nn.Module):
     # ---- the plain path, built from the rule -----------------------------------------------------------------------
 
     def attention_weights(self, query: torch.Tensor, key: torch.Tensor, mask: KeyMask, scaling: float) -> torch.Tensor:
-        """Plain path: weights [B, H, Lq, Lk] (float32, or float64) of the whole map, as the paper writes them."""
+        """Plain path: weights [B, H, Lq, Lk] (float32, or float64) of the whole map, as the paper writes them. The keys
+        may have fewer (grouped-query) heads than the queries: the rules take q.k with `grouped_matmul`."""
         query, key = query.to(operand_dtype(query.dtype)), key.to(operand_dtype(key.dtype))  # float16 -> float32
         rows, shared = self.prepare(query, key, mask, scaling)
         chunk = whole_map(mask, query.shape[2], key.shape[2])
-        weights, _ = normalise(self.score(rows, shared, chunk, scaling), chunk, self.normalisation)
-        return weights
+        return whole_map_weights(self.score(rows, shared, chunk, scaling), chunk, self.normalisation)

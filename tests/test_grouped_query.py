@@ -1,6 +1,7 @@
 """Grouped-query attention (Llama-family models with fewer key/value heads than query heads): a one-query decoding
-step folds each kv head's query heads into rows of one map, so the key/value cache is read as it is, never copied
-per query head, with the same numbers as the repeated heads."""
+step reads the key/value cache as it is, never copied per query head, with the same numbers as the repeated heads:
+rules that treat heads alike fold each kv head's query heads into rows of one map; the others (per-head neural,
+cdape, whose convolution mixes heads) take q.k and the output through grouped products on the plain path."""
 
 from __future__ import annotations
 
@@ -32,13 +33,15 @@ def test_a_decoding_step_reads_the_cache_without_repeating_it(name, options, fol
         keep = torch.ones(3, 1, 1, 40, dtype=torch.bool)
         keep[0, ..., :7] = False
     mask = split_attention_mask(keep, 1, 40, True, q.device)
-    copies = []
-    original = dispatch.repeat_kv
+    copies, folded = [], []
+    original, original_fold = dispatch.repeat_kv, dispatch.groups_fold_into_rows
     monkeypatch.setattr(dispatch, "repeat_kv", lambda t, n: (copies.append(n) if n > 1 else None) or original(t, n))
+    monkeypatch.setattr(dispatch, "groups_fold_into_rows", lambda *a: folded.append(original_fold(*a)) or folded[-1])
     with torch.no_grad():
         output, _ = dispatch.attention(variant, q, k, v, mask, 16**-0.5, 0.0)
         expected, _ = dispatch.attention(variant, q, original(k, 4), original(v, 4), mask, 16**-0.5, 0.0)
-    assert (not copies) == folds, copies
+    assert not copies
+    assert folded[0] == folds
     torch.testing.assert_close(output, expected, rtol=1e-12, atol=1e-12)
 
 
@@ -69,3 +72,28 @@ def test_the_kernels_get_the_grouped_keys_and_values_as_they_are(name, options, 
     assert copies == [2, 2], "the chunked engine repeats them"
     for got, expected in zip(*results):
         torch.testing.assert_close(got, expected, rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("name,options", [("dot", {}), ("expressive", {}),
+                                          ("neural", {"per_head": True, "combine": "add"}),
+                                          ("cdape", {"bias": "alibi"})], ids=str)
+def test_the_plain_path_takes_grouped_keys_with_the_gradients_of_repeated_ones(name, options):
+    """A training-shaped call on the plain path (several queries, gradients) reads grouped keys and values through
+    grouped products: outputs and gradients equal those of keys and values repeated per query head."""
+    from hf_neural_attention.runtime import fast_paths
+
+    torch.manual_seed(0)
+    variant = build_variant(name, 8, 16, **options).double()
+    generator = torch.Generator().manual_seed(2)
+    q = torch.randn(2, 8, 6, 16, generator=generator, dtype=torch.float64, requires_grad=True)
+    k, v = (torch.randn(2, 2, 6, 16, generator=generator, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    mask = split_attention_mask(None, 6, 6, True, q.device)
+    grad_output = torch.randn(2, 8, 6, 16, generator=generator, dtype=torch.float64)
+    results = []
+    for repeat in (False, True):
+        keys, values = (dispatch.repeat_kv(k, 4), dispatch.repeat_kv(v, 4)) if repeat else (k, v)
+        with fast_paths(False):
+            output, _ = dispatch.attention(variant, q, keys, values, mask, 16**-0.5, 0.0)
+        results.append((output, *torch.autograd.grad(output, (q, k, v), grad_output)))
+    for grouped, repeated in zip(*results):
+        torch.testing.assert_close(grouped, repeated, rtol=1e-12, atol=1e-12)
