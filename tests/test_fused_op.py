@@ -93,12 +93,18 @@ def test_the_op_gives_every_input_its_gradient_and_the_chunked_engines(monkeypat
 
 
 @pytest.mark.slow  # a compiled model through Triton's interpreter
-@pytest.mark.parametrize("variant", ["expressive", "neural"])
-def test_a_compiled_gpt2_runs_the_kernels_in_its_graph(variant, monkeypatch):
+@pytest.mark.parametrize("variant,padded", [("expressive", False), ("neural", True)],
+                         ids=["expressive-causal", "neural-padded"])
+def test_a_compiled_gpt2_runs_the_kernels_in_its_graph(variant, padded, monkeypatch):
     """torch.compile (aot_eager) of a converted 2-layer GPT-2 training step with the kernels forced: the graph breaks
     no more often than the stock SDPA model's (once, in Transformers' code, as in test_fast_path_meaning), the
-    kernels run in both layers forward and backward, and loss and gradients equal the chunked engine's in eager."""
+    kernels run in both layers forward and backward (causal pattern computed in the kernels, or a padding mask read
+    as bytes), and loss and gradients equal the chunked engine's in eager."""
     ids = torch.randint(1, VOCAB, (2, 17), generator=torch.Generator().manual_seed(0))
+    attention_mask = None  # the causal pattern alone (Transformers hands no mask, is_causal)
+    if padded:
+        attention_mask = torch.ones(ids.shape, dtype=torch.long)
+        attention_mask[1, :4] = 0  # left padding
     stock_breaks = dynamo_breaks(tiny_gpt2().train(), ids)
     model = converted(ALL_BUILDERS["gpt2"], variant).train()
     with fast_paths(True, backend="triton"):
@@ -110,11 +116,12 @@ def test_a_compiled_gpt2_runs_the_kernels_in_its_graph(variant, monkeypatch):
         forward = torch.compile(model, backend="aot_eager") if name == "compiled" else model
         launched = launches(monkeypatch)
         with fast_paths(True, **settings):
-            loss = forward(input_ids=ids, labels=ids).loss
+            loss = forward(input_ids=ids, attention_mask=attention_mask, labels=ids).loss
             loss.backward()
         monkeypatch.undo()
         results[name] = (loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
         assert len(launched) == (4 if name == "compiled" else 0), "two layers, forward and backward, in the kernels"
+        assert all(s["CAUSAL"] != padded and s["HAS_KEEP"] == padded for s in launched)
     torch._dynamo.reset()
     torch.testing.assert_close(results["compiled"][0], results["chunked"][0], rtol=0, atol=1e-5)
     assert results["compiled"][1].keys() == results["chunked"][1].keys()
