@@ -160,9 +160,13 @@ def _backward_chunks(plan: ChunkPlan, value, stats, inputs, needs, grad_output):
 
 # ---- the engine as a custom op: torch.compile keeps it in the model's graph (one opaque node per layer) ------------
 
-# The op's namespace follows this module's name: a checkpoint's copy of this folder (trust_remote_code) registers its
-# own ops beside the installed package's.
-_NAMESPACE = "hfna_" + re.sub(r"\W", "_", __name__)
+def op_namespace(module_name: str) -> str:
+    """A custom op namespace that follows a module's name: a checkpoint's copy of this folder (trust_remote_code)
+    registers its own ops beside the installed package's."""
+    return "hfna_" + re.sub(r"\W", "_", module_name)
+
+
+_NAMESPACE = op_namespace(__name__)
 
 
 def _plan(variant_key: int, value: torch.Tensor, inputs: list, keep, bias, seed, num_rows: int, scaling: float,

@@ -156,8 +156,13 @@ TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 @functools.cache
-def triton_installed() -> bool:
+def _triton_found() -> bool:
     return importlib.util.find_spec("triton") is not None  # without importing it (slow, and rarely needed)
+
+
+@torch.compiler.assume_constant_result  # a constant to Dynamo, which would trace into the cache and warn
+def triton_installed() -> bool:
+    return _triton_found()
 
 
 def triton_applies(query: torch.Tensor) -> bool:

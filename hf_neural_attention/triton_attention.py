@@ -1,5 +1,6 @@
 """The Triton path: the fused kernels (triton_kernels.py) run on a variant's named kernel inputs (kernel_inputs.py),
-with an autograd Function around them.
+as torch.library custom ops (forward and backward, each with a fake implementation, autograd registered), so
+torch.compile keeps them in a model's graph.
 
 `triton_attention_output(inputs, value, mask, dropout, seed)` returns the [B, H, Lq, D] output, or the reason the
 kernels do not cover the call (dispatch.py says it once and the chunked path runs): dropout p >= 1, triton installed
@@ -13,11 +14,12 @@ would need a halo of scores from every head, and the chunked engine already keep
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import torch
 
 from . import triton_kernels as kernels
+from .chunked import op_namespace
 from .dropout_mask import dropout_streams
 from .kernel_inputs import ExpressiveKernelInputs, KernelInputs
 from .masks import KeyMask
@@ -121,13 +123,12 @@ def triton_attention_output(inputs: KernelInputs, value: torch.Tensor, mask: Key
     keep = None if causal else _keep_bytes(mask)
     batch, heads = value.shape[0], inputs.query.shape[1]
     streams = dropout_streams(seed, batch, heads) if dropout > 0.0 else None
-    empty = value.new_zeros(1, dtype=torch.float32)
     dim = inputs.query.shape[-1]
     if isinstance(inputs, ExpressiveKernelInputs):
         score = kernels.EXPRESSIVE_SCORES[inputs.form]
         call = KernelCall(score, False, inputs.dot_scale, keep, mask.bias, causal, dropout, streams, False,
                           *_tiles(score, dim, value.device))
-        return _FusedAttention.apply(call, inputs.query, inputs.key, value, empty, empty, empty, empty, empty, empty)
+        return fused_attention(call, inputs.query, inputs.key, value)
     if inputs.activation not in ("relu", "leaky_relu"):
         return (f"the kernels cover neural's relu and leaky_relu MLPs; activation={inputs.activation!r} runs the "
                 "chunked engine")
@@ -135,9 +136,9 @@ def triton_attention_output(inputs: KernelInputs, value: torch.Tensor, mask: Key
     slope = LEAKY_SLOPE if inputs.activation == "leaky_relu" else 0.0
     call = KernelCall(kernels.SCORE_NEURAL, inputs.add_dot, inputs.dot_scale, keep, mask.bias, causal, dropout,
                       streams, per_head, *_neural_tiles(inputs.add_dot, dim, value.device), slope=slope)
-    return _FusedAttention.apply(call, inputs.query, inputs.key, value, inputs.query_part, inputs.key_part,
-                                 inputs.hidden_weight, inputs.hidden_bias, inputs.out_weight.flatten(1),
-                                 inputs.out_bias.flatten())
+    return fused_attention(call, inputs.query, inputs.key, value, inputs.query_part, inputs.key_part,
+                           inputs.hidden_weight, inputs.hidden_bias, inputs.out_weight.flatten(1),
+                           inputs.out_bias.flatten())
 
 
 def _flat(tensor: torch.Tensor) -> torch.Tensor:
@@ -177,65 +178,151 @@ def _launch_settings(call: KernelCall, query, key, query_part, w2, b2):
     ), keep, bias, (call.streams if call.streams is not None else query.new_zeros(1, dtype=torch.int32))
 
 
-class _FusedAttention(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, call: KernelCall, query, key, value, query_part, key_part, w2, b2, w3, b3):
-        batch, heads, q_len, dim = query.shape
-        settings, keep, bias, streams = _launch_settings(call, query, key, query_part, w2, b2)
-        flat = [_flat(t) for t in (query, key, value)]
-        parts = [_flat(t.float()) if call.score == kernels.SCORE_NEURAL else t for t in (query_part, key_part)]
-        weights = [t.float().contiguous() for t in (w2, b2, w3, b3)]
-        # float32 O: backward's row term sum(dO * O) from a rounded half-precision O is off by its rounding, which the
-        # softmax derivative's cancellation amplifies (neural's last bias, whose gradient is 0, got 0.03 in bf16).
-        out = torch.empty_like(flat[0], dtype=torch.float32)
-        row_max = torch.empty(batch * heads, q_len, device=query.device, dtype=torch.float32)
-        row_sum = torch.empty_like(row_max)
-        tiles = call.forward_tiles
-        grid = (kernels.triton.cdiv(q_len, tiles.block_m), batch * heads)
-        kernels._forward_kernel[grid](*flat, *parts, *weights, keep, bias, streams, out, row_max, row_sum,
-                                      BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, num_warps=tiles.num_warps, **settings)
-        ctx.call, ctx.settings, ctx.shape, ctx.streams = call, settings, query.shape, streams
-        ctx.save_for_backward(query, key, value, query_part, key_part, w2, b2, w3, b3, out, row_max, row_sum, keep,
-                              bias)
-        return out.view(batch, heads, q_len, dim).to(value.dtype)
+# ---- the kernels as custom ops: torch.compile keeps each layer's fused attention in the model's graph as one opaque
+# node (with fake implementations for the shapes), where tracing into the kernel launch broke the graph -------------
 
-    @staticmethod
-    def backward(ctx, grad_output):
-        query, key, value, query_part, key_part, w2, b2, w3, b3, out, row_max, row_sum, keep, bias = ctx.saved_tensors
-        call, settings = ctx.call, ctx.settings
-        batch, heads, q_len, dim = ctx.shape
-        k_len = key.shape[2]
-        neural = call.score == kernels.SCORE_NEURAL
-        flat = [_flat(t) for t in (query, key, value)]
-        grad_out = _flat(grad_output).to(value.dtype)
-        row_dot = (grad_out.float() * out.float()).sum(-1)  # [B * H, Lq]: sum_j dL/da_ij a_ij, FlashAttention's D
-        parts = [_flat(t.float()) if neural else t for t in (query_part, key_part)]
-        weights = [t.float().contiguous() for t in (w2, b2, w3, b3)]
-        grads = [torch.zeros(t.shape, device=t.device, dtype=torch.float32) for t in flat]  # dq, dk, dv
-        grad_parts = [torch.zeros_like(t, dtype=torch.float32) for t in parts]
-        tiles = call.backward_tiles
-        key_blocks = kernels.triton.cdiv(k_len, tiles.block_n)
-        size = settings["H2"] * settings["H1"] + 2 * settings["H2"] + 1
-        partial = torch.zeros(batch * heads * key_blocks, size if neural else 1, device=query.device)
-        block_h2 = max(2, kernels.triton.next_power_of_2(settings["H2"]))
-        common = [*flat, grad_out, row_dot, row_max, row_sum, *parts, *weights, keep, bias, ctx.streams, *grads,
-                  *grad_parts, partial]
-        kernels._backward_kernel[(key_blocks, batch * heads)](
-            *common, BLOCK_H2=block_h2, BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, num_warps=tiles.num_warps,
-            **settings)
-        grad_q, grad_k, grad_v = (g.view(t.shape).to(t.dtype) for g, t in zip(grads, (query, key, value)))
-        if not neural:
-            return None, grad_q, grad_k, grad_v, None, None, None, None, None, None
-        grad_qp, grad_kp = (g.view(batch, heads, -1, g.shape[-1]).to(t.dtype)
-                            for g, t in zip(grad_parts, (query_part, key_part)))
-        per_head = partial.view(batch, heads, key_blocks, size).sum(dim=(0, 2))  # [H, size]
-        if not call.per_head:
-            per_head = per_head.sum(dim=0, keepdim=True)
-        h1, h2 = settings["H1"], settings["H2"]
-        grad_w2 = per_head[:, : h2 * h1].view_as(w2).to(w2.dtype)
-        grad_b2 = per_head[:, h2 * h1 : h2 * h1 + h2].view_as(b2).to(b2.dtype)
-        grad_w3 = per_head[:, h2 * h1 + h2 : h2 * h1 + 2 * h2].view_as(w3).to(w3.dtype)
-        grad_b3 = per_head[:, -1].view_as(b3).to(b3.dtype)
-        if not call.add_dot:
-            grad_q = grad_k = None  # q and k reach the scores only through query_part and key_part
-        return None, grad_q, grad_k, grad_v, grad_qp, grad_kp, grad_w2, grad_b2, grad_w3, grad_b3
+_NAMESPACE = op_namespace(__name__)
+
+
+def _op_arguments(call: KernelCall) -> tuple:
+    """A KernelCall as a custom op's arguments after the MLP tensors: tensors, then plain scalars (an op cannot
+    take the dataclass); `_call_of` reads them back."""
+    return (call.keep, call.bias, call.streams, call.score, call.add_dot, float(call.dot_scale), call.causal,
+            float(call.dropout), call.per_head, float(call.slope), [*call.forward_tiles, *call.backward_tiles])
+
+
+def _call_of(keep, bias, streams, score, add_dot, dot_scale, causal, dropout, per_head, slope, tiles) -> KernelCall:
+    return KernelCall(score, add_dot, dot_scale, keep, bias, causal, dropout, streams, per_head, Tiles(*tiles[:3]),
+                      Tiles(*tiles[3:]), slope=slope)
+
+
+def _mlp_tensors(mlp: list[torch.Tensor], value: torch.Tensor) -> list[torch.Tensor]:
+    """neural's [query_part, key_part, w2, b2, w3, b3]; for expressive, which has none, one-element float32
+    placeholders (the kernels take a pointer for each)."""
+    return list(mlp) if mlp else [value.new_zeros(1, dtype=torch.float32)] * 6
+
+
+def _drops_query_and_key(score: int, add_dot: bool) -> bool:
+    """neural without combine="add": q and k reach the scores only through query_part and key_part."""
+    return score == kernels.SCORE_NEURAL and not add_dot
+
+
+@torch.library.custom_op(f"{_NAMESPACE}::fused_forward", mutates_args=())
+def _fused_forward(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mlp: list[torch.Tensor],
+                   keep: Optional[torch.Tensor], bias: Optional[torch.Tensor], streams: Optional[torch.Tensor],
+                   score: int, add_dot: bool, dot_scale: float, causal: bool, dropout: float, per_head: bool,
+                   slope: float, tiles: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(output [B, H, Lq, D] in float32, row max and row sum [B * H, Lq]) of the forward kernel. mlp: neural's
+    [query_part, key_part, w2, b2, w3, b3], empty for expressive; then the KernelCall (`_op_arguments`)."""
+    call = _call_of(keep, bias, streams, score, add_dot, dot_scale, causal, dropout, per_head, slope, tiles)
+    query_part, key_part, w2, b2, w3, b3 = _mlp_tensors(mlp, value)
+    batch, heads, q_len, dim = query.shape
+    settings, keep, bias, streams = _launch_settings(call, query, key, query_part, w2, b2)
+    flat = [_flat(t) for t in (query, key, value)]
+    parts = [_flat(t.float()) if score == kernels.SCORE_NEURAL else t for t in (query_part, key_part)]
+    weights = [t.float().contiguous() for t in (w2, b2, w3, b3)]
+    # float32 O: backward's row term sum(dO * O) from a rounded half-precision O is off by its rounding, which the
+    # softmax derivative's cancellation amplifies (neural's last bias, whose gradient is 0, got 0.03 in bf16).
+    out = torch.empty_like(flat[0], dtype=torch.float32)
+    row_max = torch.empty(batch * heads, q_len, device=query.device, dtype=torch.float32)
+    row_sum = torch.empty_like(row_max)
+    tiles_ = call.forward_tiles
+    grid = (kernels.triton.cdiv(q_len, tiles_.block_m), batch * heads)
+    kernels._forward_kernel[grid](*flat, *parts, *weights, keep, bias, streams, out, row_max, row_sum,
+                                  BLOCK_M=tiles_.block_m, BLOCK_N=tiles_.block_n, num_warps=tiles_.num_warps,
+                                  **settings)
+    return out.view(batch, heads, q_len, dim), row_max, row_sum
+
+
+@_fused_forward.register_fake
+def _(query, key, value, mlp, *call):
+    batch, heads, q_len, dim = query.shape
+    row_max, row_sum = (query.new_empty(batch * heads, q_len, dtype=torch.float32) for _ in range(2))
+    return query.new_empty(batch, heads, q_len, dim, dtype=torch.float32), row_max, row_sum
+
+
+@torch.library.custom_op(f"{_NAMESPACE}::fused_backward", mutates_args=())
+def _fused_backward(grad_output: torch.Tensor, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                    mlp: list[torch.Tensor], out: torch.Tensor, row_max: torch.Tensor, row_sum: torch.Tensor,
+                    keep: Optional[torch.Tensor], bias: Optional[torch.Tensor], streams: Optional[torch.Tensor],
+                    score: int, add_dot: bool, dot_scale: float, causal: bool, dropout: float, per_head: bool,
+                    slope: float, tiles: list[int]) -> list[torch.Tensor]:
+    """[dq, dk, dv, *d(mlp)] of the backward kernel, each shaped and typed as its input (dq and dk empty where the
+    scores do not read q and k)."""
+    call = _call_of(keep, bias, streams, score, add_dot, dot_scale, causal, dropout, per_head, slope, tiles)
+    query_part, key_part, w2, b2, w3, b3 = _mlp_tensors(mlp, value)
+    settings, keep, bias, streams = _launch_settings(call, query, key, query_part, w2, b2)
+    batch, heads, q_len, dim = query.shape
+    k_len = key.shape[2]
+    neural = score == kernels.SCORE_NEURAL
+    flat = [_flat(t) for t in (query, key, value)]
+    out = _flat(out)
+    grad_out = _flat(grad_output).to(value.dtype)
+    row_dot = (grad_out.float() * out).sum(-1)  # [B * H, Lq]: sum_j dL/da_ij a_ij, FlashAttention's D
+    parts = [_flat(t.float()) if neural else t for t in (query_part, key_part)]
+    weights = [t.float().contiguous() for t in (w2, b2, w3, b3)]
+    grads = [torch.zeros(t.shape, device=t.device, dtype=torch.float32) for t in flat]  # dq, dk, dv
+    grad_parts = [torch.zeros_like(t, dtype=torch.float32) for t in parts]
+    tiles_ = call.backward_tiles
+    key_blocks = kernels.triton.cdiv(k_len, tiles_.block_n)
+    size = settings["H2"] * settings["H1"] + 2 * settings["H2"] + 1
+    partial = torch.zeros(batch * heads * key_blocks, size if neural else 1, device=query.device)
+    block_h2 = max(2, kernels.triton.next_power_of_2(settings["H2"]))
+    common = [*flat, grad_out, row_dot, row_max, row_sum, *parts, *weights, keep, bias, streams, *grads,
+              *grad_parts, partial]
+    kernels._backward_kernel[(key_blocks, batch * heads)](
+        *common, BLOCK_H2=block_h2, BLOCK_M=tiles_.block_m, BLOCK_N=tiles_.block_n, num_warps=tiles_.num_warps,
+        **settings)
+    grad_q, grad_k, grad_v = (g.view(t.shape).to(t.dtype) for g, t in zip(grads, (query, key, value)))
+    if _drops_query_and_key(score, add_dot):
+        grad_q, grad_k = query.new_empty(0), key.new_empty(0)
+    if not neural:
+        return [grad_q, grad_k, grad_v]
+    grad_qp, grad_kp = (g.view(t.shape).to(t.dtype) for g, t in zip(grad_parts, (query_part, key_part)))
+    per_head_sums = partial.view(batch, heads, key_blocks, size).sum(dim=(0, 2))  # [H, size]
+    if not per_head:
+        per_head_sums = per_head_sums.sum(dim=0, keepdim=True)
+    h1, h2 = settings["H1"], settings["H2"]
+    sections = (per_head_sums[:, : h2 * h1], per_head_sums[:, h2 * h1 : h2 * h1 + h2],
+                per_head_sums[:, h2 * h1 + h2 : h2 * h1 + 2 * h2], per_head_sums[:, -1])
+    # each a fresh tensor of its own (an op's outputs may not share storage), contiguous as the fake says
+    grad_weights = [t.new_empty(t.shape).copy_(section.reshape(t.shape))
+                    for section, t in zip(sections, (w2, b2, w3, b3))]
+    return [grad_q, grad_k, grad_v, grad_qp, grad_kp, *grad_weights]
+
+
+@_fused_backward.register_fake
+def _(grad_output, query, key, value, mlp, out, row_max, row_sum, keep, bias, streams, score, add_dot, *call):
+    drops = _drops_query_and_key(score, add_dot)
+    grad_q, grad_k = (t.new_empty(0) if drops else t.new_empty(t.shape) for t in (query, key))
+    return [grad_q, grad_k, value.new_empty(value.shape), *(t.new_empty(t.shape) for t in mlp)]
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    query, key, value, mlp, keep, bias, streams, *scalars = inputs
+    ctx.scalars = scalars
+    ctx.mark_non_differentiable(*output[1:])  # the row statistics
+    ctx.save_for_backward(query, key, value, keep, bias, streams, *output, *mlp)
+
+
+def _backward(ctx, grad_output, _grad_row_max, _grad_row_sum):
+    query, key, value, keep, bias, streams, out, row_max, row_sum, *mlp = ctx.saved_tensors
+    grads = _fused_backward(grad_output, query, key, value, mlp, out, row_max, row_sum, keep, bias, streams,
+                            *ctx.scalars)
+    needs = [*ctx.needs_input_grad[:3], *ctx.needs_input_grad[3]]
+    drops = _drops_query_and_key(*ctx.scalars[:2])
+    grads = [grad if need and not (drops and index < 2) else None
+             for index, (grad, need) in enumerate(zip(grads, needs))]
+    return (*grads[:3], grads[3:], None, None, None, *(None for _ in ctx.scalars))
+
+
+_fused_forward.register_autograd(_backward, setup_context=_setup_context)
+
+
+def fused_attention(call: KernelCall, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                    *mlp: torch.Tensor) -> torch.Tensor:
+    """[B, H, Lq, D] output of the fused kernels in value's dtype, differentiable in q, k, v and neural's MLP
+    tensors (mlp: query_part, key_part, w2, b2, w3, b3; none for expressive). The cast to value's dtype stays
+    outside the op: for float32 it returns the op's own output, which an op may not hand out twice."""
+    output, _, _ = _fused_forward(query, key, value, list(mlp), *_op_arguments(call))
+    return output.to(value.dtype)

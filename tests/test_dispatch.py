@@ -48,8 +48,8 @@ def run(variant, settings, mask_input=None, causal=True, weights=False):
 
 def kernel_calls(monkeypatch) -> list:
     calls = []
-    original = triton_attention._FusedAttention.apply
-    monkeypatch.setattr(triton_attention._FusedAttention, "apply", lambda *a: calls.append(1) or original(*a))
+    original = triton_attention.fused_attention
+    monkeypatch.setattr(triton_attention, "fused_attention", lambda *a: calls.append(1) or original(*a))
     return calls
 
 

@@ -34,8 +34,8 @@ def attend(variant, backend):
 
 def test_a_wrong_kernel_is_caught_said_once_and_replaced_by_the_chunked_engine(monkeypatch, caplog):
     calls = []
-    original = triton_attention._FusedAttention.apply
-    monkeypatch.setattr(triton_attention._FusedAttention, "apply",
+    original = triton_attention.fused_attention
+    monkeypatch.setattr(triton_attention, "fused_attention",
                         lambda *args: calls.append(1) or original(*args) * 1.05)  # 5 % off
     variant = build_variant("expressive", H, D)
     with caplog.at_level(logging.WARNING):
@@ -50,8 +50,8 @@ def test_a_wrong_kernel_is_caught_said_once_and_replaced_by_the_chunked_engine(m
 
 def test_a_right_kernel_passes_the_check_and_keeps_running(monkeypatch):
     calls = []
-    original = triton_attention._FusedAttention.apply
-    monkeypatch.setattr(triton_attention._FusedAttention, "apply", lambda *args: calls.append(1) or original(*args))
+    original = triton_attention.fused_attention
+    monkeypatch.setattr(triton_attention, "fused_attention", lambda *args: calls.append(1) or original(*args))
     variant = build_variant("expressive", H, D)
     output = attend(variant, "triton")
     assert len(calls) == 2  # the check, then the call itself

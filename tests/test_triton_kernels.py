@@ -192,7 +192,7 @@ def test_an_additive_float_bias_is_read_by_the_kernels(name, monkeypatch):
 
 def test_neural_with_other_depths_falls_back_to_the_chunked_path(monkeypatch):
     calls = []
-    monkeypatch.setattr(triton_attention._FusedAttention, "apply", lambda *a: calls.append(1))
+    monkeypatch.setattr(triton_attention, "fused_attention", lambda *a: calls.append(1))
     variant = neural_variant({"hidden_dims": [2]})  # one hidden layer: the kernels cover two
     q, k, v, keep = inputs(19, 19)
     assert_same(run(variant, q, k, v, keep, TRITON), run(variant, q, k, v, keep, CHUNKED))
@@ -248,8 +248,8 @@ def test_float16_neural_add_hands_the_kernels_float16_q_and_k(monkeypatch):
     """combine="add" in float16: q and k reach the kernels in float16 (upcast inside, TF32 products), not as
     prepare's float32 copies, which ran IEEE float32 dots on CUDA cores and spilled (issue 23.5)."""
     seen = []
-    original = triton_attention._FusedAttention.apply
-    monkeypatch.setattr(triton_attention._FusedAttention, "apply",
+    original = triton_attention.fused_attention
+    monkeypatch.setattr(triton_attention, "fused_attention",
                         lambda *a: seen.append((a[1].dtype, a[2].dtype)) or original(*a))
     variant = neural_variant({"combine": "add"}).half()
     q, k, v, keep = inputs(19, 19, dtype=torch.float16)
@@ -319,8 +319,8 @@ def test_grouped_query_heads_and_causal_cache_through_the_attention_function(nam
 
 def test_the_kernels_are_chosen_only_where_they_apply(monkeypatch):
     calls = []
-    original = triton_attention._FusedAttention.apply
-    monkeypatch.setattr(triton_attention._FusedAttention, "apply", lambda *a: calls.append(1) or original(*a))
+    original = triton_attention.fused_attention
+    monkeypatch.setattr(triton_attention, "fused_attention", lambda *a: calls.append(1) or original(*a))
     variant = build_variant("expressive", H, D)
     q, k, v, keep = inputs(19, 19)
     run(variant, q, k, v, keep, dict(min_size=0))  # "auto" on CPU tensors: the chunked engine
