@@ -83,8 +83,10 @@ _SAID: set[str] = set()
 
 
 def flex_engine(variant: AttentionVariant, call: AttentionCall) -> EngineResult:
+    if not flex_applies(call.query, call.grouped_key):
+        return None
     score_mod = variant.flex_score_mod(call.scaling)
-    if score_mod is None or not flex_applies(call.query, call.grouped_key):
+    if score_mod is None:
         return None
     return flex_inference_output(call.query, call.key, call.value, call.mask, score_mod, call.dropout,
                                  call.dropout > 0.0, fully_masked=variant.flex_fully_masked)

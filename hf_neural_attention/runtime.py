@@ -88,12 +88,12 @@ class replaying_settings:  # noqa: N801
 
     def __init__(self, settings: FastPathSettings) -> None:
         self.settings = settings
-        self.values = {name: getattr(settings, name) for name in _FIELDS}
 
     def __enter__(self) -> None:
         # nothing to set when these are the settings in effect already (inference, and every call without overrides)
-        unchanged = self.settings is current_settings()
-        self.token = None if unchanged or torch.compiler.is_compiling() else _OVERRIDES.set(self.values)
+        self.token = None
+        if self.settings is not current_settings() and not torch.compiler.is_compiling():
+            self.token = _OVERRIDES.set({name: getattr(self.settings, name) for name in _FIELDS})
 
     def __exit__(self, *exc_info) -> None:
         if self.token is not None:
