@@ -17,6 +17,7 @@ then fails on the unknown implementation instead of silently running stock atten
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import transformers
@@ -36,6 +37,8 @@ VARIANT_FIELDS: dict[str, tuple[Any, Any]] = {
 }
 
 
+CHECKED_OPTIONS_KEY = "_checked_attention_variant"  # (variant, options as given, options as checked)
+
 # Called as hook(config_class) whenever a variant config is created. The installed package registers the variant model
 # classes of the config's architecture with the Auto classes here (auto_registration.py), so that AutoModel*.from_config
 # and from_pretrained build them; a checkpoint's own copy of this file runs without it (trust_remote_code does that).
@@ -53,8 +56,19 @@ class VariantConfigMixin:
             hook(type(self))
 
     def validate_attention_variant(self) -> None:  # run by @strict at creation: clear errors for bad fields
-        validate_variant_options(self.attention_variant, self.attention_variant_options)
+        checked = validate_variant_options(self.attention_variant, self.attention_variant_options)
         parse_layer_spec(self.attention_variant_layers)
+        # kept for the model built from this config, which then does not check them again (not a field: not saved)
+        self.__dict__[CHECKED_OPTIONS_KEY] = (
+            self.attention_variant, copy.deepcopy(self.attention_variant_options), checked)
+
+    def checked_variant_options(self) -> dict[str, Any] | None:
+        """The variant options as checked when this config was created, or None where the variant fields were
+        reassigned since (the model then checks them itself)."""
+        stamp = self.__dict__.get(CHECKED_OPTIONS_KEY)
+        if stamp is None or stamp[:2] != (self.attention_variant, self.attention_variant_options):
+            return None
+        return stamp[2]
 
     @classmethod
     def get_config_dict(cls, pretrained_model_name_or_path, **kwargs: Any) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -68,10 +82,14 @@ class VariantConfigMixin:
         return config_dict, kwargs
 
     def to_dict(self) -> dict[str, Any]:
-        return {**super().to_dict(), "attn_implementation": self.attention_variant}
+        output = {**super().to_dict(), "attn_implementation": self.attention_variant}
+        output.pop(CHECKED_OPTIONS_KEY, None)
+        return output
 
     def to_diff_dict(self) -> dict[str, Any]:
-        return {**super().to_diff_dict(), "attn_implementation": self.attention_variant}
+        output = {**super().to_diff_dict(), "attn_implementation": self.attention_variant}
+        output.pop(CHECKED_OPTIONS_KEY, None)
+        return output
 
 
 def share_weight_renaming(stock_name: str, variant_name: str) -> None:

@@ -166,8 +166,14 @@ def apply_variant(
 
     Keeps every existing weight. Returns the targeted layer indices. Does not switch the attention implementation.
     """
+    return apply_checked_variant(model, variant, layers, variant_class(variant).check_options(options))
+
+
+def apply_checked_variant(model: nn.Module, variant: str, layers: None | str | Iterable[int],
+                          checked: dict[str, Any]) -> list[int]:
+    """`apply_variant` with options its variant's `check_options` returned (a variant config checked them when it was
+    created); the modules are built from them without checking again."""
     cls = variant_class(variant)
-    checked = cls.check_options(options)  # once for the model; the modules below are built from the checked options
     modules = find_attention_modules(model)
     if not modules:
         raise ValueError(

@@ -36,10 +36,10 @@ from transformers.models.auto import modeling_auto
 
 from .configuration_variants import share_weight_renaming, stock_class_named, variant_config_class
 from .attention_interface import register_variants  # noqa: F401 (importing it registers the variants)
-from .injection import apply_variant
+from .injection import apply_checked_variant
 from .loading import HUB_KWARGS, check_loaded_weights, initialize_new_variant_parameters, retrofit_kwargs
 from .nope import drop_rotary_embeddings
-from .registry import VARIANTS
+from .registry import VARIANTS, variant_class
 
 # Called as hook(model, save_directory, **card_fields) after every save_pretrained. The installed package registers
 # its model-card writer here (hub.py); a checkpoint's own copy of this file runs without it and writes no card.
@@ -136,8 +136,11 @@ class AttentionVariantMixin:
             # a variant checkpoint's config names its variant (configuration_variants writes it): the layers the
             # variant leaves untouched run SDPA, as they do in a model converted from a stock one
             config._attn_implementation = "sdpa"
-        config.attention_variant_layers = apply_variant(
-            self, config.attention_variant, config.attention_variant_layers, **(config.attention_variant_options or {}))
+        checked = config.checked_variant_options() if hasattr(config, "checked_variant_options") else None
+        if checked is None:  # a stock config, or variant fields reassigned after the config checked them
+            checked = variant_class(config.attention_variant).check_options(config.attention_variant_options)
+        config.attention_variant_layers = apply_checked_variant(
+            self, config.attention_variant, config.attention_variant_layers, checked)
         config._attn_implementation = config.attention_variant  # the setter reaches the sub-configs too
 
     def set_attn_implementation(self, attn_implementation: str | dict, *args: Any, **kwargs: Any) -> None:

@@ -4,6 +4,7 @@ checks its variant's options once per way in (convert, a config, a model built f
 from __future__ import annotations
 
 import pytest
+from transformers import AutoModelForCausalLM
 
 import hf_neural_attention as hfna
 from hf_neural_attention.loading import head_weights, is_variant_weight, lost_variant_weights, retrofit_kwargs
@@ -68,11 +69,19 @@ def test_options_are_checked_once_per_way_in(checks, tmp_path):
     assert checks == ["cdape"]  # the config checks its fields when it is created
     checks.clear()
     hfna.VariantGPT2LMHeadModel(config)
-    assert checks == ["cdape"]  # the model checks what it builds from (a config's fields may change after creation)
+    assert checks == []  # the model builds from what the config checked
+    config.attention_variant_options = {"kernel_size": 4}  # an assignment the config does not check
+    with pytest.raises(ValueError, match="kernel_size"):
+        hfna.VariantGPT2LMHeadModel(config)  # the model checks fields changed since the config checked them
+    assert checks == ["cdape"]
     model.save_pretrained(tmp_path)
+    assert "_checked" not in (tmp_path / "config.json").read_text()
     checks.clear()
     hfna.VariantGPT2LMHeadModel.from_pretrained(tmp_path)
-    assert checks == ["cdape", "cdape"]  # the config read from config.json, then the model built from it
+    assert checks == ["cdape"]  # the config read from config.json; the model builds from what it checked
+    checks.clear()
+    AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert checks == ["cdape"]
     checks.clear()
     hfna.CDAPEAttention(4, 8, kernel_size=5)
     assert checks == ["cdape"]  # a variant built directly checks its own
