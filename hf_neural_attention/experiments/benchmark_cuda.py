@@ -47,8 +47,9 @@ def build_step(method: str, n: int):
     generator = torch.Generator(device="cuda").manual_seed(1)
     hidden = torch.randn(1, n, D_MODEL, device="cuda", generator=generator).requires_grad_()
     grad = torch.randn(1, n, D_MODEL, device="cuda", generator=generator)
-    mask = create_causal_mask(config=model.config, inputs_embeds=hidden.detach(), attention_mask=None,
-                              past_key_values=None, position_ids=torch.arange(n, device="cuda")[None])
+    # no cache, passed by position: Transformers renamed the argument (past_key_values -> cache)
+    positions = torch.arange(n, device="cuda")[None]
+    mask = create_causal_mask(model.config, hidden.detach(), None, None, position_ids=positions)
 
     def step():
         with hfna.fast_paths(True, backend=backend), torch.autocast("cuda", dtype=torch.bfloat16):

@@ -7,6 +7,7 @@ in benchmark.py's docstring.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import re
@@ -175,8 +176,23 @@ def build(method: str, level: str, n: int, dtype: str = "fp32", dropout: str = "
     if level == "decode":
         return build_decode(method, n, batch, dtype, arch)
     import torch
+
+    import hf_neural_attention as hfna
+
+    model = training_model(method, n, dropout)
+    fast_paths = functools.partial(hfna.fast_paths, not method.endswith("_plain"),
+                                   flex_inference=method == "expressive_flex")
+    precision = functools.partial(torch.autocast, "cpu", dtype=torch.bfloat16, enabled=dtype == "bf16")
+    if level == "model":
+        return model_step(model, n, fast_paths, precision), model
+    return layer_step(model, n, level == "inference", fast_paths, precision), model
+
+
+def training_model(method: str, n: int, dropout: str):
+    """A 1-layer GPT-2 of the benchmark's geometry in training mode whose attention runs `method`."""
+    import torch
     from transformers import AttentionInterface, GPT2Config, GPT2LMHeadModel
-    from transformers.masking_utils import AttentionMaskInterface, create_causal_mask
+    from transformers.masking_utils import AttentionMaskInterface
 
     import hf_neural_attention as hfna
     from hf_neural_attention.attention_interface import variant_mask
@@ -197,49 +213,54 @@ def build(method: str, level: str, n: int, dtype: str = "fp32", dropout: str = "
             function = neural_reference_forward if method == "neural_reference" else cdape_reference_forward
             AttentionInterface.register(method, function)
             AttentionMaskInterface.register(method, variant_mask)
-            model.set_attn_implementation(method)
-    model.train()
-    fast = not method.endswith("_plain")
-    settings = {"flex_inference": method == "expressive_flex"}
+            # not set_attn_implementation, which a converted model refuses (its config would stop naming its variant)
+            model.config._attn_implementation = method
+    return model.train()
 
-    def precision():
-        return torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bf16")
 
-    if level == "model":
-        ids = torch.randint(0, VOCAB, (1, n), generator=torch.Generator().manual_seed(1))
+def model_step(model, n: int, fast_paths, precision):
+    """Level "model": the whole model's loss, forward and backward."""
+    import torch
 
-        def step():
-            with hfna.fast_paths(fast, **settings), precision():
-                loss = model(input_ids=ids, labels=ids).loss
-            loss.backward()
-            model.zero_grad(set_to_none=True)
+    ids = torch.randint(0, VOCAB, (1, n), generator=torch.Generator().manual_seed(1))
 
-        return step, model
+    def step():
+        with fast_paths(), precision():
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+
+    return step
+
+
+def layer_step(model, n: int, inference: bool, fast_paths, precision):
+    """Levels "layer" (the attention module, forward and backward) and "inference" (its forward, no gradients)."""
+    import torch
+    from transformers.masking_utils import create_causal_mask
 
     attention = model.transformer.h[0].attn
     generator = torch.Generator().manual_seed(1)
     hidden = torch.randn(1, n, D_MODEL, generator=generator).requires_grad_()
     grad = torch.randn(1, n, D_MODEL, generator=generator)
-    mask = create_causal_mask(config=model.config, inputs_embeds=hidden.detach(), attention_mask=None,
-                              past_key_values=None, position_ids=torch.arange(n)[None])
-
-    if level == "inference":
+    # no cache, passed by position: Transformers renamed the argument (past_key_values -> cache)
+    mask = create_causal_mask(model.config, hidden.detach(), None, None, position_ids=torch.arange(n)[None])
+    if inference:
         model.eval()
 
         def step():
-            with torch.no_grad(), hfna.fast_paths(fast, **settings), precision():
+            with torch.no_grad(), fast_paths(), precision():
                 attention(hidden, attention_mask=mask)
 
-        return step, model
+        return step
 
     def step():
-        with hfna.fast_paths(fast, **settings), precision():
+        with fast_paths(), precision():
             output = attention(hidden, attention_mask=mask)[0]
         output.backward(grad.to(output.dtype))
         model.zero_grad(set_to_none=True)
         hidden.grad = None
 
-    return step, model
+    return step
 
 
 def cpu_busy_seconds() -> float:
