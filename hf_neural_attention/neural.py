@@ -32,7 +32,6 @@ NEURAL_COMBINE = ("replace", "add")
 NEURAL_ACTIVATIONS = ("relu", "leaky_relu")
 NEURAL_INITS = ("reference", "alive")
 LEAKY_SLOPE = 0.01
-PLANE_LIMIT = 64  # layers with at most this many weights run plane by plane (see _mlp_planes)
 
 
 def _linear_init_(weight: torch.Tensor, bias: torch.Tensor) -> None:
@@ -104,12 +103,6 @@ class NeuralAttention(AttentionVariant):
     def heads_share_rule(self) -> bool:
         return not self.per_head
 
-    @staticmethod
-    def _per_head(tensor: torch.Tensor, heads: int) -> torch.Tensor:
-        """[G, ...] -> [heads, ...] without copying when the weights are shared (heads: those of the call, which are
-        the kv heads when grouped-query decoding folds query heads into rows)."""
-        return tensor.expand(heads, *tensor.shape[1:])
-
     def first_layer_parts(self, query: torch.Tensor, key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The first MLP layer split into its per-query part [B, H, Lq, h1] (every bias of the layer included) and
         per-key part [B, H, Lk, h1], with float32 results at least (the projections are tiny next to the pairwise
@@ -171,36 +164,17 @@ class NeuralAttention(AttentionVariant):
 
     def mlp(self, query_part: torch.Tensor, key_part: torch.Tensor, weights: list[torch.Tensor],
             biases: list[torch.Tensor]) -> torch.Tensor:
-        """MLP scores [B, H, Lq, Lk] from the first layer's parts and the later layers' [G, out, in] weights."""
-        if max(w.shape[1] * w.shape[2] for w in weights) <= PLANE_LIMIT:
-            return self._mlp_planes(query_part, key_part, weights, biases)
-        hidden = self._activate(query_part[:, :, :, None, :] + key_part[:, :, None, :, :])  # [B, H, Lq, Lk, h1]
+        """MLP scores [B, H, Lq, Lk] from the first layer's parts and the later layers' [G, out, in] weights, with
+        the hidden units leading: [B, H, units, Lq * Lk], so each layer is one matmul [G, out, in] @ [B, H, in, pairs]
+        (the weights broadcast over batch and heads; G is 1 or H) and each activation one contiguous pass. Faster on
+        this CPU than units last (a matmul with a tiny inner dimension) and than one elementwise pass per weight:
+        measured in results/neural_mlp_layouts.md."""
+        batch, heads, q_len, units = query_part.shape
+        k_len = key_part.shape[2]
+        hidden = query_part.transpose(-1, -2)[..., None] + key_part.transpose(-1, -2)[..., None, :]  # [B,H,h1,Lq,Lk]
+        hidden = self._activate(hidden, inplace=True).view(batch, heads, units, q_len * k_len)
         for index, (weight, bias) in enumerate(zip(weights, biases)):
-            weight, bias = self._per_head(weight, hidden.shape[1]), self._per_head(bias, hidden.shape[1])
-            hidden = torch.einsum("bhqkc,hoc->bhqko", hidden, weight) + bias[None, :, None, None, :]
+            hidden = torch.matmul(weight, hidden) + bias[..., None]  # [B, H, out, Lq * Lk]
             if index != len(weights) - 1:
-                hidden = self._activate(hidden)
-        return hidden.squeeze(-1)  # [B, H, Lq, Lk]
-
-    def _mlp_planes(
-        self, query_part: torch.Tensor, key_part: torch.Tensor, weights: list[torch.Tensor], biases: list[torch.Tensor]
-    ) -> torch.Tensor:
-        """The same MLP for narrow layers, one [B, H, Lq, Lk] plane per hidden unit: every op is a contiguous
-        elementwise pass (a multiply-add per weight) instead of a batched matmul with a tiny inner dimension. Each
-        weight is a [G, 1, 1] tensor that broadcasts over the planes' heads (G is 1 or H), taken apart by one unbind
-        per layer (a decoding step pays per op)."""
-        query_units = query_part.unsqueeze(-1).unbind(-2)  # h1 x [B, H, Lq, 1]
-        key_units = key_part.unsqueeze(-3).unbind(-1)  # h1 x [B, H, 1, Lk]
-        planes = [self._activate(q + k, inplace=True) for q, k in zip(query_units, key_units)]
-        for index, (weight, bias) in enumerate(zip(weights, biases)):
-            out_dim, in_dim = weight.shape[1], weight.shape[2]
-            scalars = weight.reshape(weight.shape[0], -1, 1, 1).unbind(1)  # out * in x [G, 1, 1], row-major
-            offsets = bias[..., None, None].unbind(1)  # out x [G, 1, 1]
-            outputs = []
-            for out in range(out_dim):
-                hidden = torch.addcmul(offsets[out], planes[0], scalars[out * in_dim])
-                for unit in range(1, in_dim):
-                    hidden = torch.addcmul(hidden, planes[unit], scalars[out * in_dim + unit])
-                outputs.append(self._activate(hidden, inplace=True) if index != len(weights) - 1 else hidden)
-            planes = outputs
-        return planes[0]
+                hidden = self._activate(hidden, inplace=True)
+        return hidden.view(batch, heads, q_len, k_len)
