@@ -408,7 +408,7 @@ def test_the_kernels_compile_for_an_h100(tmp_path):
     env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
     result = subprocess.run(
         [sys.executable, str(Path(__file__).resolve().parents[1] / "scripts" / "check_triton_compile.py"),
-         "--configs", "neural-bf16-causal-dropout", "--targets", "90", "--output", str(tmp_path)],
+         "--configs", "neural-bf16-causal-dropout-d64", "--targets", "90", "--output", str(tmp_path)],
         capture_output=True, text=True, timeout=600, env=env)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     records = json.loads((tmp_path / "results.json").read_text())["records"]
