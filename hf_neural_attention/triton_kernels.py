@@ -7,7 +7,9 @@ weights (and, for exp-based scores, the running max), in float32 whatever the in
     expressive rational / square   f = s^2/(1+s^2) or s^2 with s = q.k (x scaling): a running sum, no max needed
     expressive softmax_square      f = exp(s^2 - m): online softmax of s^2; masked keys weigh 0 (ratio rule)
     neural                          logit = W3 relu(W2 relu(qp_i + kp_j) + b2) + b3 (+ q.k scaling for combine="add"),
-                                    online softmax; masked keys at -1e30, so a fully masked row is uniform as in eager
+                                    online softmax; masked keys at -1e30, so a fully masked row is uniform as in eager;
+                                    b3 adds the same to every logit of a row, so it cancels in the softmax: the kernels
+                                    leave it out and its gradient is 0
 
 qp and kp are the first MLP layer's per-query and per-key parts (the variant's kernel inputs, computed under
 autograd, so the gradients of the down-projections flow from the kernel's dqp, dkp); the MLP runs as one 2-D plane
@@ -105,7 +107,9 @@ if triton is not None:
     def _mlp_planes(qp_ptr, kp_ptr, w2_ptr, b2_ptr, w3_ptr, rows, cols, LQ, LK, H1: tl.constexpr, H2: tl.constexpr,
                     SLOPE: tl.constexpr):
         """The pairwise MLP on a tile, one 2-D plane per hidden unit with its weights as scalars: (sum_o w3_o
-        act(z_o) [M, N], pre-activations of the first layer (H1 planes), their activations, z (H2 planes))."""
+        act(z_o) log2(e) [M, N], the logit in base 2 with log2 e folded into the last layer's weights and without the
+        last bias b3, which adds the same to every logit of a row and so cancels in the softmax; pre-activations of
+        the first layer (H1 planes), their activations, z (H2 planes))."""
         pre = ()
         hidden = ()
         for c in tl.static_range(H1):
@@ -120,10 +124,18 @@ if triton is not None:
             for c in tl.static_range(1, H1):
                 z += hidden[c] * tl.load(w2_ptr + o * H1 + c)
             zs = zs + (z,)
-        out = _activate(zs[0], SLOPE) * tl.load(w3_ptr)
+        out = _activate(zs[0], SLOPE) * (tl.load(w3_ptr) * LOG2E_)
         for o in tl.static_range(1, H2):
-            out += _activate(zs[o], SLOPE) * tl.load(w3_ptr + o)
+            out += _activate(zs[o], SLOPE) * (tl.load(w3_ptr + o) * LOG2E_)
         return out, pre, hidden, zs
+
+    @triton.jit
+    def _mma_zeros(BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, dtype: tl.constexpr):
+        """[M, N] zeros from a tensor-core product of zeros: added to the neural MLP's logits it gives them the
+        layout of a tl.dot result (rows over 4 lanes), where the compiler otherwise spreads each row over 32 lanes
+        (5 shuffles per row reduction, and a conversion before the dot with V): one MMA per tile instead of about 10
+        shuffles per pair (results/triton_compile/cost.md)."""
+        return tl.dot(tl.zeros([BLOCK_M, 16], dtype=dtype), tl.zeros([16, BLOCK_N], dtype=dtype))
 
     @triton.jit
     def _scores(q, k, dot_scale, bias, SCORE: tl.constexpr, ADD_DOT: tl.constexpr, HAS_BIAS: tl.constexpr,
@@ -279,7 +291,7 @@ if triton is not None:
         dot_scale, threshold, SCORE: tl.constexpr, ADD_DOT: tl.constexpr, H1: tl.constexpr, H2: tl.constexpr,
         HAS_KEEP: tl.constexpr, HAS_BIAS: tl.constexpr, SLOPE: tl.constexpr, CAUSAL: tl.constexpr,
         DROPOUT: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr, BLOCK_N: tl.constexpr,
-        BLOCK_D: tl.constexpr, MASKED: tl.constexpr,
+        BLOCK_D: tl.constexpr, MASKED: tl.constexpr, BLOCK_M: tl.constexpr,
     ):
         """One key tile of the forward's online accumulation. MASKED: the tile may hold keys a row does not see
         (the causal diagonal, a keep pattern, keys past LK); otherwise every key of it is visible to every row and
@@ -293,9 +305,10 @@ if triton is not None:
         bias = _load_bias(bias_ptr, stride_bq, stride_bk, rows, cols, LQ, LK, HAS_BIAS)
         if SCORE == NEURAL_:  # logits in base 2 (log2 e folded into the last layer's output)
             logits, _, _, _ = _mlp_planes(qp_head, kp_head, w2_ptr, b2_ptr, w3_ptr, rows, cols, LQ, LK, H1, H2, SLOPE)
-            logits = (logits + b3) * LOG2E_
             if ADD_DOT:
                 logits += tl.dot(q, tl.trans(k), input_precision=PRECISION) * (dot_scale * LOG2E_)
+            else:
+                logits += _mma_zeros(BLOCK_M, BLOCK_N, v.dtype)
             if HAS_BIAS:
                 logits += bias * LOG2E_
             values = logits
@@ -361,13 +374,13 @@ if triton is not None:
                     acc, row_max, row_sum, q, start, rows, dims, row_keys, k_head, v_head, qp_head, kp_head, w2_ptr,
                     b2_ptr, w3_ptr, b3, keep_ptr, bias_ptr, stride_kq, stride_kk, stride_bq, stride_bk, LQ, LK, D,
                     dot_scale, threshold, SCORE, ADD_DOT, H1, H2, HAS_KEEP, HAS_BIAS, SLOPE, CAUSAL, DROPOUT,
-                    DOT_FP32, PRECISION, BLOCK_N, BLOCK_D, False)
+                    DOT_FP32, PRECISION, BLOCK_N, BLOCK_D, False, BLOCK_M)
         for start in range(masked_start, _key_end(block, LQ, LK, BLOCK_M, CAUSAL), BLOCK_N):  # diagonal, ragged
             acc, row_max, row_sum = _forward_tile(
                 acc, row_max, row_sum, q, start, rows, dims, row_keys, k_head, v_head, qp_head, kp_head, w2_ptr,
                 b2_ptr, w3_ptr, b3, keep_ptr, bias_ptr, stride_kq, stride_kk, stride_bq, stride_bk, LQ, LK, D,
                 dot_scale, threshold, SCORE, ADD_DOT, H1, H2, HAS_KEEP, HAS_BIAS, SLOPE, CAUSAL, DROPOUT,
-                DOT_FP32, PRECISION, BLOCK_N, BLOCK_D, True)
+                DOT_FP32, PRECISION, BLOCK_N, BLOCK_D, True, BLOCK_M)
         safe_sum = tl.where(row_sum > 0, row_sum, 1.0)
         inverse = 1.0 / safe_sum  # one reciprocal per row
         if DROPOUT:
@@ -407,6 +420,7 @@ if triton is not None:
         HAS_KEEP: tl.constexpr, HAS_BIAS: tl.constexpr, SLOPE: tl.constexpr, CAUSAL: tl.constexpr,
         DROPOUT: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr, PER_TILE: tl.constexpr,
         NEEDS_DS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, MASKED: tl.constexpr,
+        BLOCK_N: tl.constexpr,
     ):
         """One query tile of a key block's backward: its gradient terms added into the running accumulators. MASKED:
         the tile may hold pairs the forward masked (the causal diagonal, a keep pattern, keys past LK); otherwise
@@ -427,10 +441,11 @@ if triton is not None:
         if SCORE == NEURAL_:
             logits, pre, hidden, zs = _mlp_planes(qp_ptr, kp_ptr, w2_ptr, b2_ptr, w3_ptr, rows, own, LQ, LK, H1,
                                                   H2, SLOPE)
-            logits = (logits + b3) * LOG2E_
             if ADD_DOT:
                 s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * dot_scale
                 logits += s * LOG2E_
+            else:
+                logits += _mma_zeros(BLOCK_M, BLOCK_N, v.dtype)
             if HAS_BIAS:
                 logits += bias * LOG2E_
             # weights = exp2(logit - max - log2(sum)): no division per element (the max first, so a fully
@@ -461,7 +476,6 @@ if triton is not None:
                     updated = updated + (grad_hidden[c] + grad_z * tl.load(w2_ptr + o * H1 + c),)
                 grad_hidden = updated
             acc_w2, acc_b2, acc_w3 = new_w2, new_b2, new_w3
-            acc_b3 = _fold(acc_b3, dlogit, PER_TILE)
             new_kp = ()
             for c in tl.static_range(H1):
                 grad_pre = _activate_backward(pre[c], grad_hidden[c], SLOPE)
@@ -563,14 +577,16 @@ if triton is not None:
                     ROW_DOT, ROW_MAX, ROW_SUM, DQ + bh * LQ * D, DQP + bh * LQ * H1, qp_ptr, kp_ptr, w2_ptr, b2_ptr,
                     w3_ptr, b3, k, v, own, dims, keep_ptr, bias_ptr, stride_kq, stride_kk, stride_bq, stride_bk,
                     stream, threshold, kept_scale, dot_scale, zero, LQ, LK, D, SCORE, ADD_DOT, H1, H2, HAS_KEEP,
-                    HAS_BIAS, SLOPE, CAUSAL, DROPOUT, DOT_FP32, PRECISION, PER_TILE, NEEDS_DS, BLOCK_M, BLOCK_D, False)
+                    HAS_BIAS, SLOPE, CAUSAL, DROPOUT, DOT_FP32, PRECISION, PER_TILE, NEEDS_DS, BLOCK_M, BLOCK_D, False,
+                    BLOCK_N)
         for start in range(_query_start(block, LQ, LK, BLOCK_M, BLOCK_N, CAUSAL), masked_end, BLOCK_M):  # diagonal
             grad_k, grad_v, acc_kp, acc_w2, acc_b2, acc_w3, acc_b3 = _backward_tile(
                 start, grad_k, grad_v, acc_kp, acc_w2, acc_b2, acc_w3, acc_b3, q_head, do_head, bh * LQ,
                 ROW_DOT, ROW_MAX, ROW_SUM, DQ + bh * LQ * D, DQP + bh * LQ * H1, qp_ptr, kp_ptr, w2_ptr, b2_ptr,
                 w3_ptr, b3, k, v, own, dims, keep_ptr, bias_ptr, stride_kq, stride_kk, stride_bq, stride_bk,
                 stream, threshold, kept_scale, dot_scale, zero, LQ, LK, D, SCORE, ADD_DOT, H1, H2, HAS_KEEP,
-                HAS_BIAS, SLOPE, CAUSAL, DROPOUT, DOT_FP32, PRECISION, PER_TILE, NEEDS_DS, BLOCK_M, BLOCK_D, True)
+                HAS_BIAS, SLOPE, CAUSAL, DROPOUT, DOT_FP32, PRECISION, PER_TILE, NEEDS_DS, BLOCK_M, BLOCK_D, True,
+                BLOCK_N)
         if H_KV == H:
             tl.store(DK + kv * LK * D + own[:, None] * D + dims[None, :], grad_k, mask=own_mask)
             tl.store(DV + kv * LK * D + own[:, None] * D + dims[None, :], grad_v, mask=own_mask)
@@ -588,4 +604,4 @@ if triton is not None:
                     tl.store(partial + o * H1 + c, _total(acc_w2[o * H1 + c], PER_TILE, True))
                 tl.store(partial + H2 * H1 + o, _total(acc_b2[o], PER_TILE, True))
                 tl.store(partial + H2 * H1 + H2 + o, _total(acc_w3[o], PER_TILE, True))
-            tl.store(partial + H2 * H1 + 2 * H2, _total(acc_b3, PER_TILE, True))
+            tl.store(partial + H2 * H1 + 2 * H2, 0.0)  # b3: the softmax is invariant to it, its gradient is 0
