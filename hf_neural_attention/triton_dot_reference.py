@@ -21,15 +21,8 @@ from . import triton_kernels as kernels
 
 triton, tl = kernels.triton, kernels.tl
 LOG2E = 1.4426950408889634
-# (forward, backward) tiles per BLOCK_D, chosen as the project's kernels' are: fewest lane-instructions per pair in
-# the cost model without spills (sm_90, bf16, causal, dropout 0.1)
-REFERENCE_TILES: dict = {}  # filled below (Tiles lives in triton_attention, which imports this package's modules)
-
-
-def _reference_tiles() -> dict:
-    from .triton_attention import Tiles
-
-    return {64: (Tiles(128, 32, 8), Tiles(32, 64, 4)), 128: (Tiles(64, 32, 4), Tiles(32, 64, 8))}
+# (forward, backward) tiles: triton_attention.gpu_tiles(DOT_REFERENCE, ...), chosen as the project's kernels' are
+# (fewest lane-instructions per pair in the cost model without spills)
 
 if triton is not None:
 
@@ -235,6 +228,5 @@ def dot_reference_attention(query, key, value, keep, causal: bool, scaling: floa
         CAUSAL=causal, DROPOUT=dropout > 0.0,
         DOT_FP32=kernels.interpreted() or query.dtype == torch.float16,
         PRECISION=triton_attention._float32_products(query.dtype), BLOCK_D=triton_attention.block_d(dim))
-    tiles = tiles or (triton_attention.INTERPRETER_TILES if kernels.interpreted()
-                      else triton_attention.tiles_for(REFERENCE_TILES or _reference_tiles(), dim))
+    tiles = tiles or triton_attention._tiles(triton_attention.DOT_REFERENCE, dim, query.device, query.dtype)
     return _ReferenceAttention.apply(settings, tiles, query, key, value, keep_bytes, streams)

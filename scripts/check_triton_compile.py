@@ -14,7 +14,7 @@ compile or a launch that would not fit fails the script (exit 1).
     python scripts/check_triton_compile.py --sweep     # also: candidate tiles for neural and expressive on sm_90
     python scripts/check_triton_compile.py --cost      # the cost model over COST_MATRIX (--quick: its base row)
     python scripts/check_triton_compile.py --cost --quick --json   # the records as JSON on stdout
-The sweep is what triton_attention.GPU_TILES was chosen from: per score, the largest tiles without spills.
+The sweep is what triton_attention.GPU_TILES was chosen from: per kernel, the cheapest tiles without spills.
 Writes results/triton_compile/results.md (and .json); --cost writes cost.md and cost.json instead. Needs triton;
 refuses to run under TRITON_INTERPRET=1.
 
@@ -258,16 +258,13 @@ def run_config(label: str, target, records: list[dict], tiles=None, spec: dict |
     else:
         keep = None
         mask = split_attention_mask(None, length, length, mask_kind == "causal", q.device)
-    chosen = dict(triton_attention.GPU_TILES)
     if variant_name == "dot":
         module, names = triton_dot_reference, ("_reference_forward", "_reference_backward")
     else:
         module, names = triton_kernels, ("_forward_kernel", "_backward_kernel")
-        if tiles is not None:
-            score = triton_kernels.SCORE_NEURAL if variant_name == "neural" else triton_kernels.EXPRESSIVE_SCORES[
-                options["form"]]
-            triton_attention.GPU_TILES[score] = dict.fromkeys(
-                triton_attention.GPU_TILES[score], (triton_attention.Tiles(*tiles), triton_attention.Tiles(*tiles)))
+    chosen_tiles = triton_attention._tiles
+    if tiles is not None:  # both passes of every kernel
+        triton_attention._tiles = lambda *args: (triton_attention.Tiles(*tiles), triton_attention.Tiles(*tiles))
     originals = [getattr(module, name) for name in names]
     arch = triton_attention._arch
     triton_attention._arch = lambda device: target.arch  # the tiles a GPU of this generation would get
@@ -277,8 +274,7 @@ def run_config(label: str, target, records: list[dict], tiles=None, spec: dict |
         if variant_name == "dot":
             seed = torch.tensor(12345, dtype=torch.int64)
             output = triton_dot_reference.dot_reference_attention(
-                q, k, v, keep, mask_kind == "causal", head_dim**-0.5, dropout, seed,
-                tiles=None if tiles is None else (triton_attention.Tiles(*tiles), triton_attention.Tiles(*tiles)))
+                q, k, v, keep, mask_kind == "causal", head_dim**-0.5, dropout, seed)
         else:
             variant = build_variant(variant_name, heads, head_dim, **options).to(dtype)
             inputs = variant.kernel_inputs(q, k, mask, head_dim**-0.5)
@@ -291,7 +287,7 @@ def run_config(label: str, target, records: list[dict], tiles=None, spec: dict |
         for name, kernel in zip(names, originals):
             setattr(module, name, kernel)
         triton_attention._arch = arch
-        triton_attention.GPU_TILES.update(chosen)
+        triton_attention._tiles = chosen_tiles
 
 
 def cost_records(configs: list[tuple[str, dict]], failures: list[str]) -> list[dict]:
@@ -381,9 +377,12 @@ def main(argv: list[str] | None = None) -> int:
             swept += [{**record, "tiles": list(tiles)} for record in found]
     too_big = [f"{r['config']} {r['kernel']} on {r['target']}: {r['shared_bytes']} B shared > {r['shared_limit']}"
                for r in records if r["shared_bytes"] > r["shared_limit"]]
+    target_spills = [r for r in records if CONFIGS[r["config"]][2] in SPILL_TARGET and r["spilled"]]
     output = Path(args.output)
     output.mkdir(parents=True, exist_ok=True)
-    (output / "results.json").write_text(json.dumps({"records": records, "sweep": swept, "failures": failures + too_big}, indent=1))
+    (output / "results.json").write_text(json.dumps({"records": records, "sweep": swept, "failures": failures + too_big,
+                                                         "target_spills": [f"{r['config']} {r['kernel']} {r['target']}"
+                                                                           for r in target_spills]}, indent=1))
     header = "| configuration | kernel | target | warps | stages | registers/thread | spilled to stack (bytes) | shared (KiB) |"
     rows = [f"| {r['config']} | {r['kernel']} | {r['target']} | {r['num_warps']} | {r['num_stages']} | "
             f"{r['registers']} | {r['spilled']} | {r['shared_bytes'] / 1024:.1f} of {r['shared_limit'] // 1024} |"
@@ -403,7 +402,9 @@ def main(argv: list[str] | None = None) -> int:
             *[f"| {r['config']} | {r['tiles'][0]} x {r['tiles'][1]}, {r['tiles'][2]} | {r['kernel']} | "
               f"{r['registers']} | {r['spilled']} | {r['shared_bytes'] / 1024:.1f} |" for r in swept], ""]
           if swept else []),
-        "Failures: " + ("; ".join(failures + too_big) if failures or too_big else "none."), ""]))
+        "Spills in the target (" + ", ".join(SPILL_TARGET) + "): " + ("; ".join(
+            f"{r['config']} {r['kernel']} {r['target']} {r['spilled']} B" for r in target_spills) or "none") + ".",
+        "", "Failures: " + ("; ".join(failures + too_big) if failures or too_big else "none."), ""]))
     print((output / "results.md").read_text())
     return 1 if failures or too_big else 0
 
