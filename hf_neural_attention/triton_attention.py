@@ -65,7 +65,7 @@ _EXPRESSIVE_TILES = {64: (Tiles(128, 32, 8), Tiles(32, 64, 8)), 128: (Tiles(64, 
 GPU_TILES = {
     kernels.SCORE_RATIONAL: _EXPRESSIVE_TILES, kernels.SCORE_SQUARE: _EXPRESSIVE_TILES,
     kernels.SCORE_SOFTMAX_SQUARE: _EXPRESSIVE_TILES,
-    kernels.SCORE_NEURAL: {64: (Tiles(128, 32, 8), Tiles(32, 32, 4)), 128: (Tiles(64, 32, 8), Tiles(16, 64, 8))},
+    kernels.SCORE_NEURAL: {64: (Tiles(128, 32, 8), Tiles(32, 32, 4)), 128: (Tiles(64, 32, 4), Tiles(16, 64, 8))},
     # at d_h 128 the MLP is 4 + 2 units wide besides dK, dV, k, v and q.k: only 16 x 32 / 8 held it without spilling
     NEURAL_ADD: {64: (Tiles(64, 32, 8), Tiles(32, 64, 8)), 128: (Tiles(64, 32, 8), Tiles(16, 32, 8))},
     DOT_REFERENCE: {64: (Tiles(128, 32, 8), Tiles(32, 64, 4)), 128: (Tiles(64, 16, 4), Tiles(32, 64, 8))},
@@ -77,6 +77,7 @@ _EXPRESSIVE_FP16 = {64: (Tiles(64, 16, 4), Tiles(32, 64, 8)), 128: (Tiles(64, 16
 TILE_OVERRIDES = {
     # neural's backward at d_h 64: 32x64/8 on sm_90, where sm_80 capped it at 128 registers and spilled
     (kernels.SCORE_NEURAL, 90, None): {64: (Tiles(128, 32, 8), Tiles(32, 64, 8))},
+    (kernels.SCORE_NEURAL, 80, torch.float16): {128: (Tiles(64, 32, 8), Tiles(16, 64, 8))},
     (kernels.SCORE_RATIONAL, None, torch.float16): _EXPRESSIVE_FP16,
     (kernels.SCORE_SQUARE, None, torch.float16): _EXPRESSIVE_FP16,
     (kernels.SCORE_SOFTMAX_SQUARE, None, torch.float16): _EXPRESSIVE_FP16,

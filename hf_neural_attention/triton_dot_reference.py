@@ -37,9 +37,10 @@ if triton is not None:
         cols = start + tl.arange(0, BLOCK_N)
         k = kernels._load_rows(k_head, cols, LK, dims, D, BLOCK_D, DOT_FP32, MASKED)
         v = kernels._load_rows(v_head, cols, LK, dims, D, BLOCK_D, DOT_FP32, MASKED)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale2
         if MASKED:
             keep = kernels._load_keep(keep_ptr, stride_kq, stride_kk, rows, cols, LQ, LK, HAS_KEEP, CAUSAL)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale2
+        if MASKED:
             s = tl.where(keep, s, float("-inf"))
             new_max = tl.maximum(row_max, tl.max(s, axis=1))
             safe_max = tl.where(new_max == float("-inf"), 0.0, new_max)
@@ -69,10 +70,11 @@ if triton is not None:
         do = kernels._load_rows(do_head, rows, LQ, dims, D, BLOCK_D, DOT_FP32)
         row_dot = tl.load(ROW_DOT + stats_head + rows, mask=rows < LQ, other=0.0)
         lse = tl.load(LSE + stats_head + rows, mask=rows < LQ, other=float("inf"))
+        if MASKED:
+            keep = kernels._load_keep(keep_ptr, stride_kq, stride_kk, rows, cols, LQ, LK, HAS_KEEP, CAUSAL)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale2
         weights = tl.exp2(s - lse[:, None])
         if MASKED:
-            keep = kernels._load_keep(keep_ptr, stride_kq, stride_kk, rows, cols, LQ, LK, HAS_KEEP, CAUSAL)
             weights = tl.where(keep, weights, 0.0)
         grad_weights = tl.dot(do, tl.trans(v), input_precision=PRECISION)
         if DROPOUT:
