@@ -18,12 +18,13 @@ The sweep is what triton_attention.GPU_TILES was chosen from: per kernel, the ch
 Writes results/triton_compile/results.md (and .json); --cost writes cost.md and cost.json instead. Needs triton;
 refuses to run under TRITON_INTERPRET=1.
 
-The cost model (--cost) reads each cubin's disassembly (cuobjdump -sass): the kernel's main loop (the outermost
-backward branch) and its instructions by unit, turned into lane-instructions per (query, key) pair = loop
+The cost model (--cost) reads each cubin's disassembly (cuobjdump -sass): the kernel's main loop (the first top-level
+loop: the kernels run the tiles that need no mask there, and the causal diagonal and ragged tiles in an edge loop after
+it, reported beside it) and its instructions by unit, turned into lane-instructions per (query, key) pair = loop
 instructions x 32 lanes x warps / (BLOCK_M x BLOCK_N), summed over the passes of a configuration. Every figure has a
 same-run ratio to the dot-product reference (triton_dot_reference.py, FlashAttention-2's algorithm in the same style).
 Instruction counts are not time: memory stalls, latency hiding, occupancy, tensor-core throughput and the work
-outside the loop are not in them, and a branch inside the loop counts both of its sides.
+outside the main loop (the edge loop too) are not in them, and a branch inside the loop counts both of its sides.
 """
 
 from __future__ import annotations
@@ -392,7 +393,7 @@ def main(argv: list[str] | None = None) -> int:
     (output / "results.md").write_text("\n".join([
         "# Triton kernels compiled for NVIDIA GPUs (no GPU needed)", "",
         f"triton {triton.__version__}, torch {torch.__version__}; B 2, H 4, L 256, d_h as named (64 where not), the tiles of "
-        "triton_attention.GPU_TILES (the launches a GPU run makes). registers/thread and the stack frame from the "
+        "triton_attention.gpu_tiles (GPU_TILES with TILE_OVERRIDES: the launches a GPU run makes). registers/thread and the stack frame from the "
         "cubin (cuobjdump); the kernels have no local arrays, so a stack frame is spilled registers. Command: "
         "`python scripts/check_triton_compile.py" + (" --sweep" if swept else "") + "`.", "",
         header, "|---|---|---|---:|---:|---:|---:|---:|", *rows, "",
@@ -427,7 +428,10 @@ def run_cost(args) -> int:
         "Per pass: the main loop's instructions x 32 lanes x warps / (BLOCK_M x BLOCK_N), i.e. lane-instructions "
         "per (query, key) pair, then registers per thread and bytes spilled; total: summed over the passes; x dot: "
         "its ratio to the dot-product reference (triton_dot_reference.py, FlashAttention-2's algorithm) with the same "
-        "settings; the unit columns split the total (lane-instructions per pair). Instruction counts are not time.",
+        "settings; the unit columns split the total (lane-instructions per pair). The main loop is the first top-level "
+        "loop, over the tiles that need no mask; a causal kernel's diagonal tiles (and a ragged last tile) run in an "
+        "edge loop after it, in cost.json as edge_lane_instructions_per_pair and not in the totals (at n = 8192 about "
+        "2-3% of a causal pass's tiles). Instruction counts are not time.",
         "", *cost_table(records), "",
         "Failures: " + ("; ".join(failures) if failures else "none."), ""]))
     if args.json:

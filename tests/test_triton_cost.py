@@ -111,3 +111,18 @@ def test_cost_json_on_the_quick_subset_is_well_formed(tmp_path):
     assert all(p["spilled_bytes"] == 0 for r in records for p in r["passes"])
     # the causal kernels split their tiles: the main loop needs no mask, the diagonal loop beside it does
     assert all(p["other_loops"] == 1 and p["edge_lane_instructions_per_pair"] > 0 for r in records for p in r["passes"])
+
+
+def test_the_committed_compile_grid_covers_d_h_128_in_bf16_and_fp16_without_spills():
+    """results/triton_compile/results.json (scripts/check_triton_compile.py): every kernel (the dot reference, neural
+    replace and add, each expressive form) in bf16 and fp16 at d_h 64 and 128, causal and padding with dropout, on
+    sm_80 and sm_90, compiled without spilling (issue 23's and 28's target)."""
+    grid = [f"{name}-{dtype}-{mask}-dropout-d{head_dim}" for name in tool.GRID_VARIANTS for dtype in ("bf16", "fp16")
+            for head_dim in (64, 128) for mask in ("causal", "padding")]
+    assert set(grid) <= set(tool.CONFIGS) and len(grid) == 48
+    results = json.loads((SCRIPTS.parent / "results" / "triton_compile" / "results.json").read_text())
+    compiled = {(r["config"], r["target"]) for r in results["records"]}
+    assert {(config, f"sm_{arch}") for config in grid for arch in (80, 90)} <= compiled
+    in_target = [r for r in results["records"] if tool.CONFIGS[r["config"]][2] in tool.SPILL_TARGET]
+    assert in_target and all(r["spilled"] == 0 for r in in_target), [r for r in in_target if r["spilled"]]
+    assert results["target_spills"] == [] and results["failures"] == []
