@@ -54,24 +54,44 @@ class KernelCall:
     slope: float = 0.0  # the neural MLP's activation: relu (0) or leaky_relu (LEAKY_SLOPE)
 
 
-# GPU tiles per score and head-size block (BLOCK_D), (forward, backward): per pass, the tiles with the fewest
+# GPU tiles per kernel and head-size block (BLOCK_D), (forward, backward): per pass, the tiles with the fewest
 # lane-instructions per (query, key) pair in the cost model (scripts/check_triton_compile.py --cost; sm_90, bf16,
-# causal, dropout 0.1) among those compiled without spilling to local memory, then moved where padding masks, sm_80
-# or float16 spilled (forward 128x64/8 -> 128x32/8 at d_h 64 and 64x32/4 at 128 for padding; neural's backward
-# 32x64/8 -> 32x32/4 for sm_80, which capped it at 128 registers and spilled 1,920 B); results/triton_compile/cost.md.
-# Head sizes above 128 take the 128 entry (not in the compile matrix). Speed on a GPU is unmeasured. The interpreter
-# gets the smallest tiles tl.dot takes (16): it is slow per element.
-_EXPRESSIVE_TILES = {64: (Tiles(128, 32, 8), Tiles(32, 64, 8)), 128: (Tiles(64, 32, 4), Tiles(32, 64, 8))}
-GPU_TILES = {kernels.SCORE_RATIONAL: _EXPRESSIVE_TILES, kernels.SCORE_SQUARE: _EXPRESSIVE_TILES,
-             kernels.SCORE_SOFTMAX_SQUARE: _EXPRESSIVE_TILES,
-             kernels.SCORE_NEURAL: {64: (Tiles(64, 32, 8), Tiles(32, 32, 4)), 128: (Tiles(64, 32, 8), Tiles(32, 32, 4))}}
-# neural with combine="add" holds q, k and dQ's operands too: its backward spills less at 32x64/8 (0 B in bf16 at d_h
-# 64; 32 B at 32x32/4), where replace spilled on sm_80
-NEURAL_ADD_TILES = {64: (Tiles(64, 32, 8), Tiles(32, 64, 8)), 128: (Tiles(64, 32, 8), Tiles(32, 32, 4))}
-# per GPU generation (compute capability x 10), entries that replace GPU_TILES': neural's backward at d_h 64 runs
-# 32x64/8 on sm_90 (143 lane-instructions per pair, no spills), where sm_80 capped it at 128 registers and spilled
-ARCH_TILES = {(kernels.SCORE_NEURAL, 90): {64: (Tiles(64, 32, 8), Tiles(32, 64, 8))}}
+# causal, dropout 0.1) among those compiled without spilling to local memory; TILE_OVERRIDES then moves what spilled
+# in the compile matrix (bf16 and fp16, d_h 64 and 128, causal and padding with dropout, sm_80 and sm_90;
+# results/triton_compile/results.md). Head sizes above 128 take the 128 entry (not in the compile matrix). Speed on a
+# GPU is unmeasured. The interpreter gets the smallest tiles tl.dot takes (16): it is slow per element.
 INTERPRETER_TILES = (Tiles(16, 16, 4), Tiles(16, 16, 4))
+NEURAL_ADD = "neural-add"  # neural with combine="add": it holds q, k and dQ's operands too
+DOT_REFERENCE = "dot"  # triton_dot_reference.py, the cost model's reference (not on the library's paths)
+_EXPRESSIVE_TILES = {64: (Tiles(128, 32, 8), Tiles(32, 64, 8)), 128: (Tiles(64, 32, 4), Tiles(32, 64, 8))}
+GPU_TILES = {
+    kernels.SCORE_RATIONAL: _EXPRESSIVE_TILES, kernels.SCORE_SQUARE: _EXPRESSIVE_TILES,
+    kernels.SCORE_SOFTMAX_SQUARE: _EXPRESSIVE_TILES,
+    kernels.SCORE_NEURAL: {64: (Tiles(128, 32, 8), Tiles(32, 32, 4)), 128: (Tiles(64, 32, 4), Tiles(16, 64, 8))},
+    # at d_h 128 the MLP is 4 + 2 units wide besides dK, dV, k, v and q.k: only 16 x 32 / 8 held it without spilling
+    NEURAL_ADD: {64: (Tiles(64, 32, 8), Tiles(32, 64, 8)), 128: (Tiles(64, 32, 8), Tiles(16, 32, 8))},
+    DOT_REFERENCE: {64: (Tiles(128, 32, 8), Tiles(32, 64, 4)), 128: (Tiles(64, 16, 4), Tiles(32, 64, 8))},
+}
+# (kernel, GPU generation (compute capability x 10) or None, dtype or None) -> entries replacing GPU_TILES[kernel]'s,
+# the more specific scope last. float16 runs its products on float32 operands (TF32, for range), so it holds twice
+# the registers of bfloat16 in k, v, q and dO: smaller tiles.
+_EXPRESSIVE_FP16 = {64: (Tiles(64, 16, 4), Tiles(32, 64, 8)), 128: (Tiles(64, 16, 4), Tiles(16, 64, 8))}
+TILE_OVERRIDES = {
+    # neural's backward at d_h 64: 32x64/8 on sm_90, where sm_80 capped it at 128 registers and spilled
+    (kernels.SCORE_NEURAL, 90, None): {64: (Tiles(128, 32, 8), Tiles(32, 64, 8))},
+    (kernels.SCORE_NEURAL, 80, torch.float16): {128: (Tiles(64, 32, 8), Tiles(16, 64, 8))},
+    (kernels.SCORE_RATIONAL, None, torch.float16): _EXPRESSIVE_FP16,
+    (kernels.SCORE_SQUARE, None, torch.float16): _EXPRESSIVE_FP16,
+    (kernels.SCORE_SOFTMAX_SQUARE, None, torch.float16): _EXPRESSIVE_FP16,
+    (kernels.SCORE_SOFTMAX_SQUARE, 80, None): {128: (Tiles(64, 32, 4), Tiles(16, 32, 4))},
+    (kernels.SCORE_SOFTMAX_SQUARE, 80, torch.float16): {128: (Tiles(64, 16, 4), Tiles(16, 32, 4))},
+    (NEURAL_ADD, None, torch.float16): {64: (Tiles(64, 32, 8), Tiles(16, 64, 8)),
+                                        128: (Tiles(64, 16, 4), Tiles(16, 32, 8))},
+    (NEURAL_ADD, 80, None): {64: (Tiles(64, 16, 4), Tiles(32, 64, 8))},
+    (NEURAL_ADD, 80, torch.float16): {128: (Tiles(32, 32, 4), Tiles(16, 32, 8))},
+    (DOT_REFERENCE, None, torch.float16): {64: (Tiles(64, 16, 4), Tiles(16, 64, 4)),
+                                           128: (Tiles(64, 16, 4), Tiles(16, 64, 8))},
+}
 
 
 def block_d(head_dim: int) -> int:
@@ -85,6 +105,15 @@ def tiles_for(table: dict[int, tuple[Tiles, Tiles]], head_dim: int) -> tuple[Til
     return table[min((key for key in table if key >= size), default=max(table))]
 
 
+def gpu_tiles(kernel, head_dim: int, arch: int, dtype: torch.dtype | None) -> tuple[Tiles, Tiles]:
+    """The (forward, backward) GPU tiles of a kernel (a score, NEURAL_ADD or DOT_REFERENCE) for a head size, GPU
+    generation and input dtype: GPU_TILES with TILE_OVERRIDES applied."""
+    table = dict(GPU_TILES[kernel])
+    for scope in ((kernel, arch, None), (kernel, None, dtype), (kernel, arch, dtype)):
+        table.update(TILE_OVERRIDES.get(scope, {}))
+    return tiles_for(table, head_dim)
+
+
 def _arch(device: torch.device) -> int:
     """The GPU's compute capability x 10 (90 for an H100), 0 off CUDA."""
     if device.type != "cuda":
@@ -93,16 +122,10 @@ def _arch(device: torch.device) -> int:
     return 10 * major + minor
 
 
-def _tiles(score: int, head_dim: int, device: torch.device) -> tuple[Tiles, Tiles]:
+def _tiles(kernel, head_dim: int, device: torch.device, dtype: torch.dtype | None = None) -> tuple[Tiles, Tiles]:
     if kernels.interpreted():
         return INTERPRETER_TILES
-    return tiles_for({**GPU_TILES[score], **ARCH_TILES.get((score, _arch(device)), {})}, head_dim)
-
-
-def _neural_tiles(add_dot: bool, head_dim: int, device: torch.device) -> tuple[Tiles, Tiles]:
-    if add_dot and not kernels.interpreted():
-        return tiles_for(NEURAL_ADD_TILES, head_dim)
-    return _tiles(kernels.SCORE_NEURAL, head_dim, device)
+    return gpu_tiles(kernel, head_dim, _arch(device), dtype)
 
 
 def _keep_bytes(mask: KeyMask) -> torch.Tensor | None:
@@ -127,15 +150,16 @@ def triton_attention_output(inputs: KernelInputs, value: torch.Tensor, mask: Key
     if isinstance(inputs, ExpressiveKernelInputs):
         score = kernels.EXPRESSIVE_SCORES[inputs.form]
         call = KernelCall(score, False, inputs.dot_scale, keep, mask.bias, causal, dropout, streams, False,
-                          *_tiles(score, dim, value.device))
+                          *_tiles(score, dim, value.device, value.dtype))
         return fused_attention(call, inputs.query, inputs.key, value)
     if inputs.activation not in ("relu", "leaky_relu"):
         return (f"the kernels cover neural's relu and leaky_relu MLPs; activation={inputs.activation!r} runs the "
                 "chunked engine")
     per_head = inputs.hidden_weight.shape[0] > 1
     slope = LEAKY_SLOPE if inputs.activation == "leaky_relu" else 0.0
+    tiles = _tiles(NEURAL_ADD if inputs.add_dot else kernels.SCORE_NEURAL, dim, value.device, value.dtype)
     call = KernelCall(kernels.SCORE_NEURAL, inputs.add_dot, inputs.dot_scale, keep, mask.bias, causal, dropout,
-                      streams, per_head, *_neural_tiles(inputs.add_dot, dim, value.device), slope=slope)
+                      streams, per_head, *tiles, slope=slope)
     return fused_attention(call, inputs.query, inputs.key, value, inputs.query_part, inputs.key_part,
                            inputs.hidden_weight, inputs.hidden_bias, inputs.out_weight.flatten(1),
                            inputs.out_bias.flatten())

@@ -21,17 +21,75 @@ from . import triton_kernels as kernels
 
 triton, tl = kernels.triton, kernels.tl
 LOG2E = 1.4426950408889634
-# (forward, backward) tiles per BLOCK_D, chosen as the project's kernels' are: fewest lane-instructions per pair in
-# the cost model without spills (sm_90, bf16, causal, dropout 0.1)
-REFERENCE_TILES: dict = {}  # filled below (Tiles lives in triton_attention, which imports this package's modules)
-
-
-def _reference_tiles() -> dict:
-    from .triton_attention import Tiles
-
-    return {64: (Tiles(128, 32, 8), Tiles(32, 64, 4)), 128: (Tiles(64, 32, 4), Tiles(32, 64, 8))}
+# (forward, backward) tiles: triton_attention.gpu_tiles(DOT_REFERENCE, ...), chosen as the project's kernels' are
+# (fewest lane-instructions per pair in the cost model without spills)
 
 if triton is not None:
+
+    @triton.jit
+    def _forward_tile(
+        acc, row_max, row_sum, q, start, rows, dims, row_keys, k_head, v_head, keep_ptr, stride_kq, stride_kk, LQ, LK,
+        D: tl.constexpr, scale2, threshold, HAS_KEEP: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
+        DOT_FP32: tl.constexpr, PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+        MASKED: tl.constexpr,
+    ):
+        """One key tile of the online softmax; MASKED: the tile may hold keys a row does not see."""
+        cols = start + tl.arange(0, BLOCK_N)
+        k = kernels._load_rows(k_head, cols, LK, dims, D, BLOCK_D, DOT_FP32, MASKED)
+        v = kernels._load_rows(v_head, cols, LK, dims, D, BLOCK_D, DOT_FP32, MASKED)
+        if MASKED:
+            keep = kernels._load_keep(keep_ptr, stride_kq, stride_kk, rows, cols, LQ, LK, HAS_KEEP, CAUSAL)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale2
+        if MASKED:
+            s = tl.where(keep, s, float("-inf"))
+            new_max = tl.maximum(row_max, tl.max(s, axis=1))
+            safe_max = tl.where(new_max == float("-inf"), 0.0, new_max)
+        else:  # every key visible: the maximum is finite
+            new_max = tl.maximum(row_max, tl.max(s, axis=1))
+            safe_max = new_max
+        weights = tl.exp2(s - safe_max[:, None])
+        rescale = tl.exp2(row_max - safe_max)
+        row_sum = row_sum * rescale + tl.sum(weights, axis=1)
+        acc = acc * rescale[:, None]
+        if DROPOUT:
+            weights = tl.where(kernels._dropout_keep(row_keys, cols, threshold), weights, 0.0)
+        acc += tl.dot(weights.to(v.dtype), v, input_precision=PRECISION)
+        return acc, new_max, row_sum
+
+    @triton.jit
+    def _backward_tile(
+        start, grad_k, grad_v, q_head, do_head, stats_head, ROW_DOT, LSE, dq_head, k, v, cols, dims, keep_ptr,
+        stride_kq, stride_kk, stream, threshold, kept_scale, scale2, dot_scale, LQ, LK, D: tl.constexpr,
+        HAS_KEEP: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, DOT_FP32: tl.constexpr,
+        PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, MASKED: tl.constexpr,
+    ):
+        """One query tile of a key block's backward; MASKED: the tile may hold pairs the forward masked (rows past
+        LQ need no mask: their log-sum-exp is +inf, so their weights are 0)."""
+        rows = start + tl.arange(0, BLOCK_M)
+        q = kernels._load_rows(q_head, rows, LQ, dims, D, BLOCK_D, DOT_FP32)
+        do = kernels._load_rows(do_head, rows, LQ, dims, D, BLOCK_D, DOT_FP32)
+        row_dot = tl.load(ROW_DOT + stats_head + rows, mask=rows < LQ, other=0.0)
+        lse = tl.load(LSE + stats_head + rows, mask=rows < LQ, other=float("inf"))
+        if MASKED:
+            keep = kernels._load_keep(keep_ptr, stride_kq, stride_kk, rows, cols, LQ, LK, HAS_KEEP, CAUSAL)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale2
+        weights = tl.exp2(s - lse[:, None])
+        if MASKED:
+            weights = tl.where(keep, weights, 0.0)
+        grad_weights = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+        if DROPOUT:
+            kept = kernels._dropout_keep(kernels._dropout_row_keys(stream, rows, DROPOUT), cols, threshold)
+            weights_dropped = tl.where(kept, weights * kept_scale, 0.0)
+            grad_weights = tl.where(kept, grad_weights * kept_scale, 0.0)
+        else:
+            weights_dropped = weights
+        ds = weights * (grad_weights - row_dot[:, None]) * dot_scale
+        grad_v += tl.dot(tl.trans(weights_dropped).to(do.dtype), do, input_precision=PRECISION)
+        grad_k += tl.dot(tl.trans(ds).to(q.dtype), q, input_precision=PRECISION)
+        grad_q = tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
+        tl.atomic_add(dq_head + rows[:, None] * D + dims[None, :], grad_q,
+                      mask=kernels._inside(rows, LQ, dims, D, BLOCK_D), sem="relaxed")
+        return grad_k, grad_v
 
     @triton.jit
     def _reference_forward(
@@ -53,23 +111,19 @@ if triton is not None:
         row_max = tl.zeros([BLOCK_M], dtype=tl.float32) - float("inf")
         row_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-        for start in range(0, kernels._key_end(block, LQ, LK, BLOCK_M, CAUSAL), BLOCK_N):
-            cols = start + tl.arange(0, BLOCK_N)
-            k = kernels._load_rows(K + bkv64 * LK * D, cols, LK, dims, D, BLOCK_D, DOT_FP32)
-            v = kernels._load_rows(V + bkv64 * LK * D, cols, LK, dims, D, BLOCK_D, DOT_FP32)
-            keep = kernels._load_keep(keep_ptr, stride_kq, stride_kk, rows, cols, LQ, LK, HAS_KEEP, CAUSAL)
-            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale2
-            s = tl.where(keep, s, float("-inf"))
-            new_max = tl.maximum(row_max, tl.max(s, axis=1))
-            safe_max = tl.where(new_max == float("-inf"), 0.0, new_max)
-            weights = tl.exp2(s - safe_max[:, None])
-            rescale = tl.exp2(row_max - safe_max)
-            row_sum = row_sum * rescale + tl.sum(weights, axis=1)
-            acc = acc * rescale[:, None]
-            row_max = new_max
-            if DROPOUT:
-                weights = tl.where(kernels._dropout_keep(row_keys, cols, threshold), weights, 0.0)
-            acc += tl.dot(weights.to(v.dtype), v, input_precision=PRECISION)
+        k_head, v_head = K + bkv64 * LK * D, V + bkv64 * LK * D
+        masked_start = 0
+        if not HAS_KEEP:  # the key tiles every row sees whole: no mask compare (FlashAttention's split)
+            masked_start = kernels._full_key_end(block, LQ, LK, BLOCK_M, BLOCK_N, CAUSAL)
+            for start in range(0, masked_start, BLOCK_N):
+                acc, row_max, row_sum = _forward_tile(
+                    acc, row_max, row_sum, q, start, rows, dims, row_keys, k_head, v_head, keep_ptr, stride_kq,
+                    stride_kk, LQ, LK, D, scale2, threshold, HAS_KEEP, CAUSAL, DROPOUT, DOT_FP32, PRECISION, BLOCK_N,
+                    BLOCK_D, False)
+        for start in range(masked_start, kernels._key_end(block, LQ, LK, BLOCK_M, CAUSAL), BLOCK_N):
+            acc, row_max, row_sum = _forward_tile(
+                acc, row_max, row_sum, q, start, rows, dims, row_keys, k_head, v_head, keep_ptr, stride_kq, stride_kk,
+                LQ, LK, D, scale2, threshold, HAS_KEEP, CAUSAL, DROPOUT, DOT_FP32, PRECISION, BLOCK_N, BLOCK_D, True)
         inverse = tl.where(row_sum > 0, 1.0 / tl.where(row_sum > 0, row_sum, 1.0), 0.0)  # fully masked rows: 0
         if DROPOUT:
             inverse = inverse / (1.0 - dropout_p)
@@ -82,7 +136,8 @@ if triton is not None:
     @triton.jit
     def _reference_backward(
         Q, K, V, DO, ROW_DOT, LSE, KEEP, STREAMS, DQ, DK, DV,
-        stride_kb, stride_kh, stride_kq, stride_kk, H, H_KV, LQ, LK, D: tl.constexpr, scale2, dot_scale, dropout_p, threshold,
+        stride_kb, stride_kh, stride_kq, stride_kk, H, H_KV, LQ, LK, D: tl.constexpr, scale2, dot_scale, dropout_p,
+        threshold,
         HAS_KEEP: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, DOT_FP32: tl.constexpr,
         PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     ):
@@ -99,28 +154,20 @@ if triton is not None:
         grad_k = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
         grad_v = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
         kept_scale = 1.0 / (1.0 - dropout_p)
-        for start in range(kernels._query_start(block, LQ, LK, BLOCK_M, BLOCK_N, CAUSAL), LQ, BLOCK_M):
-            rows = start + tl.arange(0, BLOCK_M)
-            q = kernels._load_rows(Q + bh64 * LQ * D, rows, LQ, dims, D, BLOCK_D, DOT_FP32)
-            do = kernels._load_rows(DO + bh64 * LQ * D, rows, LQ, dims, D, BLOCK_D, DOT_FP32)
-            row_dot = tl.load(ROW_DOT + bh64 * LQ + rows, mask=rows < LQ, other=0.0)
-            lse = tl.load(LSE + bh64 * LQ + rows, mask=rows < LQ, other=float("inf"))
-            keep = kernels._load_keep(keep_ptr, stride_kq, stride_kk, rows, cols, LQ, LK, HAS_KEEP, CAUSAL)
-            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale2
-            weights = tl.where(keep, tl.exp2(s - lse[:, None]), 0.0)
-            grad_weights = tl.dot(do, tl.trans(v), input_precision=PRECISION)
-            if DROPOUT:
-                kept = kernels._dropout_keep(kernels._dropout_row_keys(stream, rows, DROPOUT), cols, threshold)
-                weights_dropped = tl.where(kept, weights * kept_scale, 0.0)
-                grad_weights = tl.where(kept, grad_weights * kept_scale, 0.0)
-            else:
-                weights_dropped = weights
-            ds = weights * (grad_weights - row_dot[:, None]) * dot_scale
-            grad_v += tl.dot(tl.trans(weights_dropped).to(do.dtype), do, input_precision=PRECISION)
-            grad_k += tl.dot(tl.trans(ds).to(q.dtype), q, input_precision=PRECISION)
-            grad_q = tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
-            tl.atomic_add(DQ + bh64 * LQ * D + rows[:, None] * D + dims[None, :], grad_q,
-                          mask=kernels._inside(rows, LQ, dims, D, BLOCK_D), sem="relaxed")
+        q_head, do_head, dq_head = Q + bh64 * LQ * D, DO + bh64 * LQ * D, DQ + bh64 * LQ * D
+        masked_end = LQ
+        if not HAS_KEEP:  # the query tiles that see the whole key block: no mask compare
+            masked_end = kernels._full_query_start(block, LQ, LK, BLOCK_M, BLOCK_N, CAUSAL)
+            for start in range(masked_end, LQ, BLOCK_M):
+                grad_k, grad_v = _backward_tile(
+                    start, grad_k, grad_v, q_head, do_head, bh64 * LQ, ROW_DOT, LSE, dq_head, k, v, cols, dims,
+                    keep_ptr, stride_kq, stride_kk, stream, threshold, kept_scale, scale2, dot_scale, LQ, LK, D,
+                    HAS_KEEP, CAUSAL, DROPOUT, DOT_FP32, PRECISION, BLOCK_M, BLOCK_D, False)
+        for start in range(kernels._query_start(block, LQ, LK, BLOCK_M, BLOCK_N, CAUSAL), masked_end, BLOCK_M):
+            grad_k, grad_v = _backward_tile(
+                start, grad_k, grad_v, q_head, do_head, bh64 * LQ, ROW_DOT, LSE, dq_head, k, v, cols, dims, keep_ptr,
+                stride_kq, stride_kk, stream, threshold, kept_scale, scale2, dot_scale, LQ, LK, D, HAS_KEEP, CAUSAL,
+                DROPOUT, DOT_FP32, PRECISION, BLOCK_M, BLOCK_D, True)
         own = kernels._inside(cols, LK, dims, D, BLOCK_D)
         tl.atomic_add(DK + bkv64 * LK * D + cols[:, None] * D + dims[None, :], grad_k, mask=own, sem="relaxed")
         tl.atomic_add(DV + bkv64 * LK * D + cols[:, None] * D + dims[None, :], grad_v, mask=own, sem="relaxed")
@@ -183,6 +230,5 @@ def dot_reference_attention(query, key, value, keep, causal: bool, scaling: floa
         CAUSAL=causal, DROPOUT=dropout > 0.0,
         DOT_FP32=kernels.interpreted() or query.dtype == torch.float16,
         PRECISION=triton_attention._float32_products(query.dtype), BLOCK_D=triton_attention.block_d(dim))
-    tiles = tiles or (triton_attention.INTERPRETER_TILES if kernels.interpreted()
-                      else triton_attention.tiles_for(REFERENCE_TILES or _reference_tiles(), dim))
+    tiles = tiles or triton_attention._tiles(triton_attention.DOT_REFERENCE, dim, query.device, query.dtype)
     return _ReferenceAttention.apply(settings, tiles, query, key, value, keep_bytes, streams)

@@ -7,7 +7,9 @@ weights (and, for exp-based scores, the running max), in float32 whatever the in
     expressive rational / square   f = s^2/(1+s^2) or s^2 with s = q.k (x scaling): a running sum, no max needed
     expressive softmax_square      f = exp(s^2 - m): online softmax of s^2; masked keys weigh 0 (ratio rule)
     neural                          logit = W3 relu(W2 relu(qp_i + kp_j) + b2) + b3 (+ q.k scaling for combine="add"),
-                                    online softmax; masked keys at -1e30, so a fully masked row is uniform as in eager
+                                    online softmax; masked keys at -1e30, so a fully masked row is uniform as in eager;
+                                    b3 adds the same to every logit of a row, so it cancels in the softmax: the kernels
+                                    leave it out and its gradient is 0
 
 qp and kp are the first MLP layer's per-query and per-key parts (the variant's kernel inputs, computed under
 autograd, so the gradients of the down-projections flow from the kernel's dqp, dkp); the MLP runs as one 2-D plane
@@ -105,7 +107,9 @@ if triton is not None:
     def _mlp_planes(qp_ptr, kp_ptr, w2_ptr, b2_ptr, w3_ptr, rows, cols, LQ, LK, H1: tl.constexpr, H2: tl.constexpr,
                     SLOPE: tl.constexpr):
         """The pairwise MLP on a tile, one 2-D plane per hidden unit with its weights as scalars: (sum_o w3_o
-        act(z_o) [M, N], pre-activations of the first layer (H1 planes), their activations, z (H2 planes))."""
+        act(z_o) log2(e) [M, N], the logit in base 2 with log2 e folded into the last layer's weights and without the
+        last bias b3, which adds the same to every logit of a row and so cancels in the softmax; pre-activations of
+        the first layer (H1 planes), their activations, z (H2 planes))."""
         pre = ()
         hidden = ()
         for c in tl.static_range(H1):
@@ -120,10 +124,18 @@ if triton is not None:
             for c in tl.static_range(1, H1):
                 z += hidden[c] * tl.load(w2_ptr + o * H1 + c)
             zs = zs + (z,)
-        out = _activate(zs[0], SLOPE) * tl.load(w3_ptr)
+        out = _activate(zs[0], SLOPE) * (tl.load(w3_ptr) * LOG2E_)
         for o in tl.static_range(1, H2):
-            out += _activate(zs[o], SLOPE) * tl.load(w3_ptr + o)
+            out += _activate(zs[o], SLOPE) * (tl.load(w3_ptr + o) * LOG2E_)
         return out, pre, hidden, zs
+
+    @triton.jit
+    def _mma_zeros(BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, dtype: tl.constexpr):
+        """[M, N] zeros from a tensor-core product of zeros: added to the neural MLP's logits it gives them the
+        layout of a tl.dot result (rows over 4 lanes), where the compiler otherwise spreads each row over 32 lanes
+        (5 shuffles per row reduction, and a conversion before the dot with V): one MMA per tile instead of about 10
+        shuffles per pair (results/triton_compile/cost.md)."""
+        return tl.dot(tl.zeros([BLOCK_M, 16], dtype=dtype), tl.zeros([16, BLOCK_N], dtype=dtype))
 
     @triton.jit
     def _scores(q, k, dot_scale, bias, SCORE: tl.constexpr, ADD_DOT: tl.constexpr, HAS_BIAS: tl.constexpr,
@@ -177,6 +189,28 @@ if triton is not None:
         return LK
 
     @triton.jit
+    def _full_key_end(block, LQ, LK, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr):
+        """The end of the key tiles a query block sees whole (a multiple of BLOCK_N): those before the causal
+        diagonal's first key (keys up to LK - LQ + the block's first row), and never a ragged last tile."""
+        if CAUSAL:
+            end = tl.minimum(LK, block * BLOCK_M + (LK - LQ) + 1)
+        else:
+            end = LK
+        return tl.maximum(end, 0) // BLOCK_N * BLOCK_N
+
+    @triton.jit
+    def _full_query_start(block, LQ, LK, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr):
+        """The first query tile (a multiple of BLOCK_M, or LQ) from which every row sees the whole key block: the
+        rows at and below the causal diagonal's last key; LQ (none) when the key block is ragged (keys past LK)."""
+        last_key = block * BLOCK_N + BLOCK_N - 1
+        if CAUSAL:  # query i sees keys up to i + LK - LQ
+            first = tl.maximum(last_key - (LK - LQ), 0)
+            start = tl.minimum((first + BLOCK_M - 1) // BLOCK_M * BLOCK_M, LQ)
+        else:
+            start = 0
+        return tl.where(last_key < LK, start, LQ)
+
+    @triton.jit
     def _query_start(block, LQ, LK, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr):
         """The first query block that sees any key of a key block: causal rows above it see none."""
         if CAUSAL:
@@ -194,11 +228,17 @@ if triton is not None:
         return inside
 
     @triton.jit
-    def _load_rows(matrix, rows, length, dims, D: tl.constexpr, BLOCK_D: tl.constexpr, DOT_FP32: tl.constexpr):
+    def _load_rows(matrix, rows, length, dims, D: tl.constexpr, BLOCK_D: tl.constexpr, DOT_FP32: tl.constexpr,
+                   BOUNDED: tl.constexpr = True):
         """Rows `rows` of one head's [length, D] matrix as a [rows, BLOCK_D] block, zero outside; float32 when the
-        products run in float32."""
-        block = tl.load(matrix + rows[:, None] * D + dims[None, :], mask=_inside(rows, length, dims, D, BLOCK_D),
-                        other=0.0)
+        products run in float32. BOUNDED False: the rows are known to lie inside (no row compare)."""
+        pointers = matrix + rows[:, None] * D + dims[None, :]
+        if BOUNDED:
+            block = tl.load(pointers, mask=_inside(rows, length, dims, D, BLOCK_D), other=0.0)
+        elif D == BLOCK_D:
+            block = tl.load(pointers)
+        else:
+            block = tl.load(pointers, mask=dims[None, :] < D, other=0.0)
         if DOT_FP32:
             block = block.to(tl.float32)
         return block
@@ -206,10 +246,11 @@ if triton is not None:
     @triton.jit
     def _load_row_statistics(ROW_DOT, ROW_MAX, ROW_SUM, head, rows, LQ):
         """The backward pass's per-row inputs for rows `rows` of one head (starting at `head`): sum(dO * O), the
-        forward's row maximum and row sum (1 past the end, so padding rows never divide by 0)."""
+        forward's row maximum and row sum (past the end: +inf and 1, so rows past LQ get weight 0 from any exp-based
+        score without a mask, and never divide by 0)."""
         inside = rows < LQ
         return (tl.load(ROW_DOT + head + rows, mask=inside, other=0.0),
-                tl.load(ROW_MAX + head + rows, mask=inside, other=0.0),
+                tl.load(ROW_MAX + head + rows, mask=inside, other=float("inf")),
                 tl.load(ROW_SUM + head + rows, mask=inside, other=1.0))
 
     @triton.jit
@@ -244,6 +285,60 @@ if triton is not None:
         return (hashed ^ 0x80000000).to(tl.int32, bitcast=True) >= threshold
 
     @triton.jit
+    def _forward_tile(
+        acc, row_max, row_sum, q, start, rows, dims, row_keys, k_head, v_head, qp_head, kp_head, w2_ptr, b2_ptr,
+        w3_ptr, b3, keep_ptr, bias_ptr, stride_kq, stride_kk, stride_bq, stride_bk, LQ, LK, D: tl.constexpr,
+        dot_scale, threshold, SCORE: tl.constexpr, ADD_DOT: tl.constexpr, H1: tl.constexpr, H2: tl.constexpr,
+        HAS_KEEP: tl.constexpr, HAS_BIAS: tl.constexpr, SLOPE: tl.constexpr, CAUSAL: tl.constexpr,
+        DROPOUT: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr, BLOCK_N: tl.constexpr,
+        BLOCK_D: tl.constexpr, MASKED: tl.constexpr, BLOCK_M: tl.constexpr,
+    ):
+        """One key tile of the forward's online accumulation. MASKED: the tile may hold keys a row does not see
+        (the causal diagonal, a keep pattern, keys past LK); otherwise every key of it is visible to every row and
+        no mask is computed."""
+        cols = start + tl.arange(0, BLOCK_N)
+        k = _load_rows(k_head, cols, LK, dims, D, BLOCK_D, DOT_FP32, MASKED)
+        v = _load_rows(v_head, cols, LK, dims, D, BLOCK_D, DOT_FP32, MASKED)
+        keep = True
+        if MASKED:
+            keep = _load_keep(keep_ptr, stride_kq, stride_kk, rows, cols, LQ, LK, HAS_KEEP, CAUSAL)
+        bias = _load_bias(bias_ptr, stride_bq, stride_bk, rows, cols, LQ, LK, HAS_BIAS)
+        if SCORE == NEURAL_:  # logits in base 2 (log2 e folded into the last layer's output)
+            logits, _, _, _ = _mlp_planes(qp_head, kp_head, w2_ptr, b2_ptr, w3_ptr, rows, cols, LQ, LK, H1, H2, SLOPE)
+            if ADD_DOT:
+                logits += tl.dot(q, tl.trans(k), input_precision=PRECISION) * (dot_scale * LOG2E_)
+            else:
+                logits += _mma_zeros(BLOCK_M, BLOCK_N, v.dtype)
+            if HAS_BIAS:
+                logits += bias * LOG2E_
+            values = logits
+            if MASKED:
+                values = tl.where(keep, logits, NEG_)
+        else:
+            values, _, _ = _scores(q, k, dot_scale, bias, SCORE, ADD_DOT, HAS_BIAS, PRECISION, FAST_)
+            if MASKED:
+                values = tl.where(keep, values, 0.0)
+        if SCORE == NEURAL_ or SCORE == SOFTMAX_SQUARE_:
+            new_max = tl.maximum(row_max, tl.max(values, axis=1))
+            weights = tl.exp2(values - new_max[:, None])
+            if MASKED:
+                if SCORE == SOFTMAX_SQUARE_:
+                    weights = tl.where(keep, weights, 0.0)
+                else:
+                    weights = tl.where(cols[None, :] < LK, weights, 0.0)
+            rescale = tl.exp2(row_max - new_max)
+            row_sum = row_sum * rescale + tl.sum(weights, axis=1)
+            acc = acc * rescale[:, None]
+            row_max = new_max
+        else:
+            weights = values
+            row_sum += tl.sum(weights, axis=1)
+        if DROPOUT:
+            weights = tl.where(_dropout_keep(row_keys, cols, threshold), weights, 0.0)  # 1 / (1 - p) below
+        acc += tl.dot(weights.to(v.dtype), v, input_precision=PRECISION)
+        return acc, row_max, row_sum
+
+    @triton.jit
     def _forward_kernel(
         Q, K, V, QP, KP, W2, B2, W3, B3, KEEP, BIAS, STREAMS, OUT, ROW_MAX, ROW_SUM,
         stride_kb, stride_kh, stride_kq, stride_kk, stride_bb, stride_bh, stride_bq, stride_bk,
@@ -269,41 +364,23 @@ if triton is not None:
         row_max = tl.zeros([BLOCK_M], dtype=tl.float32) + (NEG_ if SCORE == NEURAL_ else 0.0)
         row_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-        for start in range(0, _key_end(block, LQ, LK, BLOCK_M, CAUSAL), BLOCK_N):
-            cols = start + tl.arange(0, BLOCK_N)
-            k = _load_rows(K + kv * LK * D, cols, LK, dims, D, BLOCK_D, DOT_FP32)
-            v = _load_rows(V + kv * LK * D, cols, LK, dims, D, BLOCK_D, DOT_FP32)
-            keep = _load_keep(keep_ptr, stride_kq, stride_kk, rows, cols, LQ, LK, HAS_KEEP, CAUSAL)
-            bias = _load_bias(bias_ptr, stride_bq, stride_bk, rows, cols, LQ, LK, HAS_BIAS)
-            if SCORE == NEURAL_:  # logits in base 2 (log2 e folded into the last layer's output)
-                logits, _, _, _ = _mlp_planes(QP + bh * LQ * H1, KP + bh * LK * H1, w2_ptr, b2_ptr, w3_ptr, rows,
-                                              cols, LQ, LK, H1, H2, SLOPE)
-                logits = (logits + b3) * LOG2E_
-                if ADD_DOT:
-                    logits += tl.dot(q, tl.trans(k), input_precision=PRECISION) * (dot_scale * LOG2E_)
-                if HAS_BIAS:
-                    logits += bias * LOG2E_
-                values = tl.where(keep, logits, NEG_)
-            else:
-                values, _, _ = _scores(q, k, dot_scale, bias, SCORE, ADD_DOT, HAS_BIAS, PRECISION, FAST_)
-                values = tl.where(keep, values, 0.0)
-            if SCORE == NEURAL_ or SCORE == SOFTMAX_SQUARE_:
-                new_max = tl.maximum(row_max, tl.max(values, axis=1))
-                weights = tl.exp2(values - new_max[:, None])
-                if SCORE == SOFTMAX_SQUARE_:
-                    weights = tl.where(keep, weights, 0.0)
-                else:
-                    weights = tl.where(cols[None, :] < LK, weights, 0.0)
-                rescale = tl.exp2(row_max - new_max)
-                row_sum = row_sum * rescale + tl.sum(weights, axis=1)
-                acc = acc * rescale[:, None]
-                row_max = new_max
-            else:
-                weights = values
-                row_sum += tl.sum(weights, axis=1)
-            if DROPOUT:
-                weights = tl.where(_dropout_keep(row_keys, cols, threshold), weights, 0.0)  # 1 / (1 - p) below
-            acc += tl.dot(weights.to(v.dtype), v, input_precision=PRECISION)
+        k_head, v_head = K + kv * LK * D, V + kv * LK * D
+        qp_head, kp_head = QP + bh * LQ * H1, KP + bh * LK * H1
+        masked_start = 0
+        if not HAS_KEEP:  # the key tiles every row of the block sees whole: no mask compare (FlashAttention's split)
+            masked_start = _full_key_end(block, LQ, LK, BLOCK_M, BLOCK_N, CAUSAL)
+            for start in range(0, masked_start, BLOCK_N):
+                acc, row_max, row_sum = _forward_tile(
+                    acc, row_max, row_sum, q, start, rows, dims, row_keys, k_head, v_head, qp_head, kp_head, w2_ptr,
+                    b2_ptr, w3_ptr, b3, keep_ptr, bias_ptr, stride_kq, stride_kk, stride_bq, stride_bk, LQ, LK, D,
+                    dot_scale, threshold, SCORE, ADD_DOT, H1, H2, HAS_KEEP, HAS_BIAS, SLOPE, CAUSAL, DROPOUT,
+                    DOT_FP32, PRECISION, BLOCK_N, BLOCK_D, False, BLOCK_M)
+        for start in range(masked_start, _key_end(block, LQ, LK, BLOCK_M, CAUSAL), BLOCK_N):  # diagonal, ragged
+            acc, row_max, row_sum = _forward_tile(
+                acc, row_max, row_sum, q, start, rows, dims, row_keys, k_head, v_head, qp_head, kp_head, w2_ptr,
+                b2_ptr, w3_ptr, b3, keep_ptr, bias_ptr, stride_kq, stride_kk, stride_bq, stride_bk, LQ, LK, D,
+                dot_scale, threshold, SCORE, ADD_DOT, H1, H2, HAS_KEEP, HAS_BIAS, SLOPE, CAUSAL, DROPOUT,
+                DOT_FP32, PRECISION, BLOCK_N, BLOCK_D, True, BLOCK_M)
         safe_sum = tl.where(row_sum > 0, row_sum, 1.0)
         inverse = 1.0 / safe_sum  # one reciprocal per row
         if DROPOUT:
@@ -333,6 +410,110 @@ if triton is not None:
         if SCALAR:
             per_key = tl.sum(per_key, axis=0)
         return per_key
+
+    @triton.jit
+    def _backward_tile(
+        start, grad_k, grad_v, acc_kp, acc_w2, acc_b2, acc_w3, acc_b3, q_head, do_head, stats_head, ROW_DOT, ROW_MAX,
+        ROW_SUM, dq_head, dqp_head, qp_ptr, kp_ptr, w2_ptr, b2_ptr, w3_ptr, b3, k, v, own, dims, keep_ptr, bias_ptr,
+        stride_kq, stride_kk, stride_bq, stride_bk, stream, threshold, kept_scale, dot_scale, zero, LQ, LK,
+        D: tl.constexpr, SCORE: tl.constexpr, ADD_DOT: tl.constexpr, H1: tl.constexpr, H2: tl.constexpr,
+        HAS_KEEP: tl.constexpr, HAS_BIAS: tl.constexpr, SLOPE: tl.constexpr, CAUSAL: tl.constexpr,
+        DROPOUT: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr, PER_TILE: tl.constexpr,
+        NEEDS_DS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, MASKED: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+    ):
+        """One query tile of a key block's backward: its gradient terms added into the running accumulators. MASKED:
+        the tile may hold pairs the forward masked (the causal diagonal, a keep pattern, keys past LK); otherwise
+        every row sees every key (rows past LQ load zeros and a row maximum of +inf, so their weights are 0)."""
+        rows = start + tl.arange(0, BLOCK_M)
+        q = _load_rows(q_head, rows, LQ, dims, D, BLOCK_D, DOT_FP32)
+        do = _load_rows(do_head, rows, LQ, dims, D, BLOCK_D, DOT_FP32)
+        row_dot, row_max, row_sum = _load_row_statistics(ROW_DOT, ROW_MAX, ROW_SUM, stats_head, rows, LQ)
+        keep = True
+        if MASKED:
+            keep = _load_keep(keep_ptr, stride_kq, stride_kk, rows, own, LQ, LK, HAS_KEEP, CAUSAL)
+        bias = _load_bias(bias_ptr, stride_bq, stride_bk, rows, own, LQ, LK, HAS_BIAS)
+        grad_weights = tl.dot(do, tl.trans(v), input_precision=PRECISION)  # dL/d(weights after dropout)
+        if DROPOUT:
+            kept = _dropout_keep(_dropout_row_keys(stream, rows, DROPOUT), own, threshold)
+            grad_weights = tl.where(kept, grad_weights * kept_scale, 0.0)
+        centred = grad_weights - row_dot[:, None]
+        if SCORE == NEURAL_:
+            logits, pre, hidden, zs = _mlp_planes(qp_ptr, kp_ptr, w2_ptr, b2_ptr, w3_ptr, rows, own, LQ, LK, H1,
+                                                  H2, SLOPE)
+            if ADD_DOT:
+                s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * dot_scale
+                logits += s * LOG2E_
+            else:
+                logits += _mma_zeros(BLOCK_M, BLOCK_N, v.dtype)
+            if HAS_BIAS:
+                logits += bias * LOG2E_
+            # weights = exp2(logit - max - log2(sum)): no division per element (the max first, so a fully
+            # masked row, all logits NEG, keeps log2(sum) and gets uniform weights)
+            if MASKED:
+                inside = (rows[:, None] < LQ) & (own[None, :] < LK)
+                shifted = tl.where(keep, logits, NEG_) - row_max[:, None]
+                weights = tl.where(inside, tl.exp2(shifted - tl.log2(row_sum)[:, None]), 0.0)
+                dlogit = tl.where(keep, weights * centred, 0.0)
+            else:
+                weights = tl.exp2(logits - (row_max + tl.log2(row_sum))[:, None])
+                dlogit = weights * centred
+            ds = dlogit * dot_scale
+            # the MLP's backward, plane by plane
+            grad_hidden = ()
+            for c in tl.static_range(H1):
+                grad_hidden = grad_hidden + (zero,)
+            new_w2 = ()
+            new_b2 = ()
+            new_w3 = ()
+            for o in tl.static_range(H2):
+                new_w3 = new_w3 + (_fold(acc_w3[o], dlogit * _activate(zs[o], SLOPE), PER_TILE),)
+                grad_z = _activate_backward(zs[o], dlogit * tl.load(w3_ptr + o), SLOPE)
+                new_b2 = new_b2 + (_fold(acc_b2[o], grad_z, PER_TILE),)
+                updated = ()
+                for c in tl.static_range(H1):
+                    new_w2 = new_w2 + (_fold(acc_w2[o * H1 + c], grad_z * hidden[c], PER_TILE),)
+                    updated = updated + (grad_hidden[c] + grad_z * tl.load(w2_ptr + o * H1 + c),)
+                grad_hidden = updated
+            acc_w2, acc_b2, acc_w3 = new_w2, new_b2, new_w3
+            new_kp = ()
+            for c in tl.static_range(H1):
+                grad_pre = _activate_backward(pre[c], grad_hidden[c], SLOPE)
+                new_kp = new_kp + (_fold(acc_kp[c], grad_pre, PER_TILE),)
+                tl.atomic_add(dqp_head + rows * H1 + c, tl.sum(grad_pre, axis=1), mask=rows < LQ,
+                              sem="relaxed")
+            acc_kp = new_kp
+        elif SCORE == SOFTMAX_SQUARE_:
+            values, s, _ = _scores(q, k, dot_scale, bias, SCORE, ADD_DOT, HAS_BIAS, PRECISION, FAST_)
+            lse = row_max + tl.log2(row_sum)
+            weights = tl.exp2(values - lse[:, None])
+            if MASKED:
+                weights = tl.where(keep, weights, 0.0)
+            # d weight / d s^2 = weight (centred): s carries sqrt(log2 e), undone in the constant
+            ds = weights * centred * s * (2.0 * dot_scale / SQRT_LOG2E_)
+        else:
+            values, s, r = _scores(q, k, dot_scale, bias, SCORE, ADD_DOT, HAS_BIAS, PRECISION, FAST_)
+            inverse = 1.0 / row_sum  # one reciprocal per row
+            if MASKED:
+                values = tl.where(keep, values, 0.0)
+                centred = tl.where(keep, centred, 0.0)
+            weights = values * inverse[:, None]
+            df = centred * inverse[:, None]
+            if HAS_BIAS:
+                df = df * tl.exp(bias)  # f = r(s) exp(bias): the ratio rule's bias scales df/ds
+            if SCORE == RATIONAL_:
+                ds = df * s * (r * r) * (2.0 * dot_scale)  # d/ds s^2/(1+s^2) = 2s/(1+s^2)^2
+            else:
+                ds = df * s * (2.0 * dot_scale)
+        if DROPOUT:
+            weights = tl.where(kept, weights * kept_scale, 0.0)
+        grad_v += tl.dot(tl.trans(weights).to(do.dtype), do, input_precision=PRECISION)
+        if NEEDS_DS:
+            grad_k += tl.dot(tl.trans(ds).to(q.dtype), q, input_precision=PRECISION)
+            grad_q = tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
+            tl.atomic_add(dq_head + rows[:, None] * D + dims[None, :], grad_q,
+                          mask=_inside(rows, LQ, dims, D, BLOCK_D), sem="relaxed")
+        return grad_k, grad_v, acc_kp, acc_w2, acc_b2, acc_w3, acc_b3
 
     @triton.jit
     def _backward_kernel(
@@ -386,84 +567,26 @@ if triton is not None:
             acc_b2 = acc_b2 + (acc_zero,)
             acc_w3 = acc_w3 + (acc_zero,)
         acc_b3 = acc_zero
-        for start in range(_query_start(block, LQ, LK, BLOCK_M, BLOCK_N, CAUSAL), LQ, BLOCK_M):
-            rows = start + tl.arange(0, BLOCK_M)
-            q = _load_rows(Q + bh * LQ * D, rows, LQ, dims, D, BLOCK_D, DOT_FP32)
-            do = _load_rows(DO + bh * LQ * D, rows, LQ, dims, D, BLOCK_D, DOT_FP32)
-            row_dot, row_max, row_sum = _load_row_statistics(ROW_DOT, ROW_MAX, ROW_SUM, bh * LQ, rows, LQ)
-            keep = _load_keep(keep_ptr, stride_kq, stride_kk, rows, own, LQ, LK, HAS_KEEP, CAUSAL)
-            bias = _load_bias(bias_ptr, stride_bq, stride_bk, rows, own, LQ, LK, HAS_BIAS)
-            grad_weights = tl.dot(do, tl.trans(v), input_precision=PRECISION)  # dL/d(weights after dropout)
-            if DROPOUT:
-                kept = _dropout_keep(_dropout_row_keys(stream, rows, DROPOUT), own, threshold)
-                grad_weights = tl.where(kept, grad_weights * kept_scale, 0.0)
-            centred = grad_weights - row_dot[:, None]
-            if SCORE == NEURAL_:
-                logits, pre, hidden, zs = _mlp_planes(qp_ptr, kp_ptr, w2_ptr, b2_ptr, w3_ptr, rows, own, LQ, LK, H1,
-                                                      H2, SLOPE)
-                logits = (logits + b3) * LOG2E_
-                if ADD_DOT:
-                    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * dot_scale
-                    logits += s * LOG2E_
-                if HAS_BIAS:
-                    logits += bias * LOG2E_
-                # weights = exp2(logit - max - log2(sum)): no division per element (the max first, so a fully
-                # masked row, all logits NEG, keeps log2(sum) and gets uniform weights)
-                inside = (rows[:, None] < LQ) & (own[None, :] < LK)
-                shifted = tl.where(keep, logits, NEG_) - row_max[:, None]
-                weights = tl.where(inside, tl.exp2(shifted - tl.log2(row_sum)[:, None]), 0.0)
-                dlogit = tl.where(keep, weights * centred, 0.0)
-                ds = dlogit * dot_scale
-                # the MLP's backward, plane by plane
-                grad_hidden = ()
-                for c in tl.static_range(H1):
-                    grad_hidden = grad_hidden + (zero,)
-                new_w2 = ()
-                new_b2 = ()
-                new_w3 = ()
-                for o in tl.static_range(H2):
-                    new_w3 = new_w3 + (_fold(acc_w3[o], dlogit * _activate(zs[o], SLOPE), PER_TILE),)
-                    grad_z = _activate_backward(zs[o], dlogit * tl.load(w3_ptr + o), SLOPE)
-                    new_b2 = new_b2 + (_fold(acc_b2[o], grad_z, PER_TILE),)
-                    updated = ()
-                    for c in tl.static_range(H1):
-                        new_w2 = new_w2 + (_fold(acc_w2[o * H1 + c], grad_z * hidden[c], PER_TILE),)
-                        updated = updated + (grad_hidden[c] + grad_z * tl.load(w2_ptr + o * H1 + c),)
-                    grad_hidden = updated
-                acc_w2, acc_b2, acc_w3 = new_w2, new_b2, new_w3
-                acc_b3 = _fold(acc_b3, dlogit, PER_TILE)
-                new_kp = ()
-                for c in tl.static_range(H1):
-                    grad_pre = _activate_backward(pre[c], grad_hidden[c], SLOPE)
-                    new_kp = new_kp + (_fold(acc_kp[c], grad_pre, PER_TILE),)
-                    tl.atomic_add(DQP + bh * LQ * H1 + rows * H1 + c, tl.sum(grad_pre, axis=1), mask=rows < LQ,
-                                  sem="relaxed")
-                acc_kp = new_kp
-            elif SCORE == SOFTMAX_SQUARE_:
-                values, s, _ = _scores(q, k, dot_scale, bias, SCORE, ADD_DOT, HAS_BIAS, PRECISION, FAST_)
-                lse = row_max + tl.log2(row_sum)
-                weights = tl.where(keep, tl.exp2(values - lse[:, None]), 0.0)
-                # d weight / d s^2 = weight (centred): s carries sqrt(log2 e), undone in the constant
-                ds = weights * centred * s * (2.0 * dot_scale / SQRT_LOG2E_)
-            else:
-                values, s, r = _scores(q, k, dot_scale, bias, SCORE, ADD_DOT, HAS_BIAS, PRECISION, FAST_)
-                inverse = 1.0 / row_sum  # one reciprocal per row
-                weights = tl.where(keep, values, 0.0) * inverse[:, None]
-                df = tl.where(keep, centred, 0.0) * inverse[:, None]
-                if HAS_BIAS:
-                    df = df * tl.exp(bias)  # f = r(s) exp(bias): the ratio rule's bias scales df/ds
-                if SCORE == RATIONAL_:
-                    ds = df * s * (r * r) * (2.0 * dot_scale)  # d/ds s^2/(1+s^2) = 2s/(1+s^2)^2
-                else:
-                    ds = df * s * (2.0 * dot_scale)
-            if DROPOUT:
-                weights = tl.where(kept, weights * kept_scale, 0.0)
-            grad_v += tl.dot(tl.trans(weights).to(do.dtype), do, input_precision=PRECISION)
-            if NEEDS_DS:
-                grad_k += tl.dot(tl.trans(ds).to(q.dtype), q, input_precision=PRECISION)
-                grad_q = tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
-                tl.atomic_add(DQ + bh * LQ * D + rows[:, None] * D + dims[None, :], grad_q,
-                              mask=_inside(rows, LQ, dims, D, BLOCK_D), sem="relaxed")
+        q_head, do_head = Q + bh * LQ * D, DO + bh * LQ * D
+        masked_end = LQ
+        if not HAS_KEEP:  # the query tiles that see the whole key block: no mask compare (FlashAttention's split)
+            masked_end = _full_query_start(block, LQ, LK, BLOCK_M, BLOCK_N, CAUSAL)
+            for start in range(masked_end, LQ, BLOCK_M):
+                grad_k, grad_v, acc_kp, acc_w2, acc_b2, acc_w3, acc_b3 = _backward_tile(
+                    start, grad_k, grad_v, acc_kp, acc_w2, acc_b2, acc_w3, acc_b3, q_head, do_head, bh * LQ,
+                    ROW_DOT, ROW_MAX, ROW_SUM, DQ + bh * LQ * D, DQP + bh * LQ * H1, qp_ptr, kp_ptr, w2_ptr, b2_ptr,
+                    w3_ptr, b3, k, v, own, dims, keep_ptr, bias_ptr, stride_kq, stride_kk, stride_bq, stride_bk,
+                    stream, threshold, kept_scale, dot_scale, zero, LQ, LK, D, SCORE, ADD_DOT, H1, H2, HAS_KEEP,
+                    HAS_BIAS, SLOPE, CAUSAL, DROPOUT, DOT_FP32, PRECISION, PER_TILE, NEEDS_DS, BLOCK_M, BLOCK_D, False,
+                    BLOCK_N)
+        for start in range(_query_start(block, LQ, LK, BLOCK_M, BLOCK_N, CAUSAL), masked_end, BLOCK_M):  # diagonal
+            grad_k, grad_v, acc_kp, acc_w2, acc_b2, acc_w3, acc_b3 = _backward_tile(
+                start, grad_k, grad_v, acc_kp, acc_w2, acc_b2, acc_w3, acc_b3, q_head, do_head, bh * LQ,
+                ROW_DOT, ROW_MAX, ROW_SUM, DQ + bh * LQ * D, DQP + bh * LQ * H1, qp_ptr, kp_ptr, w2_ptr, b2_ptr,
+                w3_ptr, b3, k, v, own, dims, keep_ptr, bias_ptr, stride_kq, stride_kk, stride_bq, stride_bk,
+                stream, threshold, kept_scale, dot_scale, zero, LQ, LK, D, SCORE, ADD_DOT, H1, H2, HAS_KEEP,
+                HAS_BIAS, SLOPE, CAUSAL, DROPOUT, DOT_FP32, PRECISION, PER_TILE, NEEDS_DS, BLOCK_M, BLOCK_D, True,
+                BLOCK_N)
         if H_KV == H:
             tl.store(DK + kv * LK * D + own[:, None] * D + dims[None, :], grad_k, mask=own_mask)
             tl.store(DV + kv * LK * D + own[:, None] * D + dims[None, :], grad_v, mask=own_mask)
@@ -481,4 +604,4 @@ if triton is not None:
                     tl.store(partial + o * H1 + c, _total(acc_w2[o * H1 + c], PER_TILE, True))
                 tl.store(partial + H2 * H1 + o, _total(acc_b2[o], PER_TILE, True))
                 tl.store(partial + H2 * H1 + H2 + o, _total(acc_w3[o], PER_TILE, True))
-            tl.store(partial + H2 * H1 + 2 * H2, _total(acc_b3, PER_TILE, True))
+            tl.store(partial + H2 * H1 + 2 * H2, 0.0)  # b3: the softmax is invariant to it, its gradient is 0

@@ -41,6 +41,28 @@ def test_the_main_loop_is_the_outermost_backward_branch_counted_by_unit():
     assert cost["inner_loops"] == 1 and cost["other_loops"] == 0  # 0x40 .. 0x60 lies inside; `BRA 0xd0` is no loop
 
 
+SPLIT = """
+        /*0000*/                   S2R R0, SR_TID.X ;
+        /*0010*/                   FMUL R2, R2, R3 ;
+        /*0020*/                   MUFU.EX2 R2, R2 ;
+        /*0030*/               @P0 BRA 0x10 ;
+        /*0040*/                   ISETP.GE.AND P1, PT, R4, R5, PT ;
+        /*0050*/                   FSEL R2, R2, RZ, P1 ;
+        /*0060*/                   FMUL R2, R2, R3 ;
+        /*0070*/                   MUFU.EX2 R2, R2 ;
+        /*0080*/               @P0 BRA 0x40 ;
+        /*0090*/                   EXIT ;
+"""
+
+
+def test_a_split_kernel_counts_its_first_loop_and_reports_the_edge_loop_beside_it():
+    """The kernels run the tiles that need no mask in a first loop and the diagonal or ragged tiles after it: the
+    main loop is the first (here the smaller), the edge loop is reported, not summed."""
+    cost = tool.main_loop_cost(SPLIT)
+    assert cost["instructions"] == 3 and cost["by_unit"]["special"] == 1 and cost["by_unit"]["int"] == 0
+    assert cost["other_loops"] == 1 and cost["edge_instructions"] == 5
+
+
 def test_the_matrix_varies_one_axis_at_a_time_from_the_base_row():
     full, quick = tool.cost_matrix(False), tool.cost_matrix(True)
     assert [label for label, _ in quick] == ["dot-bf16-causal-p0.1-d64-sm_90", "rational-bf16-causal-p0.1-d64-sm_90",
@@ -79,3 +101,28 @@ def test_cost_json_on_the_quick_subset_is_well_formed(tmp_path):
         assert record["lane_instructions_per_pair"] == pytest.approx(total, abs=0.1)
     assert records[0]["ratio_to_dot"] == 1.0 and all(r["ratio_to_dot"] > 1.0 for r in records[1:])
     assert (tmp_path / "cost.md").exists()
+    # issue 28's targets (sm_90, bf16, causal, dropout 0.1, d_h 64, forward + backward): expressive (rational) at most
+    # 125 lane-instructions per pair and 1.3x the dot reference, neural (paper MLP) at most 200 and 2.0x; no spills
+    by_variant = {r["variant"]: r for r in records}
+    assert by_variant["expressive"]["lane_instructions_per_pair"] <= 125, by_variant["expressive"]
+    assert by_variant["expressive"]["ratio_to_dot"] <= 1.3, by_variant["expressive"]
+    assert by_variant["neural"]["lane_instructions_per_pair"] <= 200, by_variant["neural"]
+    assert by_variant["neural"]["ratio_to_dot"] <= 2.0, by_variant["neural"]
+    assert all(p["spilled_bytes"] == 0 for r in records for p in r["passes"])
+    # the causal kernels split their tiles: the main loop needs no mask, the diagonal loop beside it does
+    assert all(p["other_loops"] == 1 and p["edge_lane_instructions_per_pair"] > 0 for r in records for p in r["passes"])
+
+
+def test_the_committed_compile_grid_covers_d_h_128_in_bf16_and_fp16_without_spills():
+    """results/triton_compile/results.json (scripts/check_triton_compile.py): every kernel (the dot reference, neural
+    replace and add, each expressive form) in bf16 and fp16 at d_h 64 and 128, causal and padding with dropout, on
+    sm_80 and sm_90, compiled without spilling (issue 23's and 28's target)."""
+    grid = [f"{name}-{dtype}-{mask}-dropout-d{head_dim}" for name in tool.GRID_VARIANTS for dtype in ("bf16", "fp16")
+            for head_dim in (64, 128) for mask in ("causal", "padding")]
+    assert set(grid) <= set(tool.CONFIGS) and len(grid) == 48
+    results = json.loads((SCRIPTS.parent / "results" / "triton_compile" / "results.json").read_text())
+    compiled = {(r["config"], r["target"]) for r in results["records"]}
+    assert {(config, f"sm_{arch}") for config in grid for arch in (80, 90)} <= compiled
+    in_target = [r for r in results["records"] if tool.CONFIGS[r["config"]][2] in tool.SPILL_TARGET]
+    assert in_target and all(r["spilled"] == 0 for r in in_target), [r for r in in_target if r["spilled"]]
+    assert results["target_spills"] == [] and results["failures"] == []

@@ -364,22 +364,32 @@ def test_gpu_benchmark_refuses_clearly_without_a_gpu(monkeypatch, capsys):
     assert "--device cuda needs a CUDA GPU" in capsys.readouterr().err
 
 
-def test_gpu_tiles_follow_the_head_size_and_the_gpu_generation(monkeypatch):
-    """Tiles per BLOCK_D (d_h 64 and 128 differ; other sizes take the next entry up, or the largest), and per GPU
-    generation where the compile matrix showed one spilling (neural's d_h 64 backward: 32x64/8 on sm_90, 32x32/4 on
-    sm_80)."""
+def test_gpu_tiles_follow_the_head_size_the_gpu_generation_and_the_dtype(monkeypatch):
+    """Tiles per BLOCK_D (d_h 64 and 128 differ; other sizes take the next entry up, or the largest), then
+    TILE_OVERRIDES per GPU generation and dtype, the more specific scope last (neural's d_h 64 backward: 32x64/8 on
+    sm_90, 32x32/4 on sm_80)."""
     monkeypatch.setattr(triton_kernels, "interpreted", lambda: False)
     cuda = torch.device("cuda")
+    neural = triton_kernels.SCORE_NEURAL
     for arch, backward in ((80, Tiles(32, 32, 4)), (90, Tiles(32, 64, 8))):
         monkeypatch.setattr(triton_attention, "_arch", lambda device, arch=arch: arch)
-        assert triton_attention._tiles(triton_kernels.SCORE_NEURAL, 64, cuda)[1] == backward
-        assert triton_attention._tiles(triton_kernels.SCORE_NEURAL, 128, cuda)[1] == Tiles(32, 32, 4)
+        assert triton_attention._tiles(neural, 64, cuda, torch.bfloat16)[1] == backward
     rational = triton_kernels.SCORE_RATIONAL
     assert triton_attention._tiles(rational, 64, cuda)[0] == Tiles(128, 32, 8)
     assert triton_attention._tiles(rational, 24, cuda) == triton_attention._tiles(rational, 64, cuda)
     assert triton_attention._tiles(rational, 96, cuda) == triton_attention._tiles(rational, 128, cuda) != \
         triton_attention._tiles(rational, 64, cuda)
     assert triton_attention._tiles(rational, 256, cuda) == triton_attention._tiles(rational, 128, cuda)
+    by_arch, by_dtype, by_both = ((Tiles(16, 16, w), Tiles(16, 16, w)) for w in (1, 2, 4))
+    monkeypatch.setattr(triton_attention, "TILE_OVERRIDES", {
+        (rational, 90, None): {64: by_arch}, (rational, None, torch.float16): {64: by_dtype},
+        (rational, 90, torch.float16): {64: by_both}})
+    gpu_tiles = triton_attention.gpu_tiles
+    assert gpu_tiles(rational, 64, 90, torch.bfloat16) == by_arch
+    assert gpu_tiles(rational, 64, 80, torch.float16) == by_dtype
+    assert gpu_tiles(rational, 64, 90, torch.float16) == by_both
+    assert gpu_tiles(rational, 64, 80, torch.bfloat16) == gpu_tiles(triton_kernels.SCORE_SQUARE, 64, 80, None)
+    assert gpu_tiles(rational, 128, 90, torch.float16) == triton_attention.GPU_TILES[rational][128]
 
 
 def test_float32_products_follow_pytorchs_precision_setting():
@@ -408,7 +418,7 @@ def test_the_kernels_compile_for_an_h100(tmp_path):
     env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
     result = subprocess.run(
         [sys.executable, str(Path(__file__).resolve().parents[1] / "scripts" / "check_triton_compile.py"),
-         "--configs", "neural-bf16-causal-dropout", "--targets", "90", "--output", str(tmp_path)],
+         "--configs", "neural-bf16-causal-dropout-d64", "--targets", "90", "--output", str(tmp_path)],
         capture_output=True, text=True, timeout=600, env=env)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     records = json.loads((tmp_path / "results.json").read_text())["records"]
