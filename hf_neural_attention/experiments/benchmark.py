@@ -19,7 +19,9 @@ Setting (the project's issue 5): GPT-2 geometry, d_model 512, 8 heads (d_h 64), 
   [1, n, 512], forward + backward from a fixed random output gradient down to the hidden states and every parameter.
   The mask is built once outside the timed region, as the model builds it for that implementation.
 - level "model": a 1-layer GPT2LMHeadModel (vocabulary 4096, so that attention rather than the output layer
-  dominates; training mode), forward + backward of the loss on n random tokens.
+  dominates; training mode), forward + backward of the loss on n random tokens. `--archs llama` adds a 1-layer
+  Llama-family model (RoPE, 2 key-value heads, SwiGLU; dropout 0, as a stock LlamaConfig) for sdpa, eager and the
+  three variants.
 - level "inference": the layer's forward alone under torch.no_grad() (where FlexAttention can run).
 - level "decode": cached generation, what a published checkpoint is mostly used for. A 2-layer model of GPT-2
   geometry (d_model 512, 8 heads, vocabulary 4096; `--archs llama` adds a Llama-family one: RoPE, 2 key-value
@@ -79,6 +81,8 @@ TRAIN_METHODS = (
 INFERENCE_METHODS = ("sdpa", "eager", "expressive", "expressive_flex", "neural", "cdape")
 DECODE_METHODS = ("sdpa", "dot", "expressive", "neural", "cdape")
 METHODS = TRAIN_METHODS + ("expressive_flex", "dot")
+# `--archs llama` at level "model": a 1-layer Llama-family model (dropout 0, as a stock LlamaConfig)
+LLAMA_TRAIN_METHODS = ("sdpa", "eager", "expressive", "neural", "cdape")
 DECODE_SIZES, DECODE_BATCHES = (1024, 4096), (1, 8)
 # Targets of issue 26 for cached generation: tokens/s as a share of SDPA's in the same run (at least).
 DECODE_TARGETS = {"dot": 0.9, "expressive": 0.9, "neural": 0.9, "cdape": 0.6}
@@ -197,10 +201,11 @@ def write_outputs(rows: list[dict], out: Path, meta: dict) -> None:
     by_key = add_ratios(rows)
     write_csv(rows, out / "results.csv")
     settings = sorted({(r["dtype"], r["dropout"]) for r in rows}, key=lambda s: (s[1] != "stock", s[0]))
-    lines = header_lines(meta) + targets_section(settings, by_key) + decode_section(rows, by_key)
-    lines += level_tables(rows, settings) + noise_lines(rows)
+    gpt2_rows = [r for r in rows if r.get("arch", "gpt2") == "gpt2" or r["level"] == "decode"]
+    lines = header_lines(meta) + targets_section(settings, by_key) + llama_section(rows) + decode_section(rows, by_key)
+    lines += level_tables(gpt2_rows, settings) + noise_lines(rows)
     (out / "results.md").write_text("\n".join(lines))
-    plot(rows, out)
+    plot(gpt2_rows, out)
 
 
 def write_csv(rows: list[dict], path: Path) -> None:
@@ -253,6 +258,30 @@ def targets_section(settings: list[tuple[str, str]], by_key: dict) -> list[str]:
                 lines.append(f"| {setting_name(dtype, dropout)} | {variant} | {level} | {t:.2f}x | <= {time_target}x | "
                              f"{m:.2f}x | <= {mem_target}x | {fmt(row.get('time_vs_sdpa'), 2)}x | "
                              f"{fmt(row.get('mem_vs_sdpa'), 2)}x | {verdict} |")
+    return lines + [""]
+
+
+def llama_section(rows: list[dict]) -> list[str]:
+    """The Llama-family model (level "model", dropout 0) against eager and SDPA, with the GPT-2 targets' verdicts."""
+    llama = [r for r in rows if r.get("arch") == "llama" and r["level"] == "model"]
+    if not llama:
+        return []
+    lines = ["## Llama family: a 1-layer model's loss, forward + backward (dropout 0, as a stock LlamaConfig)", "",
+             "RoPE, 8 query heads over 2 key-value heads, SwiGLU, d_model 512, vocabulary " f"{VOCAB}; the targets are "
+             "the GPT-2 ones (time and memory / eager).", "",
+             "| dtype | method | n | time (s) | peak memory (MiB) | time / eager | memory / eager | time / SDPA | "
+             "memory / SDPA | verdict |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for row in sorted(llama, key=lambda r: (r["dtype"], r["n"], METHODS.index(r["method"]))):
+        targets = TARGETS.get(row["method"])
+        verdict = ""
+        if targets and row.get("time_vs_eager") is not None and row.get("mem_vs_eager") is not None:
+            misses = [name for name, value, target in (("time", row["time_vs_eager"], targets[0]),
+                                                       ("memory", row["mem_vs_eager"], targets[1])) if value > target]
+            verdict = "met" if not misses else "**MISS** (" + ", ".join(misses) + ")"
+        lines.append(f"| {row['dtype']} | {row['method']} | {row['n']} | {fmt(row.get('time_s'), 4)} | "
+                     f"{fmt(row.get('peak_mib'), 1)} | {fmt(row.get('time_vs_eager'), 2)} | "
+                     f"{fmt(row.get('mem_vs_eager'), 2)} | {fmt(row.get('time_vs_sdpa'), 2)} | "
+                     f"{fmt(row.get('mem_vs_sdpa'), 2)} | {verdict} |")
     return lines + [""]
 
 
@@ -409,6 +438,9 @@ def planned_jobs(args: argparse.Namespace) -> list[tuple]:
     jobs = [(setting, level, method, n, 1, "gpt2") for setting in settings for level in train_levels
             for n in sorted(args.sizes)
             for method in args.methods if method in (INFERENCE_METHODS if level == "inference" else TRAIN_METHODS)]
+    if "llama" in args.archs and "model" in train_levels:  # a stock LlamaConfig has no dropout
+        jobs += [((dtype, "0"), "model", method, n, 1, "llama") for dtype in args.dtypes for n in sorted(args.sizes)
+                 for method in args.methods if method in LLAMA_TRAIN_METHODS]
     decode_methods = [m for m in DECODE_METHODS if m in args.methods]  # sdpa first: the reference
     if "decode" in args.levels and decode_methods:
         jobs += [((dtype, "0"), "decode", ",".join(decode_methods), n, batch, arch) for dtype in args.dtypes
@@ -435,7 +467,8 @@ def measure_decode(job: tuple, args: argparse.Namespace, started: float) -> list
 def measure(job: tuple, args: argparse.Namespace, started: float) -> dict:
     """The row of one training or inference configuration, in its own process after waiting for an idle machine."""
     setting, level, method, n, batch, arch = job
-    row = {"dtype": setting[0], "dropout": setting[1], "level": level, "method": method, "n": n}
+    row = {"dtype": setting[0], "dropout": setting[1], "level": level, "method": method, "n": n,
+           **({"arch": arch} if arch != "gpt2" else {})}
     reason = skip_reason(method, level, n, args.max_reference_n)
     if reason:
         row["note"] = reason
@@ -447,7 +480,7 @@ def measure(job: tuple, args: argparse.Namespace, started: float) -> dict:
             row["note"] = result["error"]
         else:
             row.update({k: v for k, v in result.items() if k not in ("dtype", "dropout", "level", "method", "n")})
-    print(f"[{time.time() - started:6.0f} s] {setting[0]} {setting[1]:5s} {level:9s} {method:17s} n={n:5d} "
+    print(f"[{time.time() - started:6.0f} s] {setting[0]} {setting[1]:5s} {level:9s} {arch:5s} {method:17s} n={n:5d} "
           f"time={fmt(row.get('time_s'), 4)} s  peak={fmt(row.get('peak_mib'), 1)} MiB "
           f"busy={row.get('busy_before', '')} foreign={row.get('foreign_cpu', '')} {row.get('note', '')}", flush=True)
     return row

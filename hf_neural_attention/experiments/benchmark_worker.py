@@ -175,11 +175,13 @@ def build(method: str, level: str, n: int, dtype: str = "fp32", dropout: str = "
     """(step function running one step of the configuration, model)."""
     if level == "decode":
         return build_decode(method, n, batch, dtype, arch)
+    if arch != "gpt2" and level != "model":
+        raise ValueError(f"level {level!r} times a GPT2Attention module; the {arch} model runs at level 'model' only")
     import torch
 
     import hf_neural_attention as hfna
 
-    model = training_model(method, n, dropout)
+    model = training_model(method, n, dropout, arch)
     fast_paths = functools.partial(hfna.fast_paths, not method.endswith("_plain"),
                                    flex_inference=method == "expressive_flex")
     precision = functools.partial(torch.autocast, "cpu", dtype=torch.bfloat16, enabled=dtype == "bf16")
@@ -188,22 +190,30 @@ def build(method: str, level: str, n: int, dtype: str = "fp32", dropout: str = "
     return layer_step(model, n, level == "inference", fast_paths, precision), model
 
 
-def training_model(method: str, n: int, dropout: str):
-    """A 1-layer GPT-2 of the benchmark's geometry in training mode whose attention runs `method`."""
+def training_model(method: str, n: int, dropout: str, arch: str = "gpt2"):
+    """A 1-layer model of the benchmark's geometry in training mode whose attention runs `method`: GPT-2, or a
+    Llama-family one (RoPE, 2 key-value heads, SwiGLU; a stock LlamaConfig has no dropout, so `dropout` must be
+    "0")."""
     import torch
-    from transformers import AttentionInterface, GPT2Config, GPT2LMHeadModel
+    from transformers import AttentionInterface, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
     from transformers.masking_utils import AttentionMaskInterface
 
     import hf_neural_attention as hfna
     from hf_neural_attention.attention_interface import variant_mask
 
     torch.manual_seed(0)
-    pdrop = 0.1 if dropout == "stock" else 0.0
-    config = GPT2Config(
-        n_layer=1, n_embd=D_MODEL, n_head=HEADS, n_positions=max(n, 1024), vocab_size=VOCAB,
-        resid_pdrop=pdrop, embd_pdrop=pdrop, attn_pdrop=pdrop, bos_token_id=0, eos_token_id=0,
-    )
-    model = GPT2LMHeadModel(config)
+    if arch == "llama":
+        if dropout != "0":
+            raise ValueError("the Llama-family benchmark model has no dropout (as a stock LlamaConfig): use dropout 0")
+        model = LlamaForCausalLM(LlamaConfig(
+            num_hidden_layers=1, hidden_size=D_MODEL, num_attention_heads=HEADS, num_key_value_heads=2,
+            intermediate_size=4 * D_MODEL, vocab_size=VOCAB, max_position_embeddings=max(n, 1024), bos_token_id=0,
+            eos_token_id=0, pad_token_id=0))
+    else:
+        pdrop = 0.1 if dropout == "stock" else 0.0
+        model = GPT2LMHeadModel(GPT2Config(
+            n_layer=1, n_embd=D_MODEL, n_head=HEADS, n_positions=max(n, 1024), vocab_size=VOCAB,
+            resid_pdrop=pdrop, embd_pdrop=pdrop, attn_pdrop=pdrop, bos_token_id=0, eos_token_id=0))
     if method in ("sdpa", "eager"):
         model.set_attn_implementation(method)
     else:
