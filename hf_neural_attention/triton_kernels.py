@@ -569,24 +569,22 @@ if triton is not None:
         acc_b3 = acc_zero
         q_head, do_head = Q + bh * LQ * D, DO + bh * LQ * D
         masked_end = LQ
-        if not HAS_KEEP:  # the query tiles that see the whole key block: no mask compare (FlashAttention's split)
+        if not HAS_KEEP:
             masked_end = _full_query_start(block, LQ, LK, BLOCK_M, BLOCK_N, CAUSAL)
-            for start in range(masked_end, LQ, BLOCK_M):
-                grad_k, grad_v, acc_kp, acc_w2, acc_b2, acc_w3, acc_b3 = _backward_tile(
-                    start, grad_k, grad_v, acc_kp, acc_w2, acc_b2, acc_w3, acc_b3, q_head, do_head, bh * LQ,
-                    ROW_DOT, ROW_MAX, ROW_SUM, DQ + bh * LQ * D, DQP + bh * LQ * H1, qp_ptr, kp_ptr, w2_ptr, b2_ptr,
-                    w3_ptr, b3, k, v, own, dims, keep_ptr, bias_ptr, stride_kq, stride_kk, stride_bq, stride_bk,
-                    stream, threshold, kept_scale, dot_scale, zero, LQ, LK, D, SCORE, ADD_DOT, H1, H2, HAS_KEEP,
-                    HAS_BIAS, SLOPE, CAUSAL, DROPOUT, DOT_FP32, PRECISION, PER_TILE, NEEDS_DS, BLOCK_M, BLOCK_D, False,
-                    BLOCK_N)
-        for start in range(_query_start(block, LQ, LK, BLOCK_M, BLOCK_N, CAUSAL), masked_end, BLOCK_M):  # diagonal
-            grad_k, grad_v, acc_kp, acc_w2, acc_b2, acc_w3, acc_b3 = _backward_tile(
-                start, grad_k, grad_v, acc_kp, acc_w2, acc_b2, acc_w3, acc_b3, q_head, do_head, bh * LQ,
-                ROW_DOT, ROW_MAX, ROW_SUM, DQ + bh * LQ * D, DQP + bh * LQ * H1, qp_ptr, kp_ptr, w2_ptr, b2_ptr,
-                w3_ptr, b3, k, v, own, dims, keep_ptr, bias_ptr, stride_kq, stride_kk, stride_bq, stride_bk,
-                stream, threshold, kept_scale, dot_scale, zero, LQ, LK, D, SCORE, ADD_DOT, H1, H2, HAS_KEEP,
-                HAS_BIAS, SLOPE, CAUSAL, DROPOUT, DOT_FP32, PRECISION, PER_TILE, NEEDS_DS, BLOCK_M, BLOCK_D, True,
-                BLOCK_N)
+        # first the query tiles that see the whole key block, without a mask compare (FlashAttention's split; none
+        # with a keep mask), then the diagonal and ragged ones
+        for masked in tl.static_range(2):
+            if masked == 1 or not HAS_KEEP:
+                lo = masked_end if masked == 0 else _query_start(block, LQ, LK, BLOCK_M, BLOCK_N, CAUSAL)
+                hi = LQ if masked == 0 else masked_end
+                for start in range(lo, hi, BLOCK_M):
+                    grad_k, grad_v, acc_kp, acc_w2, acc_b2, acc_w3, acc_b3 = _backward_tile(
+                        start, grad_k, grad_v, acc_kp, acc_w2, acc_b2, acc_w3, acc_b3, q_head, do_head, bh * LQ,
+                        ROW_DOT, ROW_MAX, ROW_SUM, DQ + bh * LQ * D, DQP + bh * LQ * H1, qp_ptr, kp_ptr, w2_ptr,
+                        b2_ptr, w3_ptr, b3, k, v, own, dims, keep_ptr, bias_ptr, stride_kq, stride_kk, stride_bq,
+                        stride_bk, stream, threshold, kept_scale, dot_scale, zero, LQ, LK, D, SCORE, ADD_DOT, H1, H2,
+                        HAS_KEEP, HAS_BIAS, SLOPE, CAUSAL, DROPOUT, DOT_FP32, PRECISION, PER_TILE, NEEDS_DS, BLOCK_M,
+                        BLOCK_D, masked == 1, BLOCK_N)
         if H_KV == H:
             tl.store(DK + kv * LK * D + own[:, None] * D + dims[None, :], grad_k, mask=own_mask)
             tl.store(DV + kv * LK * D + own[:, None] * D + dims[None, :], grad_v, mask=own_mask)
