@@ -170,9 +170,10 @@ class AttentionVariant(nn.Module):
     def prepare(
         self, query: torch.Tensor, key: torch.Tensor, mask: KeyMask, scaling: float
     ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """Inputs of the score rule, computed once per call from query [B, H, Lq, D] and key [B, H, Lk, D]:
-        row inputs (indexed by query along dim 2; the engine slices them per chunk) and shared inputs (keys,
-        parameters; whole). Both may require gradients."""
+        """Inputs of the score rule, computed once per call from query [B, H, Lq, D] and key [B, H, Lk, D] (on the
+        plain path [B, H_kv, Lk, D] with grouped-query heads: take q.k with `grouped_matmul`): row inputs (indexed
+        by query along dim 2; the engine slices them per chunk) and shared inputs (keys, parameters; whole). Both
+        may require gradients."""
         return [query], [key]
 
     def score(self, rows: list[torch.Tensor], shared: list[torch.Tensor], chunk: Chunk, scaling: float) -> torch.Tensor:
