@@ -98,15 +98,13 @@ if triton is not None:
         HAS_KEEP: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, DOT_FP32: tl.constexpr,
         PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     ):
-        block, bh = tl.program_id(0), tl.program_id(1)
-        b, h = bh // H, bh % H
-        bh64 = bh.to(tl.int64)
-        bkv64 = (b * H_KV + h // (H // H_KV)).to(tl.int64)
+        block = tl.program_id(0)
+        b, h, bh64, bkv64 = kernels._program_heads(H, H_KV)
         rows = block * BLOCK_M + tl.arange(0, BLOCK_M)
         dims = tl.arange(0, BLOCK_D)
         q = kernels._load_rows(Q + bh64 * LQ * D, rows, LQ, dims, D, BLOCK_D, DOT_FP32)
         keep_ptr = KEEP + b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh
-        stream = kernels._dropout_stream(STREAMS, bh, DROPOUT)
+        stream = kernels._dropout_stream(STREAMS, bh64, DROPOUT)
         row_keys = kernels._dropout_row_keys(stream, rows, DROPOUT)
         row_max = tl.zeros([BLOCK_M], dtype=tl.float32) - float("inf")
         row_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -141,16 +139,14 @@ if triton is not None:
         HAS_KEEP: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, DOT_FP32: tl.constexpr,
         PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     ):
-        block, bh = tl.program_id(0), tl.program_id(1)
-        b, h = bh // H, bh % H
-        bh64 = bh.to(tl.int64)
-        bkv64 = (b * H_KV + h // (H // H_KV)).to(tl.int64)
+        block = tl.program_id(0)
+        b, h, bh64, bkv64 = kernels._program_heads(H, H_KV)
         cols = block * BLOCK_N + tl.arange(0, BLOCK_N)
         dims = tl.arange(0, BLOCK_D)
         k = kernels._load_rows(K + bkv64 * LK * D, cols, LK, dims, D, BLOCK_D, DOT_FP32)
         v = kernels._load_rows(V + bkv64 * LK * D, cols, LK, dims, D, BLOCK_D, DOT_FP32)
         keep_ptr = KEEP + b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh
-        stream = kernels._dropout_stream(STREAMS, bh, DROPOUT)
+        stream = kernels._dropout_stream(STREAMS, bh64, DROPOUT)
         grad_k = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
         grad_v = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
         kept_scale = 1.0 / (1.0 - dropout_p)

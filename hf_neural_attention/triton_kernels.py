@@ -264,6 +264,15 @@ if triton is not None:
         return x
 
     @triton.jit
+    def _program_heads(H, H_KV):
+        """The program's batch b and head h (from program axis 1, b * H + h), and the 64-bit row offsets of its
+        (batch, head) and of the key/value head its group of query heads shares: every per-program base offset in 64
+        bits, since B * H * L * D may pass 2^31."""
+        bh = tl.program_id(1)
+        b, h = bh // H, bh % H
+        return b, h, bh.to(tl.int64), (b * H_KV + h // (H // H_KV)).to(tl.int64)
+
+    @triton.jit
     def _dropout_stream(STREAMS, bh, DROPOUT: tl.constexpr):
         """The (batch, head) pair's uint32 stream key (dropout_mask.dropout_streams, an int32 [B, H] tensor)."""
         if DROPOUT:
@@ -348,10 +357,8 @@ if triton is not None:
         DROPOUT: tl.constexpr, DOT_FP32: tl.constexpr,
         PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     ):
-        block, bh = tl.program_id(0), tl.program_id(1)
-        b, h = bh // H, bh % H
-        bh = bh.to(tl.int64)  # every per-program base offset in 64 bits: B * H * L * D may pass 2^31
-        kv = (b * H_KV + h // (H // H_KV)).to(tl.int64)  # grouped-query heads share their key/value head
+        block = tl.program_id(0)
+        b, h, bh, kv = _program_heads(H, H_KV)
         rows = block * BLOCK_M + tl.arange(0, BLOCK_M)
         dims = tl.arange(0, BLOCK_D)
         q = _load_rows(Q + bh * LQ * D, rows, LQ, dims, D, BLOCK_D, DOT_FP32)
@@ -530,10 +537,8 @@ if triton is not None:
         """One key block per program, looping over the query blocks that see it (FlashAttention-2's backward): dK,
         dV, dkp and the program's partial sums of the MLP weights' gradients in registers, written once; dQ and dqp
         added atomically in float32 per tile, so each tile's scores are recomputed once, not twice."""
-        block, bh = tl.program_id(0), tl.program_id(1)
-        b, h = bh // H, bh % H
-        bh = bh.to(tl.int64)  # every per-program base offset in 64 bits
-        kv = (b * H_KV + h // (H // H_KV)).to(tl.int64)
+        block = tl.program_id(0)
+        b, h, bh, kv = _program_heads(H, H_KV)
         group = h * per_head
         b3 = tl.load(B3 + group) if SCORE == NEURAL_ else 0.0
         w2_ptr, b2_ptr, w3_ptr = W2 + group * H2 * H1, B2 + group * H2, W3 + group * H2
