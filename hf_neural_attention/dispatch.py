@@ -27,6 +27,7 @@ from .dropout_mask import draw_dropout_seed, dropout_scale, dropout_streams
 from .flex import flex_inference_output
 from .kernel_check import kernels_trusted, self_check_applies
 from .masks import KeyMask
+from .normalisation import as_dtype
 from .runtime import (
     FastPathSettings, current_settings, fast_path_skip_reason, flex_applies, replaying_settings, triton_applies,
 )
@@ -134,7 +135,7 @@ def plain_attention(variant: AttentionVariant, call: AttentionCall) -> tuple[tor
         batch, heads, q_len, k_len = weights.shape
         streams = dropout_streams(call.seed, batch, heads)
         weights = weights * dropout_scale(streams, 0, q_len, k_len, call.dropout, weights.dtype)
-    weights = weights.to(call.grouped_value.dtype)
+    weights = as_dtype(weights, call.grouped_value.dtype)
     return grouped_matmul(weights, call.grouped_value), weights
 
 
@@ -169,9 +170,10 @@ def groups_fold_into_rows(variant: AttentionVariant, query: torch.Tensor, key: t
     """Whether a grouped-query call can run with each kv head's query heads as rows of one map: a one-query step
     (decoding) whose rule treats heads alike, whose mask is shared by the heads, without dropout (keyed by head) and
     without weights to return. Then the key/value cache is read as it is instead of copied once per query head."""
+    if query.shape[1] == key.shape[1] or query.shape[2] != 1 or dropout != 0.0 or weights_requested:
+        return False
     shared_by_heads = all(t is None or t.shape[1] == 1 for t in (mask.keep, mask.bias))
-    return (query.shape[1] != key.shape[1] and query.shape[2] == 1 and variant.heads_share_rule and shared_by_heads
-            and dropout == 0.0 and not weights_requested)
+    return variant.heads_share_rule and shared_by_heads
 
 
 def autocast_off(device_type: str) -> contextlib.AbstractContextManager:
@@ -193,18 +195,27 @@ def attention(variant: AttentionVariant, query: torch.Tensor, key: torch.Tensor,
         folded = query.reshape(batch, key.shape[1], groups, dim)  # [B, H_kv, group, D]: query heads as rows
         output, _ = attention(variant, folded, key, value, mask, scaling, 0.0)
         return output.reshape(batch, heads, 1, dim), None
-    with replaying_settings(call_settings(variant)), autocast_off(query.device.type):
-        seed = draw_dropout_seed(query.device) if dropout > 0.0 else None
-        call = AttentionCall(query, key, value, mask, scaling, dropout, seed)
-        if weights_requested:
-            if current_settings().enabled and query.shape[2] * key.shape[2] >= current_settings().min_size:
-                say_once("attention weights were requested (output_attentions), which only the plain O(n^2) path "
-                         "returns")
-        else:
-            for _, engine in ENGINES:
-                result = engine(variant, call)
-                if isinstance(result, torch.Tensor):
-                    return result, None
-                if result is not None:
-                    say_once(result)
-        return plain_attention(variant, call)
+    settings = call_settings(variant)
+    if settings is current_settings() and not torch.is_autocast_enabled(query.device.type):
+        return _first_engine(variant, query, key, value, mask, scaling, dropout, weights_requested)  # nothing to set
+    with replaying_settings(settings), autocast_off(query.device.type):
+        return _first_engine(variant, query, key, value, mask, scaling, dropout, weights_requested)
+
+
+def _first_engine(variant: AttentionVariant, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                  mask: KeyMask, scaling: float, dropout: float, weights_requested: bool,
+                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    seed = draw_dropout_seed(query.device) if dropout > 0.0 else None
+    call = AttentionCall(query, key, value, mask, scaling, dropout, seed)
+    if weights_requested:
+        if current_settings().enabled and query.shape[2] * key.shape[2] >= current_settings().min_size:
+            say_once("attention weights were requested (output_attentions), which only the plain O(n^2) path "
+                     "returns")
+    else:
+        for _, engine in ENGINES:
+            result = engine(variant, call)
+            if isinstance(result, torch.Tensor):
+                return result, None
+            if result is not None:
+                say_once(result)
+    return plain_attention(variant, call)

@@ -24,9 +24,11 @@ from torch import nn
 from torch.nn import functional
 
 from .kernel_inputs import PairwiseMLPKernelInputs
-from .masks import Chunk, KeyMask
-from .normalisation import compute_dtype
-from .variant import AttentionVariant, Option, boolean, choice, grouped_matmul, positive_int, positive_int_list
+from .masks import Chunk, KeyMask, whole_map
+from .normalisation import as_dtype, compute_dtype, whole_map_weights
+from .variant import (
+    AttentionVariant, Option, boolean, choice, grouped_matmul, positive_int, positive_int_list, tracked,
+)
 
 NEURAL_COMBINE = ("replace", "add")
 NEURAL_ACTIVATIONS = ("relu", "leaky_relu")
@@ -116,8 +118,8 @@ class NeuralAttention(AttentionVariant):
         query_weight, bias, key_weight = self._first_layer_weights(dtype)
         # [G, h1, d_h] @ [B, H, d_h, L] + [G, h1, 1]: a plain matmul that broadcasts over batch and heads (the key
         # cache is read once, not copied)
-        query_part = torch.matmul(query_weight, query.to(dtype).transpose(-1, -2)) + bias  # [B, H, h1, Lq]
-        key_part = torch.matmul(key_weight, key.to(dtype).transpose(-1, -2))  # [B, H or H_kv, h1, Lk]
+        query_part = torch.matmul(query_weight, as_dtype(query, dtype).transpose(-1, -2)) + bias  # [B, H, h1, Lq]
+        key_part = torch.matmul(key_weight, as_dtype(key, dtype).transpose(-1, -2))  # [B, H or H_kv, h1, Lk]
         if key_part.shape[1] != query.shape[1]:  # shared weights: project each kv head once, then repeat h1 rows
             key_part = key_part.repeat_interleave(groups, dim=1)
         return query_part.transpose(-1, -2), key_part.transpose(-1, -2)
@@ -126,22 +128,40 @@ class NeuralAttention(AttentionVariant):
         """The down-projections folded into the first layer, (x W^T + b) F^T = x (F W)^T + F b: query and key
         weights [G, h1, d_h] and every bias of the layer as one [G, h1, 1] on the query side (the smaller map in a
         decoding step)."""
-        first = self.mlp_weights[0].to(dtype)  # [G, h1, 2d']: [first_q | first_k]
+        weights, biases = self.mlp_layers(dtype)
+        first = weights[0]  # [G, h1, 2d']: [first_q | first_k]
         first_q, first_k = first[..., : self.proj_dim], first[..., self.proj_dim :]  # [G, h1, d'] each
-        down_biases = torch.cat([self.query_down_bias, self.key_down_bias], dim=-1).to(dtype)[..., None]  # [G, 2d', 1]
-        bias = torch.baddbmm(self.mlp_biases[0].to(dtype)[..., None], first, down_biases)  # F [bq; bk] + b1
-        return first_q @ self.query_down_weight.to(dtype), bias, first_k @ self.key_down_weight.to(dtype)
+        down_biases = torch.cat([self.query_down_bias, self.key_down_bias], dim=-1)[..., None]  # [G, 2d', 1]
+        bias = torch.baddbmm(biases[0][..., None], first, as_dtype(down_biases, dtype))  # F [bq; bk] + b1
+        return first_q @ as_dtype(self.query_down_weight, dtype), bias, first_k @ as_dtype(self.key_down_weight, dtype)
+
+    def mlp_layers(self, dtype: torch.dtype) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """The MLP's weights [G, out, in] and biases [G, out] in `dtype`, read from the lists' own parameter dicts:
+        indexing or iterating a ParameterList goes through Module.__getattr__ per item, ~1-2 us each in a decoding
+        step (parametrized entries leave those dicts; then the lists are read as usual)."""
+        weights, biases = self.mlp_weights._parameters, self.mlp_biases._parameters
+        if len(weights) == len(self.mlp_weights) and len(biases) == len(self.mlp_biases):
+            weights, biases = weights.values(), biases.values()
+        else:
+            weights, biases = self.mlp_weights, self.mlp_biases
+        return [as_dtype(weight, dtype) for weight in weights], [as_dtype(bias, dtype) for bias in biases]
 
     def prepare(self, query: torch.Tensor, key: torch.Tensor, mask: KeyMask, scaling: float):
         """Rows: the first layer's per-query part (and q for combine="add"); shared: its per-key part, the later
         layers' weights, then biases (and k). q.k for combine="add" has float32 results, as in the kernels."""
         query_part, key_part = self.first_layer_parts(query, key)
         work = query_part.dtype
-        # (a list, not a ParameterList slice: slicing builds a new Module, which costs a decoding step ~35 us)
-        layers = [t.to(work) for t in (*list(self.mlp_weights)[1:], *list(self.mlp_biases)[1:])]
+        weights, biases = self.mlp_layers(work)
+        layers = [*weights[1:], *biases[1:-1], self._last_bias(biases)]
         if self.combine == "add":
-            return [query_part, query.to(work)], [key_part, *layers, key.to(work)]
+            return [query_part, as_dtype(query, work)], [key_part, *layers, as_dtype(key, work)]
         return [query_part], [key_part, *layers]
+
+    @staticmethod
+    def _last_bias(biases: list[torch.Tensor]) -> torch.Tensor | None:
+        """The last layer's bias, or None where no gradient is taken: it adds one constant to every score, which the
+        softmax cancels (its gradient is exactly 0; autograd still gets it, so every parameter receives one)."""
+        return biases[-1] if tracked(biases[-1]) else None
 
     def kernel_inputs(self, query: torch.Tensor, key: torch.Tensor, mask: KeyMask, scaling: float):
         if len(self.mlp_weights) != 3:
@@ -158,9 +178,14 @@ class NeuralAttention(AttentionVariant):
         weights, biases = shared[1 : 1 + num_layers], shared[1 + num_layers : 1 + 2 * num_layers]
         scores = self.mlp(rows[0], shared[0][:, :, : chunk.key_end], weights, biases)  # [B, H, rows, keys]
         if self.combine == "add":
-            dot = grouped_matmul(rows[1], shared[-1][:, :, : chunk.key_end].transpose(-1, -2))
-            scores = scores + dot.to(scores.dtype) * scaling
+            scores = self._add_dot(scores, rows[1], shared[-1][:, :, : chunk.key_end], scaling)
         return scores
+
+    @staticmethod
+    def _add_dot(scores: torch.Tensor, query: torch.Tensor, key: torch.Tensor, scaling: float) -> torch.Tensor:
+        """combine="add": scores + q.k * scaling, q.k with float32 results, as in the kernels."""
+        dot = grouped_matmul(query, key.transpose(-1, -2))
+        return scores + dot.to(scores.dtype) * scaling
 
     def mlp(self, query_part: torch.Tensor, key_part: torch.Tensor, weights: list[torch.Tensor],
             biases: list[torch.Tensor]) -> torch.Tensor:
@@ -174,7 +199,52 @@ class NeuralAttention(AttentionVariant):
         hidden = query_part.transpose(-1, -2)[..., None] + key_part.transpose(-1, -2)[..., None, :]  # [B,H,h1,Lq,Lk]
         hidden = self._activate(hidden, inplace=True).view(batch, heads, units, q_len * k_len)
         for index, (weight, bias) in enumerate(zip(weights, biases)):
-            hidden = torch.matmul(weight, hidden) + bias[..., None]  # [B, H, out, Lq * Lk]
+            hidden = torch.matmul(weight, hidden)  # [B, H, out, Lq * Lk]
+            if bias is not None:  # None: the last bias where the softmax cancels it (_last_bias)
+                hidden = hidden + bias[..., None]
             if index != len(weights) - 1:
+                hidden = self._activate(hidden, inplace=True)
+        return hidden.view(batch, heads, q_len, k_len)
+
+    def attention_weights(self, query: torch.Tensor, key: torch.Tensor, mask: KeyMask, scaling: float) -> torch.Tensor:
+        """The plain path (every decoding step takes it). One MLP shared by all heads (the default) runs as 2-D
+        products over all (batch, head, query, key) pairs at once, `_shared_mlp_scores`; per-head MLPs run the rule as
+        prepare and score state it."""
+        if self.per_head:
+            return super().attention_weights(query, key, mask, scaling)
+        dtype = compute_dtype(query.dtype)  # the products in float32 at least, as in first_layer_parts
+        query, key = as_dtype(query, dtype), as_dtype(key, dtype)
+        scores = self._shared_mlp_scores(query, key)
+        if self.combine == "add":
+            scores = self._add_dot(scores, query, key, scaling)
+        return whole_map_weights(scores, whole_map(mask, query.shape[2], key.shape[2]), self.normalisation)
+
+    def _shared_mlp_scores(self, query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
+        """Scores [B, H, Lq, Lk] of the shared MLP from query [B, H, Lq, D] and key [B, H_kv, Lk, D], with the hidden
+        units leading over every pair, [1, units, pairs]: each layer is one baddbmm with the parameters as stored
+        ([1, out, in]), the keys are read once per kv head by one product, and grouped-query heads broadcast against
+        their kv head. The same rule as first_layer_parts + mlp in fewer and cheaper operations: a decoding step pays
+        per operation (and per Python call), and this runs one in about 2/3 of the time."""
+        batch, heads, q_len, head_dim = query.shape
+        kv_heads, k_len = key.shape[1], key.shape[2]
+        weights, biases = self.mlp_layers(query.dtype)  # [1, out, in], [1, out]
+        first_q, first_k = weights[0].view(1, -1, 2, self.proj_dim).unbind(2)  # [1, h1, d'] each
+        query_down_weight, query_down_bias, key_down_weight, key_down_bias = (
+            as_dtype(t, query.dtype) for t in (self.query_down_weight, self.query_down_bias, self.key_down_weight,
+                                               self.key_down_bias))
+        # query side with every bias of the first layer, F_q (Wq q + bq) + F_k bk + b1: [1, h1, B * H * Lq]
+        projected = torch.baddbmm(query_down_bias.mT, query_down_weight, query.reshape(1, -1, head_dim).mT)
+        bias = torch.baddbmm(biases[0].mT, first_k, key_down_bias[..., None])  # [1, h1, 1]
+        query_part = torch.baddbmm(bias, first_q, projected)
+        # key side, (F_k Wk) k: [1, h1, B * H_kv * Lk]
+        key_part = torch.bmm(first_k @ key_down_weight, key.reshape(1, -1, head_dim).mT)
+        units = key_part.shape[1]
+        hidden = (key_part.view(units, batch * kv_heads, 1, k_len)
+                  + query_part.view(units, batch * kv_heads, heads // kv_heads * q_len, 1))  # [h1, B*H_kv, g*Lq, Lk]
+        hidden = self._activate(hidden, inplace=True).view(1, units, -1)
+        layers = list(zip(weights[1:], [*biases[1:-1], self._last_bias(biases)]))
+        for index, (weight, bias) in enumerate(layers):
+            hidden = torch.bmm(weight, hidden) if bias is None else torch.baddbmm(bias.mT, weight, hidden)
+            if index != len(layers) - 1:
                 hidden = self._activate(hidden, inplace=True)
         return hidden.view(batch, heads, q_len, k_len)

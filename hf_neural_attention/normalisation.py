@@ -20,6 +20,11 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def as_dtype(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """tensor in dtype; itself where it already is (a no-op .to() still costs a decoding step ~1.5 us)."""
+    return tensor if tensor.dtype == dtype else tensor.to(dtype)
+
+
 def operand_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype products (matmuls, convolutions) run in: the input's, except float16, whose range (65504) scores
     exceed long before float32's; bfloat16 has float32's range and runs fast (AMX, tensor cores)."""
@@ -87,7 +92,7 @@ def whole_map_weights(scores: torch.Tensor, chunk: Chunk, rule: str) -> torch.Te
         return normalise(scores, chunk, rule)[0]
     target = compute_dtype(scores.dtype)
     inplace = not (torch.is_grad_enabled() and scores.requires_grad)
-    scores = scores.to(target)
+    scores = as_dtype(scores, target)
     if chunk.bias is not None:
         bias = chunk.bias.to(target)
         scores = scores.add_(bias) if inplace else scores + bias

@@ -18,7 +18,7 @@ from torch import nn
 
 from .kernel_inputs import KernelInputs
 from .masks import Chunk, KeyMask, whole_map
-from .normalisation import operand_dtype, whole_map_weights
+from .normalisation import as_dtype, operand_dtype, whole_map_weights
 
 
 # ---- option checks: each raises a ValueError naming the option and the valid values, and returns the value -------
@@ -204,7 +204,7 @@ class AttentionVariant(nn.Module):
     def attention_weights(self, query: torch.Tensor, key: torch.Tensor, mask: KeyMask, scaling: float) -> torch.Tensor:
         """Plain path: weights [B, H, Lq, Lk] (float32, or float64) of the whole map, as the paper writes them. The keys
         may have fewer (grouped-query) heads than the queries: the rules take q.k with `grouped_matmul`."""
-        query, key = query.to(operand_dtype(query.dtype)), key.to(operand_dtype(key.dtype))  # float16 -> float32
+        query, key = as_dtype(query, operand_dtype(query.dtype)), as_dtype(key, operand_dtype(key.dtype))  # fp16 -> fp32
         rows, shared = self.prepare(query, key, mask, scaling)
         chunk = whole_map(mask, query.shape[2], key.shape[2])
         return whole_map_weights(self.score(rows, shared, chunk, scaling), chunk, self.normalisation)

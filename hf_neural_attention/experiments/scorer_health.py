@@ -85,10 +85,10 @@ def constant_on_data(scorer: NeuralAttention, query: torch.Tensor, key: torch.Te
     return [int(head) for head in (deviation <= PROBE_TOLERANCE).nonzero().flatten()]
 
 
-# The variant methods every engine calls first with the call's queries and keys: prepare (the chunked engine, and the
-# plain path through attention_weights) and kernel_inputs (the fused kernels). FlexAttention (inference only, where
-# enabled) calls neither; the probe then waits for a call that does.
-PROBED_METHODS = ("prepare", "kernel_inputs")
+# The variant methods every engine calls first with the call's queries and keys: attention_weights (the plain path),
+# prepare (the chunked engine) and kernel_inputs (the fused kernels). FlexAttention (inference only, where enabled)
+# calls none; the probe then waits for a call that does.
+PROBED_METHODS = ("attention_weights", "prepare", "kernel_inputs")
 
 
 class _DataProbe:
