@@ -64,7 +64,7 @@ def _output_collector():
 def resolve_variant(module: nn.Module, variant_name: str) -> AttentionVariant | None:
     """The variant a module runs under `variant_name`: its own (convert), a parameter-free one, or None for a layer
     convert() left on SDPA."""
-    variant = getattr(module, VARIANT_ATTRIBUTE, None)
+    variant = module._modules.get(VARIANT_ATTRIBUTE)  # a submodule (not getattr: Module.__getattr__ is a Python call)
     if variant is not None:
         if variant.name != variant_name:
             raise ValueError(
@@ -87,13 +87,12 @@ def resolve_variant(module: nn.Module, variant_name: str) -> AttentionVariant | 
     )
 
 
-def autocast_inputs(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+def autocast_inputs(device_type: str, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """q, k, v in the autocast dtype where autocast is on for their device (SDPA's rule): a Llama-family model hands
     float32 rotary q, k next to a bfloat16 v."""
-    device = tensors[0].device.type
-    if not torch.is_autocast_enabled(device):
+    if not torch.is_autocast_enabled(device_type):
         return tensors
-    dtype = torch.get_autocast_dtype(device)
+    dtype = torch.get_autocast_dtype(device_type)
     return tuple(t.to(dtype) for t in tensors)
 
 
@@ -132,11 +131,12 @@ def variant_attention_forward(
     if variant is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
 
-    query, key, value = autocast_inputs(query, key, value)
+    device = query.device
+    query, key, value = autocast_inputs(device.type, query, key, value)
     num_heads, head_dim = query.shape[1], query.shape[3]
     if num_heads % key.shape[1] != 0:
         raise ValueError(f"{num_heads} query heads cannot be grouped over {key.shape[1]} key/value heads")
-    mask = call_mask(module, attention_mask, query.shape[2], key.shape[2], query.device, kwargs)
+    mask = call_mask(module, attention_mask, query.shape[2], key.shape[2], device, kwargs)
     output, weights = dispatch_attention(
         variant, query, key, value, mask, head_dim**-0.5 if scaling is None else scaling,
         dropout if module.training else 0.0, attention_weights_requested(kwargs),

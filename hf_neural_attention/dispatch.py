@@ -56,6 +56,7 @@ class AttentionCall:
     scaling: float
     dropout: float  # attention dropout probability; 0 outside training
     seed: torch.Tensor | None  # the call's dropout seed (int64 tensor), None without dropout
+    settings: FastPathSettings  # the fast-path settings the call runs under (call_settings)
     # made on first use, only for the engines that need them (not functools.cached_property: its lock breaks
     # torch.compile's graph)
     _repeated: tuple[torch.Tensor, torch.Tensor] | None = dataclasses.field(default=None, init=False, repr=False)
@@ -84,7 +85,7 @@ _SAID: set[str] = set()
 
 
 def flex_engine(variant: AttentionVariant, call: AttentionCall) -> EngineResult:
-    if not flex_applies(call.query, call.grouped_key):
+    if not flex_applies(call.query, call.grouped_key, call.settings):
         return None
     score_mod = variant.flex_score_mod(call.scaling)
     if score_mod is None:
@@ -94,7 +95,7 @@ def flex_engine(variant: AttentionVariant, call: AttentionCall) -> EngineResult:
 
 
 def kernel_engine(variant: AttentionVariant, call: AttentionCall) -> EngineResult:
-    if not triton_applies(call.query):
+    if not triton_applies(call.query, call.settings):
         return None
     # the kernels read each kv head for its group of query heads: no repeated copy of the keys and values
     inputs = variant.kernel_inputs(call.query, call.grouped_key, call.mask, call.scaling)
@@ -115,7 +116,7 @@ def kernel_engine(variant: AttentionVariant, call: AttentionCall) -> EngineResul
 def chunked_engine(variant: AttentionVariant, call: AttentionCall) -> EngineResult:
     if not variant.has_chunked_path:
         return None
-    reason = fast_path_skip_reason(call.query, call.grouped_key, call.grouped_value)  # before any repeat
+    reason = fast_path_skip_reason(call.query, call.grouped_key, call.grouped_value, call.settings)  # before any repeat
     if reason is not None:
         return None if reason in QUIET_REASONS else f"the chunked fast path does not run: {reason}"
     return variant_chunked_attention(variant, call.query, call.key, call.value, call.mask, call.scaling,
@@ -197,18 +198,18 @@ def attention(variant: AttentionVariant, query: torch.Tensor, key: torch.Tensor,
         return output.reshape(batch, heads, 1, dim), None
     settings = call_settings(variant)
     if settings is current_settings() and not torch.is_autocast_enabled(query.device.type):
-        return _first_engine(variant, query, key, value, mask, scaling, dropout, weights_requested)  # nothing to set
+        return _first_engine(variant, query, key, value, mask, scaling, dropout, weights_requested, settings)
     with replaying_settings(settings), autocast_off(query.device.type):
-        return _first_engine(variant, query, key, value, mask, scaling, dropout, weights_requested)
+        return _first_engine(variant, query, key, value, mask, scaling, dropout, weights_requested, settings)
 
 
 def _first_engine(variant: AttentionVariant, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                  mask: KeyMask, scaling: float, dropout: float, weights_requested: bool,
+                  mask: KeyMask, scaling: float, dropout: float, weights_requested: bool, settings: FastPathSettings,
                   ) -> tuple[torch.Tensor, torch.Tensor | None]:
     seed = draw_dropout_seed(query.device) if dropout > 0.0 else None
-    call = AttentionCall(query, key, value, mask, scaling, dropout, seed)
+    call = AttentionCall(query, key, value, mask, scaling, dropout, seed, settings)
     if weights_requested:
-        if current_settings().enabled and query.shape[2] * key.shape[2] >= current_settings().min_size:
+        if settings.enabled and query.shape[2] * key.shape[2] >= settings.min_size:
             say_once("attention weights were requested (output_attentions), which only the plain O(n^2) path "
                      "returns")
     else:

@@ -96,7 +96,8 @@ def whole_map_weights(scores: torch.Tensor, chunk: Chunk, rule: str) -> torch.Te
     if chunk.bias is not None:
         bias = chunk.bias.to(target)
         scores = scores.add_(bias) if inplace else scores + bias
-    scores = _fill_masked(scores, chunk, torch.finfo(target).min, inplace)
+    if chunk.keep is not None:
+        scores = _fill_masked(scores, chunk, torch.finfo(target).min, inplace)
     return torch.softmax(scores, dim=-1)
 
 

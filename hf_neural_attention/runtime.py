@@ -133,10 +133,11 @@ class fast_paths:  # noqa: N801 (used like a function: `with fast_paths(False): 
 FAST_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 
-def fast_path_skip_reason(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> str | None:
-    """Why the chunked fast path may not run on these inputs, or None where it may: it must be enabled, query, key and
-    value in one dtype of FAST_DTYPES, and the map at least min_size pairs (smaller maps run faster plain)."""
-    settings = current_settings()
+def fast_path_skip_reason(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                          settings: FastPathSettings) -> str | None:
+    """Why the chunked fast path may not run on these inputs under these settings, or None where it may: it must be
+    enabled, query, key and value in one dtype of FAST_DTYPES, and the map at least min_size pairs (smaller maps run
+    faster plain)."""
     if not settings.enabled:
         return "fast paths are disabled (fast_paths(False))"
     if query.dtype not in FAST_DTYPES or key.dtype != query.dtype or value.dtype != query.dtype:
@@ -147,8 +148,7 @@ def fast_path_skip_reason(query: torch.Tensor, key: torch.Tensor, value: torch.T
     return None
 
 
-def flex_applies(query: torch.Tensor, key: torch.Tensor) -> bool:
-    settings = current_settings()
+def flex_applies(query: torch.Tensor, key: torch.Tensor, settings: FastPathSettings) -> bool:
     return settings.enabled and settings.flex_inference and query.shape[2] * key.shape[2] >= settings.min_size
 
 
@@ -165,9 +165,8 @@ def triton_installed() -> bool:
     return _triton_found()
 
 
-def triton_applies(query: torch.Tensor) -> bool:
+def triton_applies(query: torch.Tensor, settings: FastPathSettings) -> bool:
     """The Triton path runs for backend "triton", and for "auto" on CUDA tensors where triton is installed."""
-    settings = current_settings()
     if not settings.enabled or settings.backend == "chunked" or query.dtype not in TRITON_DTYPES:
         return False
     if settings.backend == "triton":
