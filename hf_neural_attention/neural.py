@@ -146,11 +146,11 @@ class NeuralAttention(AttentionVariant):
         read from the modules' parameter dicts: reading them as attributes goes through Module.__getattr__ once
         each, which a decoding step pays ~30 us for in all (measured in a 2-layer model's generate). Parametrized
         parameters leave those dicts; then they are read as attributes."""
-        own, mlp = self._parameters, self._modules
-        weights, biases = mlp["mlp_weights"]._parameters, mlp["mlp_biases"]._parameters
-        if all(name in own for name in DOWN_PROJECTIONS) and len(weights) + len(biases) == 2 * len(self.hidden_dims) + 2:
-            down, weights, biases = [own[name] for name in DOWN_PROJECTIONS], list(weights.values()), list(biases.values())
-        else:
+        own, lists = self._parameters, self._modules
+        down = [own[name] for name in DOWN_PROJECTIONS if name in own]
+        weights = list(lists["mlp_weights"]._parameters.values())
+        biases = list(lists["mlp_biases"]._parameters.values())
+        if len(down) != len(DOWN_PROJECTIONS) or len(weights) + len(biases) != 2 * len(self.hidden_dims) + 2:
             down = [getattr(self, name) for name in DOWN_PROJECTIONS]
             weights, biases = list(self.mlp_weights), list(self.mlp_biases)
         if any(tensor.dtype != dtype for tensor in (*down, *weights, *biases)):
@@ -239,7 +239,7 @@ class NeuralAttention(AttentionVariant):
         batch, heads, q_len, head_dim = query.shape
         kv_heads, k_len = key.shape[1], key.shape[2]
         (query_weight, query_bias, key_weight, key_bias), weights, biases = self.parameters_as(query.dtype)
-        first_q, first_k = weights[0].view(1, -1, 2, self.proj_dim).unbind(2)  # [1, h1, d'] each
+        first_q, first_k = weights[0].chunk(2, dim=-1)  # [1, h1, d'] each
         # query side with every bias of the first layer, F_q (Wq q + bq) + F_k bk + b1: [1, h1, B * H * Lq]
         projected = torch.baddbmm(query_bias.mT, query_weight, query.reshape(1, -1, head_dim).mT)
         bias = torch.baddbmm(biases[0].mT, first_k, key_bias[..., None])  # [1, h1, 1]

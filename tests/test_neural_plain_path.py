@@ -95,3 +95,22 @@ def test_the_last_bias_gets_its_zero_gradient_under_autograd():
     weights = scorer.attention_weights(query, key, mask, 0.25)
     (grad,) = torch.autograd.grad(weights, [scorer.mlp_biases[2]], torch.randn_like(weights))
     assert float(grad.abs().max()) < 1e-12
+
+
+def test_parametrized_parameters_are_read_where_they_live():
+    """The plain path reads parameters from the modules' parameter dicts; a parametrized one lives elsewhere (it is
+    computed on access), so the scores must follow the parametrization, on every path alike."""
+    from torch.nn.utils import parametrize
+
+    class Doubled(torch.nn.Module):
+        def forward(self, tensor: torch.Tensor) -> torch.Tensor:
+            return tensor * 2
+
+    scorer, query, key, mask = scorer_and_inputs({}, 1, 4, 2, 1, 6, False, 11)
+    before = scorer.attention_weights(query, key, mask, 0.25).detach()
+    parametrize.register_parametrization(scorer, "key_down_weight", Doubled())
+    parametrize.register_parametrization(scorer.mlp_weights, "1", Doubled())
+    after = scorer.attention_weights(query, key, mask, 0.25)
+    assert not torch.allclose(after, before)
+    stated = AttentionVariant.attention_weights(scorer, query, key, mask, 0.25)
+    torch.testing.assert_close(after, stated, rtol=1e-12, atol=1e-12)
