@@ -88,10 +88,8 @@ def resolve_variant(module: nn.Module, variant_name: str) -> AttentionVariant | 
 
 
 def autocast_inputs(device_type: str, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """q, k, v in the autocast dtype where autocast is on for their device (SDPA's rule): a Llama-family model hands
-    float32 rotary q, k next to a bfloat16 v."""
-    if not torch.is_autocast_enabled(device_type):
-        return tensors
+    """q, k, v in the autocast dtype where autocast is on for their device (SDPA's rule; call only then): a
+    Llama-family model hands float32 rotary q, k next to a bfloat16 v."""
     dtype = torch.get_autocast_dtype(device_type)
     return tuple(t.to(dtype) for t in tensors)
 
@@ -132,14 +130,16 @@ def variant_attention_forward(
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
 
     device = query.device
-    query, key, value = autocast_inputs(device.type, query, key, value)
+    autocast_enabled = torch.is_autocast_enabled(device.type)  # one lookup for the inputs and the dispatcher
+    if autocast_enabled:
+        query, key, value = autocast_inputs(device.type, query, key, value)
     num_heads, head_dim = query.shape[1], query.shape[3]
     if num_heads % key.shape[1] != 0:
         raise ValueError(f"{num_heads} query heads cannot be grouped over {key.shape[1]} key/value heads")
     mask = call_mask(module, attention_mask, query.shape[2], key.shape[2], device, kwargs)
     output, weights = dispatch_attention(
         variant, query, key, value, mask, head_dim**-0.5 if scaling is None else scaling,
-        dropout if module.training else 0.0, attention_weights_requested(kwargs),
+        dropout if module.training else 0.0, attention_weights_requested(kwargs), autocast_enabled=autocast_enabled,
     )
     return output.transpose(1, 2).contiguous(), weights  # [B, Lq, H, D]
 

@@ -186,18 +186,21 @@ _NO_CONTEXT = contextlib.nullcontext()
 
 
 def attention(variant: AttentionVariant, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-              mask: KeyMask, scaling: float, dropout: float, weights_requested: bool = False,
-              ) -> tuple[torch.Tensor, torch.Tensor | None]:
+              mask: KeyMask, scaling: float, dropout: float, weights_requested: bool = False, *,
+              autocast_enabled: bool | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Output [B, H, Lq, D] of the first engine that applies, and the weights where the plain path ran. key and
-    value may have fewer heads than the query (grouped-query attention): [B, H_kv, Lk, D]."""
+    value may have fewer heads than the query (grouped-query attention): [B, H_kv, Lk, D]. autocast_enabled: whether
+    autocast is on for the query's device, where the caller knows it already (None: looked up)."""
     groups = query.shape[1] // key.shape[1]
     if groups_fold_into_rows(variant, query, key, mask, dropout, weights_requested):
         batch, heads, _, dim = query.shape
         folded = query.reshape(batch, key.shape[1], groups, dim)  # [B, H_kv, group, D]: query heads as rows
-        output, _ = attention(variant, folded, key, value, mask, scaling, 0.0)
+        output, _ = attention(variant, folded, key, value, mask, scaling, 0.0, autocast_enabled=autocast_enabled)
         return output.reshape(batch, heads, 1, dim), None
+    if autocast_enabled is None:
+        autocast_enabled = torch.is_autocast_enabled(query.device.type)
     settings = call_settings(variant)
-    if settings is current_settings() and not torch.is_autocast_enabled(query.device.type):
+    if settings is current_settings() and not autocast_enabled:
         return _first_engine(variant, query, key, value, mask, scaling, dropout, weights_requested, settings)
     with replaying_settings(settings), autocast_off(query.device.type):
         return _first_engine(variant, query, key, value, mask, scaling, dropout, weights_requested, settings)

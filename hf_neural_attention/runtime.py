@@ -140,11 +140,11 @@ def fast_path_skip_reason(query: torch.Tensor, key: torch.Tensor, value: torch.T
     faster plain)."""
     if not settings.enabled:
         return "fast paths are disabled (fast_paths(False))"
+    if query.shape[2] * key.shape[2] < settings.min_size:  # first: a small map runs plain whatever its dtypes
+        return "small map"
     if query.dtype not in FAST_DTYPES or key.dtype != query.dtype or value.dtype != query.dtype:
         return (f"query, key and value must share one dtype of {[str(d) for d in FAST_DTYPES]}; got "
                 f"{query.dtype}, {key.dtype}, {value.dtype}")
-    if query.shape[2] * key.shape[2] < settings.min_size:
-        return "small map"
     return None
 
 
@@ -167,14 +167,16 @@ def triton_installed() -> bool:
 
 def triton_applies(query: torch.Tensor, settings: FastPathSettings) -> bool:
     """The Triton path runs for backend "triton", and for "auto" on CUDA tensors where triton is installed."""
-    if not settings.enabled or settings.backend == "chunked" or query.dtype not in TRITON_DTYPES:
+    if not settings.enabled or settings.backend == "chunked":
         return False
-    if settings.backend == "triton":
-        if not triton_installed():
-            raise RuntimeError("FAST_PATHS.backend='triton' but triton is not installed: pip install "
-                               "'hf-neural-attention[triton]'")
-        if not query.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
-            raise RuntimeError("FAST_PATHS.backend='triton' on CPU tensors needs Triton's interpreter: set "
-                               "TRITON_INTERPRET=1 before importing triton")
-        return True
-    return query.is_cuda and triton_installed()
+    if settings.backend == "auto":
+        return query.is_cuda and query.dtype in TRITON_DTYPES and triton_installed()
+    if query.dtype not in TRITON_DTYPES:  # backend "triton" from here on
+        return False
+    if not triton_installed():
+        raise RuntimeError("FAST_PATHS.backend='triton' but triton is not installed: pip install "
+                           "'hf-neural-attention[triton]'")
+    if not query.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        raise RuntimeError("FAST_PATHS.backend='triton' on CPU tensors needs Triton's interpreter: set "
+                           "TRITON_INTERPRET=1 before importing triton")
+    return True

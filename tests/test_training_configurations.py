@@ -178,8 +178,8 @@ def test_autocast_bf16_casts_inputs_and_fast_path_is_as_accurate_as_plain(arch, 
     the comparison is over all parameters at once."""
     received = []
     original = attention_interface.dispatch_attention
-    monkeypatch.setattr(attention_interface, "dispatch_attention", lambda variant_, q, k, v, *args: received.append(
-        (q.dtype, k.dtype, v.dtype)) or original(variant_, q, k, v, *args))
+    monkeypatch.setattr(attention_interface, "dispatch_attention", lambda variant_, q, k, v, *args, **kwargs: (
+        received.append((q.dtype, k.dtype, v.dtype)) or original(variant_, q, k, v, *args, **kwargs)))
     calls = []
     chunked_forward = chunked._forward_chunks
     monkeypatch.setattr(chunked, "_forward_chunks", lambda *args: calls.append(1) or chunked_forward(*args))
