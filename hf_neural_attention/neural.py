@@ -144,8 +144,8 @@ class NeuralAttention(AttentionVariant):
     def parameters_as(self, dtype: torch.dtype) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
         """(down-projections [query weight, query bias, key weight, key bias], MLP weights, MLP biases) in `dtype`,
         read from the modules' parameter dicts: reading them as attributes goes through Module.__getattr__ once
-        each, which a decoding step pays ~30 us for in all (measured in a 2-layer model's generate). Parametrized
-        parameters leave those dicts; then they are read as attributes."""
+        each, a Python call a decoding step pays for (docs/benchmarks.md#decoding). Parametrized parameters leave
+        those dicts; then they are read as attributes."""
         own, lists = self._parameters, self._modules
         down = [own[name] for name in DOWN_PROJECTIONS if name in own]
         weights = list(lists["mlp_weights"]._parameters.values())
@@ -234,8 +234,8 @@ class NeuralAttention(AttentionVariant):
         """Scores [B, H, Lq, Lk] of the shared MLP from query [B, H, Lq, D] and key [B, H_kv, Lk, D], with the hidden
         units leading over every pair, [1, units, pairs]: each layer is one baddbmm with the parameters as stored
         ([1, out, in]), the keys are read once per kv head by one product, and grouped-query heads broadcast against
-        their kv head. The same rule as first_layer_parts + mlp in fewer and cheaper operations: a decoding step pays
-        per operation (and per Python call), and this runs one in about 2/3 of the time."""
+        their kv head. The same rule as first_layer_parts + mlp in fewer and cheaper operations, which a decoding step
+        pays for one by one (docs/benchmarks.md#decoding)."""
         batch, heads, q_len, head_dim = query.shape
         kv_heads, k_len = key.shape[1], key.shape[2]
         (query_weight, query_bias, key_weight, key_bias), weights, biases = self.parameters_as(query.dtype)

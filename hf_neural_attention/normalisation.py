@@ -21,7 +21,7 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def as_dtype(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """tensor in dtype; itself where it already is (a no-op .to() still costs a decoding step ~1.5 us)."""
+    """tensor in dtype; itself where it already is (a no-op .to() is still a call, which a decoding step pays for)."""
     return tensor if tensor.dtype == dtype else tensor.to(dtype)
 
 
