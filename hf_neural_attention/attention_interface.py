@@ -64,7 +64,9 @@ def _output_collector():
 def resolve_variant(module: nn.Module, variant_name: str) -> AttentionVariant | None:
     """The variant a module runs under `variant_name`: its own (convert), a parameter-free one, or None for a layer
     convert() left on SDPA."""
-    variant = module._modules.get(VARIANT_ATTRIBUTE)  # a submodule (not getattr: Module.__getattr__ is a Python call)
+    submodules = getattr(module, "_modules", None)  # an nn.Module's: read directly, not through Module.__getattr__
+    variant = (submodules.get(VARIANT_ATTRIBUTE) if submodules is not None
+               else getattr(module, VARIANT_ATTRIBUTE, None))  # any object holding a variant (hfna-selftest's layer)
     if variant is not None:
         if variant.name != variant_name:
             raise ValueError(
