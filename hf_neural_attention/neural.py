@@ -129,17 +129,12 @@ class NeuralAttention(AttentionVariant):
         """The down-projections folded into the first layer, (x W^T + b) F^T = x (F W)^T + F b: query and key
         weights [G, h1, d_h] and every bias of the layer as one [G, h1, 1] on the query side (the smaller map in a
         decoding step)."""
-        weights, biases = self.mlp_layers(dtype)
+        (query_weight, query_bias, key_weight, key_bias), weights, biases = self.parameters_as(dtype)
         first = weights[0]  # [G, h1, 2d']: [first_q | first_k]
         first_q, first_k = first[..., : self.proj_dim], first[..., self.proj_dim :]  # [G, h1, d'] each
-        down_biases = torch.cat([self.query_down_bias, self.key_down_bias], dim=-1)[..., None]  # [G, 2d', 1]
-        bias = torch.baddbmm(biases[0][..., None], first, as_dtype(down_biases, dtype))  # F [bq; bk] + b1
-        return first_q @ as_dtype(self.query_down_weight, dtype), bias, first_k @ as_dtype(self.key_down_weight, dtype)
-
-    def mlp_layers(self, dtype: torch.dtype) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """The MLP's weights [G, out, in] and biases [G, out] in `dtype`."""
-        _, weights, biases = self.parameters_as(dtype)
-        return weights, biases
+        down_biases = torch.cat([query_bias, key_bias], dim=-1)[..., None]  # [G, 2d', 1]
+        bias = torch.baddbmm(biases[0][..., None], first, down_biases)  # F [bq; bk] + b1
+        return torch.matmul(first_q, query_weight), bias, torch.matmul(first_k, key_weight)
 
     def parameters_as(self, dtype: torch.dtype) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
         """(down-projections [query weight, query bias, key weight, key bias], MLP weights, MLP biases) in `dtype`,
@@ -162,7 +157,7 @@ class NeuralAttention(AttentionVariant):
         layers' weights, then biases (and k). q.k for combine="add" has float32 results, as in the kernels."""
         query_part, key_part = self.first_layer_parts(query, key)
         work = query_part.dtype
-        weights, biases = self.mlp_layers(work)
+        _, weights, biases = self.parameters_as(work)
         layers = [*weights[1:], *biases[1:-1], self._last_bias(biases)]
         if self.combine == "add":
             return [query_part, as_dtype(query, work)], [key_part, *layers, as_dtype(key, work)]
